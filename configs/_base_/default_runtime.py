@@ -1,0 +1,20 @@
+default_scope = 'dpa'
+seed = 0
+randomness = dict(seed=seed, deterministic=False)
+default_hooks = dict(
+    timer=dict(type='IterTimerHook'),
+    logger=dict(type='LoggerHook', interval=10, log_metric_by_epoch=False),
+    param_scheduler=dict(type='ParamSchedulerHook'),
+    # `interval` is set per stage by its recipe's `checkpoint_interval`.
+    checkpoint=dict(type='CheckpointHook', by_epoch=False, max_keep_ckpts=2, save_last=True),
+    sampler_seed=dict(type='DistSamplerSeedHook'),
+)
+env_cfg = dict(
+    cudnn_benchmark=False,
+    mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+    dist_cfg=dict(backend='nccl'),
+)
+log_processor = dict(by_epoch=False, window_size=10)
+log_level = 'INFO'
+visualizer = dict(type='Visualizer', vis_backends=[dict(type='LocalVisBackend')])
+launcher = 'none'

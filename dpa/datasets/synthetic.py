@@ -1,0 +1,271 @@
+"""Deterministic synthetic LLaVA-format data for the tiny embedded default.
+
+Pictures of one or two coloured shapes on a plain background, with truthful
+captions (pretraining format) and question/answer conversations (instruction
+format). All text comes from the templates below, so ``VOCABULARY`` can list
+every word a word-level tokenizer needs.
+"""
+import json
+import os
+import random
+import re
+import shutil
+
+from PIL import Image, ImageDraw
+
+IMAGE_TOKEN = '<image>'
+CAPTION_PROMPT = IMAGE_TOKEN + '\nDescribe the image briefly.'
+# Bump when the generator changes so cached roots are regenerated.
+_FORMAT_VERSION = 1
+
+# No colour, size or shape starts with a vowel, so "a {colour} {shape}" is always grammatical.
+SHAPES = ('circle', 'square', 'triangle', 'diamond')
+COLOURS = {
+    'red': (220, 40, 40),
+    'green': (40, 170, 60),
+    'blue': (40, 80, 220),
+    'yellow': (240, 210, 40),
+    'purple': (140, 60, 180),
+    'pink': (250, 120, 180),
+}
+# Disjoint from COLOURS so a shape never vanishes into its background.
+BACKGROUNDS = {'white': (255, 255, 255), 'gray': (128, 128, 128), 'black': (0, 0, 0)}
+# position -> (phrase, centre as a fraction of the image side)
+POSITIONS = {
+    'left': ('on the left', (0.25, 0.5)),
+    'right': ('on the right', (0.75, 0.5)),
+    'top': ('at the top', (0.5, 0.25)),
+    'bottom': ('at the bottom', (0.5, 0.75)),
+    'center': ('in the center', (0.5, 0.5)),
+}
+# Two shapes sit at opposite sides so they never overlap.
+_PAIRS = (('left', 'right'), ('top', 'bottom'))
+SIZES = {'small': 0.1, 'large': 0.2}  # half-width as a fraction of the image side
+_CORNERS = {'circle': 0, 'square': 4, 'triangle': 3, 'diamond': 4}
+_MIXES = (('blue', 'yellow', 'green'), ('red', 'blue', 'purple'), ('red', 'white', 'pink'))
+
+# Fields: shape, colour, size, where, bg.
+_CAPTIONS_ONE = (
+    'a {colour} {shape}.',
+    'a {size} {colour} {shape} {where}.',
+    'a {size} {colour} {shape} {where} of a {bg} background.',
+    'a simple picture of a {colour} {shape} on a {bg} background.',
+    'there is a {size} {colour} {shape} {where} of the image.',
+)
+# Fields: a_* and b_* for the two shapes, bg.
+_CAPTIONS_TWO = (
+    'a {a_colour} {a_shape} and a {b_colour} {b_shape}.',
+    'two shapes: a {a_size} {a_colour} {a_shape} {a_where} and a {b_size} {b_colour} {b_shape} {b_where}.',
+    'a {a_colour} {a_shape} {a_where} and a {b_colour} {b_shape} {b_where} on a {bg} background.',
+)
+_QA_ONE = (
+    ('How many shapes are there?', 'There is one shape.'),
+    ('What colour is the shape?', 'The shape is {colour}.'),
+    ('What shape is it?', 'It is a {shape}.'),
+    ('Is the shape large or small?', 'The shape is {size}.'),
+    ('Where is the shape?', 'The shape is {where}.'),
+)
+_QA_TWO = (
+    ('How many shapes are there?', 'There are two shapes.'),
+    ('What shapes are in the image?', 'A {a_colour} {a_shape} and a {b_colour} {b_shape}.'),
+)
+# Asked about each shape of a two-shape picture; shapes there are distinct.
+_QA_EACH = (
+    ('What colour is the {shape}?', 'The {shape} is {colour}.'),
+    ('Where is the {shape}?', 'The {shape} is {where}.'),
+    ('Is the {shape} large or small?', 'The {shape} is {size}.'),
+)
+_QA_SCENE = (
+    ('What colour is the background?', 'The background is {bg}.'),
+    ('Describe the image.', '{caption}'),
+)
+_QA_PRESENT = ('Is there a {shape} in the image?', 'Yes, there is a {shape} {where}.')
+_QA_ABSENT = ('Is there a {shape} in the image?', 'No, there is no {shape} in the image.')
+_QA_TEXT = (
+    ('What is {a} plus {b}?', '{a} plus {b} is {c}.'),
+    ('What is {a} minus {b}?', '{a} minus {b} is {c}.'),
+    ('What colour do you get by mixing {x} and {y}?', 'Mixing {x} and {y} gives {z}.'),
+    ('How many corners does a {shape} have?', 'A {shape} has {n} corners.'),
+    ('Is {word} a shape or a colour?', 'It is a {kind}.'),
+)
+
+
+def _capitalize(text):
+    return text[:1].upper() + text[1:]
+
+
+def _vocabulary():
+    """Every word and punctuation token the templates can produce."""
+    texts = list(_CAPTIONS_ONE) + list(_CAPTIONS_TWO)
+    # "Describe the image." answers with the caption, capitalized.
+    texts += [_capitalize(t) for t in texts]
+    for pairs in (_QA_ONE, _QA_TWO, _QA_EACH, _QA_SCENE, _QA_TEXT, (_QA_PRESENT, _QA_ABSENT)):
+        texts += [t for pair in pairs for t in pair]
+    texts += [CAPTION_PROMPT.replace(IMAGE_TOKEN, ''), *SHAPES, *COLOURS, *BACKGROUNDS, *SIZES]
+    texts += [phrase for phrase, _ in POSITIONS.values()]
+    tokens = set('0123456789 \n')
+    for text in texts:
+        tokens.update(re.findall(r'[A-Za-z]+|[^A-Za-z0-9\s]', re.sub(r'\{\w+\}', ' ', text)))
+    return tuple(sorted(tokens))
+
+
+VOCABULARY = _vocabulary()
+
+
+def _sample_scene(rng):
+    count = rng.choice((1, 2))
+    positions = [rng.choice(list(POSITIONS))] if count == 1 else rng.choice(_PAIRS)
+    shapes = [
+        dict(shape=shape, colour=colour, size=rng.choice(list(SIZES)), where=POSITIONS[pos][0], position=pos)
+        for shape, colour, pos in zip(rng.sample(SHAPES, count), rng.sample(list(COLOURS), count), positions)
+    ]
+    return dict(shapes=shapes, bg=rng.choice(list(BACKGROUNDS)))
+
+
+def _draw(scene, size):
+    image = Image.new('RGB', (size, size), BACKGROUNDS[scene['bg']])
+    draw = ImageDraw.Draw(image)
+    for s in scene['shapes']:
+        fx, fy = POSITIONS[s['position']][1]
+        x, y, r = fx * size, fy * size, SIZES[s['size']] * size
+        fill = COLOURS[s['colour']]
+        if s['shape'] == 'circle':
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+        elif s['shape'] == 'square':
+            draw.rectangle((x - r, y - r, x + r, y + r), fill=fill)
+        elif s['shape'] == 'triangle':
+            draw.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=fill)
+        else:  # diamond
+            draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill)
+    return image
+
+
+def _fields(scene):
+    """Template fields describing the whole scene."""
+    shapes = scene['shapes']
+    if len(shapes) == 1:
+        return dict(shapes[0], bg=scene['bg'])
+    fields = dict(bg=scene['bg'])
+    for prefix, shape in zip('ab', shapes):
+        fields.update({f'{prefix}_{k}': v for k, v in shape.items()})
+    return fields
+
+
+def _caption(rng, scene):
+    templates = _CAPTIONS_ONE if len(scene['shapes']) == 1 else _CAPTIONS_TWO
+    return rng.choice(templates).format(**_fields(scene))
+
+
+def _image_qa(rng, scene):
+    """All (question, answer) pairs answerable from the scene."""
+    fields = _fields(scene)
+    fields['caption'] = _capitalize(_caption(rng, scene))
+    shapes = scene['shapes']
+    templates = (_QA_ONE if len(shapes) == 1 else _QA_TWO) + _QA_SCENE
+    qa = [(q.format(**fields), a.format(**fields)) for q, a in templates]
+    if len(shapes) == 2:
+        qa += [(q.format(**s), a.format(**s)) for s in shapes for q, a in _QA_EACH]
+    present = rng.choice(shapes)
+    qa.append((_QA_PRESENT[0].format(**present), _QA_PRESENT[1].format(**present)))
+    shown = {s['shape'] for s in shapes}
+    absent = rng.choice([shape for shape in SHAPES if shape not in shown])
+    qa.append((_QA_ABSENT[0].format(shape=absent), _QA_ABSENT[1].format(shape=absent)))
+    return qa
+
+
+def _text_qa(rng, i):
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    x, y, z = rng.choice(_MIXES)
+    shape = rng.choice(SHAPES)
+    word = rng.choice(SHAPES + tuple(COLOURS))
+    fields = (
+        dict(a=a, b=b, c=a + b),
+        dict(a=max(a, b), b=min(a, b), c=abs(a - b)),
+        dict(x=x, y=y, z=z),
+        dict(shape=shape, n=_CORNERS[shape]),
+        dict(word=word, kind='shape' if word in SHAPES else 'colour'),
+    )
+    q, ans = _QA_TEXT[i]
+    return q.format(**fields[i]), ans.format(**fields[i])
+
+
+def _conversation(qa_pairs):
+    turns = []
+    for question, answer in qa_pairs:
+        turns += [{'from': 'human', 'value': question}, {'from': 'gpt', 'value': answer}]
+    return turns
+
+
+def _generate(out_dir, num_captions, num_instructions, image_size, seed):
+    rng = random.Random(seed)
+    image_dir = os.path.join(out_dir, 'images')
+    os.makedirs(image_dir)
+
+    captions = []
+    for i in range(num_captions):
+        scene = _sample_scene(rng)
+        name = f'cap_{i:06d}'
+        _draw(scene, image_size).save(os.path.join(image_dir, name + '.png'))
+        conversation = _conversation([(CAPTION_PROMPT, _caption(rng, scene))])
+        captions.append(dict(id=name, image=name + '.png', conversations=conversation))
+    with open(os.path.join(out_dir, 'captions.json'), 'w') as f:
+        json.dump(captions, f, indent=1)
+
+    text_only = set(rng.sample(range(num_instructions), round(0.3 * num_instructions)))
+    with open(os.path.join(out_dir, 'instructions.jsonl'), 'w') as f:
+        for i in range(num_instructions):
+            name = f'ins_{i:06d}'
+            turns = rng.randint(1, 3)
+            if i in text_only:
+                row = dict(id=name, conversations=_conversation(_text_qa(rng, k) for k in rng.sample(range(len(_QA_TEXT)), turns)))
+            else:
+                scene = _sample_scene(rng)
+                _draw(scene, image_size).save(os.path.join(image_dir, name + '.png'))
+                conversation = _conversation(rng.sample(_image_qa(rng, scene), turns))
+                conversation[0]['value'] = IMAGE_TOKEN + '\n' + conversation[0]['value']
+                row = dict(id=name, image=name + '.png', conversations=conversation)
+            f.write(json.dumps(row) + '\n')
+
+
+def _is_complete(root, params):
+    try:
+        with open(os.path.join(root, '.complete')) as f:
+            return json.load(f) == params
+    except (OSError, ValueError):
+        return False
+
+
+def make_synthetic_data(root, num_captions=64, num_instructions=48, image_size=64, seed=0):
+    """Generate (once) the synthetic data set under ``root``; return its paths."""
+    root = os.path.abspath(os.fspath(root))
+    paths = dict(
+        image_folder=os.path.join(root, 'images'),
+        captions=os.path.join(root, 'captions.json'),
+        instructions=os.path.join(root, 'instructions.jsonl'),
+    )
+    params = dict(
+        version=_FORMAT_VERSION,
+        num_captions=num_captions,
+        num_instructions=num_instructions,
+        image_size=image_size,
+        seed=seed,
+    )
+    if _is_complete(root, params):
+        return paths
+
+    # Build aside and rename, so readers never see a half-written root.
+    tmp = f'{root}.tmp-{os.getpid()}'
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    _generate(tmp, num_captions, num_instructions, image_size, seed)
+    with open(os.path.join(tmp, '.complete'), 'w') as f:
+        json.dump(params, f)
+    shutil.rmtree(root, ignore_errors=True)
+    try:
+        os.replace(tmp, root)
+    except OSError:
+        # Another process (e.g. another rank) renamed its copy in first.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _is_complete(root, params):
+            raise
+    return paths

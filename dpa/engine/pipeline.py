@@ -1,0 +1,244 @@
+"""The three DPA stages as one pipeline of mmengine Runner runs.
+
+A pipeline config holds the model parts (``llm``, ``tokenizer``,
+``vision_tower``, ``image_processor``, ``model``), the data (``caption_data``,
+``instruct_data``), one recipe per stage (``proxy``, ``align``, ``finetune``)
+and the runtime. :func:`stage_runner_config` turns (config, stage) into a plain
+mmengine Runner config whose work dir is ``work_dir/<stage>``; the stage's
+:class:`DPAHook` writes its artifact and manifest there, and the next stage
+reads that manifest.
+"""
+import copy
+import os
+import os.path as osp
+from typing import Dict, List, Optional, Sequence
+
+from mmengine.config import Config, ConfigDict
+from mmengine.runner import Runner
+
+from dpa.datasets.synthetic import make_synthetic_data
+from dpa.engine.artifacts import read_manifest
+from dpa.models.builders import num_image_tokens
+from dpa.models.losses import check_clamp
+from dpa.models.proxy import check_lora
+
+STAGES = ('proxy', 'align', 'finetune')
+TEMPLATES = {'proxy': 'caption_text', 'align': 'plain', 'finetune': 'chat'}
+ARTIFACTS = {'proxy': 'adapter', 'align': 'projector', 'finetune': 'model'}
+TRAINABLE = {'proxy': ['lora'], 'align': ['projector'], 'finetune': ['llm', 'projector']}
+RUNNER_KEYS = ('default_scope', 'default_hooks', 'env_cfg', 'log_processor', 'log_level',
+               'visualizer', 'randomness', 'launcher')
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, found before any model is loaded."""
+
+
+def launched_processes(cfg: Config) -> int:
+    """Number of training processes, known before the process group exists."""
+    if cfg.get('launcher', 'none') == 'none':
+        return 1
+    return int(os.environ.get('WORLD_SIZE', 1))
+
+
+def selected_stages(cfg: Config, stage: Optional[str] = None) -> List[str]:
+    stages = list(cfg.get('stages', STAGES))
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f'stages: unknown stage(s) {unknown}; choose among {list(STAGES)}')
+    if stages != [s for s in STAGES if s in stages]:
+        raise ConfigError(f'stages: {stages} is out of order; the order is {list(STAGES)}')
+    if stage is None:
+        return stages
+    if stage not in stages:
+        raise ConfigError(f'--stage {stage!r} is not a stage of this config ({stages})')
+    return [stage]
+
+
+def dependencies(cfg: Config, stage: str) -> Dict[str, str]:
+    """Which earlier stages' artifacts ``stage`` reads, by role."""
+    recipe = cfg[stage]
+    if stage == 'align' and recipe.get('use_proxy', True):
+        return {'llm_adapter': 'proxy'}
+    if stage == 'finetune':
+        deps = {'projector': 'align'}
+        if recipe.get('init_from_proxy', False):
+            deps['llm_adapter'] = 'proxy'
+        return deps
+    return {}
+
+
+def check_config(cfg: Config, stages: Sequence[str]) -> None:
+    """Every mistake that can be seen without loading a model, with the key
+    to fix in the message."""
+    for key in ('llm', 'tokenizer', 'work_dir'):
+        if key not in cfg:
+            raise ConfigError(f'the config has no `{key}`')
+    _check_paths(cfg)
+    for stage in stages:
+        recipe = cfg[stage]
+        loss = recipe.get('loss', {})
+        if loss.get('mode', 'cmo') != 'vanilla' and 'clamp' in loss:
+            try:
+                check_clamp(loss['clamp'], key=f'{stage}.loss.clamp')
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+        if stage == 'proxy':
+            try:
+                check_lora(recipe.get('lora', {}), key='proxy.lora')
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+        if stage != 'proxy':
+            if cfg.get('vision_tower') is None:
+                raise ConfigError(f'stage {stage!r} needs `vision_tower`')
+            n_image = num_image_tokens(cfg.vision_tower)
+            if recipe.max_length <= n_image:
+                raise ConfigError(f'{stage}.max_length={recipe.max_length} leaves no room for text '
+                                  f'after the {n_image} image tokens; raise it')
+        batch = recipe.batch_size * launched_processes(cfg)
+        if recipe.global_batch_size % batch:
+            raise ConfigError(
+                f'{stage}.global_batch_size={recipe.global_batch_size} is not a multiple of '
+                f'{stage}.batch_size x processes = {batch}; gradient accumulation needs it')
+        for role, previous in dependencies(cfg, stage).items():
+            if previous not in stages and read_manifest(cfg.work_dir, previous) is None:
+                raise ConfigError(
+                    f'stage {stage!r} needs the {role} artifact of stage {previous!r}, but '
+                    f'{osp.join(cfg.work_dir, previous, "manifest.json")} does not exist: '
+                    f'run `--stage {previous}` first (same --work-dir)')
+
+
+def _check_paths(cfg: Config) -> None:
+    for key in ('llm', 'tokenizer', 'vision_tower', 'image_processor'):
+        path = (cfg.get(key) or {}).get('pretrained')
+        if path is not None and not osp.isdir(path):
+            raise ConfigError(f'{key}.pretrained={path!r} is not a directory; point it at a local '
+                              'checkpoint (nothing is downloaded)')
+    if cfg.get('synthetic_data'):
+        return  # made on first use, below
+    for data_key in {cfg[s].data for s in STAGES if s in cfg}:
+        data = cfg.get(data_key)
+        if data is None:
+            raise ConfigError(f'a stage reads `{data_key}` but the config does not define it')
+        files = [data.data_files] if isinstance(data.data_files, str) else data.data_files
+        for path in files:
+            if not osp.isfile(path):
+                raise ConfigError(f'{data_key}.data_files: {path!r} does not exist')
+        folder = data.get('image_folder')
+        if folder and not osp.isdir(folder):
+            raise ConfigError(f'{data_key}.image_folder: {folder!r} is not a directory')
+
+
+def prepare_synthetic_data(cfg: Config) -> None:
+    """Make the embedded default's data on first use and point the datasets at it."""
+    spec = cfg.get('synthetic_data')
+    if not spec:
+        return
+    paths = make_synthetic_data(**spec)
+    cfg.caption_data.update(data_files=[paths['captions']], image_folder=paths['image_folder'])
+    cfg.instruct_data.update(data_files=[paths['instructions']],
+                             image_folder=paths['image_folder'])
+
+
+def stage_runner_config(cfg: Config, stage: str, resume: bool = False) -> Config:
+    """The mmengine Runner config of one stage."""
+    recipe = cfg[stage]
+    work_dir = osp.abspath(cfg.work_dir)
+    artifacts = {role: read_manifest(work_dir, previous)['artifact']
+                 for role, previous in dependencies(cfg, stage).items()}
+
+    llm = copy.deepcopy(cfg.llm)
+    if stage == 'proxy':
+        llm = dict(type='ProxyLLMWrapper', llm=llm, lora=recipe.lora)
+    elif 'llm_adapter' in artifacts:
+        llm = dict(type='ProxyLLMWrapper', llm=llm, adapter=artifacts['llm_adapter'])
+    model = dict(copy.deepcopy(cfg.model), llm=llm, tokenizer=cfg.tokenizer,
+                 loss=dict(type='VisualRelevanceLoss', **recipe.loss),
+                 trainable=recipe.get('trainable', TRAINABLE[stage]))
+    if stage == 'proxy':
+        model['vision_tower'] = None
+    else:
+        model['vision_tower'] = cfg.vision_tower
+        if 'projector' in artifacts:
+            model['projector_weights'] = osp.join(artifacts['projector'], 'projector.safetensors')
+
+    dataset = dict(type='LLaVADataset', template=TEMPLATES[stage], tokenizer=cfg.tokenizer,
+                   max_length=recipe.max_length)
+    dataset.update(copy.deepcopy(cfg[recipe.data]))
+    if stage != 'proxy':
+        dataset.update(image_processor=cfg.image_processor,
+                       num_image_tokens=num_image_tokens(cfg.vision_tower),
+                       pad_to_square=cfg.get('pad_to_square', False))
+
+    processes = launched_processes(cfg)
+    accumulation = recipe.global_batch_size // (recipe.batch_size * processes)
+    made_from = dict(llm=cfg.llm.to_dict() if isinstance(cfg.llm, ConfigDict) else cfg.llm,
+                     **artifacts)
+    runner_cfg = {key: copy.deepcopy(cfg[key]) for key in RUNNER_KEYS if key in cfg}
+    runner_cfg.update(
+        work_dir=osp.join(work_dir, stage),
+        experiment_name=stage,
+        model=model,
+        train_dataloader=dict(
+            batch_size=recipe.batch_size,
+            num_workers=recipe.get('num_workers', 0),
+            persistent_workers=False,
+            sampler=dict(type='DefaultSampler', shuffle=True, seed=cfg.get('seed')),
+            collate_fn=dict(type='dpa.dpa_collate'),
+            dataset=dataset),
+        train_cfg=dict(type='EpochsAsItersTrainLoop', max_epochs=recipe.max_epochs),
+        optim_wrapper=dict(copy.deepcopy(recipe.optim_wrapper), accumulative_counts=accumulation),
+        param_scheduler=dict(type='WarmupCosineLR', warmup_ratio=recipe.warmup_ratio,
+                             by_epoch=True, begin=0, end=recipe.max_epochs,
+                             convert_to_iter_based=True),
+        custom_hooks=[dict(type='DPAHook', stage=stage, artifact=ARTIFACTS[stage],
+                           work_dir=work_dir, made_from=made_from, tokenizer=cfg.tokenizer,
+                           image_processor=cfg.get('image_processor'))],
+        resume=resume)
+    runner_cfg['default_hooks']['checkpoint']['interval'] = recipe.get('checkpoint_interval', 500)
+    return Config(runner_cfg)
+
+
+def run_pipeline(cfg: Config, stage: Optional[str] = None, resume: bool = False) -> List[dict]:
+    """Run the config's stages (or one), skipping finished ones; return their
+    manifests."""
+    stages = selected_stages(cfg, stage)
+    check_config(cfg, stages)
+    prepare_synthetic_data(cfg)
+    manifests = []
+    for name in stages:
+        manifest = read_manifest(cfg.work_dir, name)
+        if manifest is None:
+            runner = Runner.from_cfg(stage_runner_config(cfg, name, resume=resume))
+            runner.logger.info(f'[{name}] {len(runner.train_dataloader.dataset)} samples, '
+                               f'batch {cfg[name].batch_size} x {launched_processes(cfg)} processes x '
+                               f'{runner_accumulation(runner)} accumulation = global batch '
+                               f'{cfg[name].global_batch_size}')
+            runner.train()
+            manifest = read_manifest(cfg.work_dir, name)
+            manifest['skipped'] = False
+        else:
+            manifest['skipped'] = True
+        manifests.append(manifest)
+    return manifests
+
+
+def runner_accumulation(runner) -> int:
+    return runner.cfg.optim_wrapper.get('accumulative_counts', 1)
+
+
+def format_summary(manifests: List[dict]) -> str:
+    lines = ['DPA pipeline summary']
+    for m in manifests:
+        status = 'skipped (artifact exists)' if m.get('skipped') else 'trained'
+        lines.append(f"  {m['stage']:<8} {status}: {m['iterations']} iterations, "
+                     f"loss {m['first_loss']:.4f} -> {m['last_loss']:.4f}")
+        if 'cmo' in m:
+            c = m['cmo']
+            lines.append(f"           CMO weight mean {c['w_mean']:.3f}, at delta_min "
+                         f"{c['at_min']:.1%}, at delta_max {c['at_max']:.1%}, "
+                         f"mean p_img - p_txt {c['delta_mean']:+.4f}")
+        lines.append(f"           {m['artifact_kind']}: {m['artifact']}")
+        for note in m.get('notes', []):
+            lines.append(f'           note: {note}')
+    return '\n'.join(lines)

@@ -1,0 +1,63 @@
+"""Training-loop pieces the recipes need beyond mmengine's stock ones."""
+import math
+
+from mmengine.optim.scheduler.lr_scheduler import LRSchedulerMixin
+from mmengine.optim.scheduler.param_scheduler import INF, _ParamScheduler
+from mmengine.runner import IterBasedTrainLoop
+
+from dpa.registry import LOOPS, PARAM_SCHEDULERS
+
+
+@LOOPS.register_module()
+class EpochsAsItersTrainLoop(IterBasedTrainLoop):
+    """``max_epochs`` passes over the data, run as an iteration-based loop so
+    that a resumed run skips exactly the batches already trained on (mmengine's
+    epoch loop restarts the interrupted epoch)."""
+
+    def __init__(self, runner, dataloader, max_epochs: int = 1, **kwargs):
+        super().__init__(runner, dataloader, max_iters=1, **kwargs)
+        self._max_epochs = max_epochs
+        self._max_iters = max(1, len(self.dataloader) * max_epochs)
+
+    @property
+    def max_epochs(self):
+        return self._max_epochs
+
+
+@PARAM_SCHEDULERS.register_module()
+class WarmupCosineLR(LRSchedulerMixin, _ParamScheduler):
+    """Linear warm-up over ``warmup_ratio`` of the steps, then cosine decay to
+    ``eta_min_ratio`` of the base lr: transformers'
+    ``get_cosine_schedule_with_warmup`` (the reference recipe), with the
+    warm-up length derived from the run's length so it holds for any data size.
+
+    Use with ``by_epoch=True, begin=0, end=<epochs>, convert_to_iter_based=True``.
+    """
+
+    def __init__(self, optimizer, warmup_ratio: float = 0.03, eta_min_ratio: float = 0.0,
+                 begin: int = 0, end: int = INF, last_step: int = -1, by_epoch: bool = True,
+                 verbose: bool = False):
+        if not 0 <= warmup_ratio < 1:
+            raise ValueError(f'warmup_ratio must be in [0, 1), got {warmup_ratio}')
+        self.total = end - begin
+        self.warmup = math.ceil(warmup_ratio * self.total)
+        self.eta_min_ratio = eta_min_ratio
+        super().__init__(optimizer, begin=begin, end=end, last_step=last_step,
+                         by_epoch=by_epoch, verbose=verbose)
+
+    @classmethod
+    def build_iter_from_epoch(cls, *args, begin=0, end=INF, by_epoch=True, epoch_length=None,
+                              **kwargs):
+        return cls(*args, begin=int(begin * epoch_length), end=int(end * epoch_length),
+                   by_epoch=False, **kwargs)
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return self.eta_min_ratio + (1 - self.eta_min_ratio) * cosine
+
+    def _get_value(self):
+        return [group['initial_lr'] * self.factor(self.last_step) for group in
+                self.optimizer.param_groups]

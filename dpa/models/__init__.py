@@ -1,0 +1,12 @@
+from dpa.models.builders import (PROCESSORS, HFCausalLM, HFImageProcessor, HFTokenizer,
+                                 HFVisionModel, TinyTokenizer, num_image_tokens)
+from dpa.models.losses import VisualRelevanceLoss, relevance_weights, target_scores
+from dpa.models.mllm import LlavaDPAModel
+from dpa.models.projector import LinearProjector, MLP2xGELUProjector
+from dpa.models.proxy import ProxyLLMWrapper
+from dpa.models.vision import HFVisionTower
+
+__all__ = ['PROCESSORS', 'HFCausalLM', 'HFImageProcessor', 'HFTokenizer', 'HFVisionModel',
+           'HFVisionTower', 'LinearProjector', 'LlavaDPAModel', 'MLP2xGELUProjector',
+           'ProxyLLMWrapper', 'TinyTokenizer', 'VisualRelevanceLoss', 'num_image_tokens',
+           'relevance_weights', 'target_scores']

@@ -1,0 +1,120 @@
+"""The final model, in the project's own format and as a transformers
+``LlavaForConditionalGeneration`` directory with its processor."""
+import json
+import os.path as osp
+
+import torch
+from safetensors.torch import save_file
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+from dpa.models.builders import IMAGE_TOKEN
+from dpa.models.projector import MLP2xGELUProjector
+
+NATIVE_CONFIG = 'dpa_model.json'
+
+# Lets the processor take the standard multimodal message format (content as a
+# list of {"type": "image"} and {"type": "text"} parts) with any LLM's own chat
+# template: parts are flattened to the "<image>\n" + text strings it was trained on.
+MULTIMODAL_PRELUDE = (
+    "{%- set flattened = namespace(messages=[]) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}"
+    "{%- set flattened.messages = flattened.messages + [message] -%}"
+    "{%- else -%}"
+    "{%- set text = namespace(value='') -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{%- set text.value = text.value + '" + IMAGE_TOKEN +
+    "\\n' -%}"
+    "{%- elif part['type'] == 'text' -%}{%- set text.value = text.value + part['text'] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set flattened.messages = flattened.messages + "
+    "[{'role': message['role'], 'content': text.value}] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set messages = flattened.messages -%}")
+
+
+class ExportUnsupported(ValueError):
+    """The model cannot be written as a transformers LLaVA directory."""
+
+
+def save_native(model, tokenizer, image_processor, out_dir: str) -> dict:
+    """Write the LLM (with tokenizer), vision tower (with image processor) and
+    projector, and a config that rebuilds the model from them."""
+    llm_dir, vision_dir = osp.join(out_dir, 'llm'), osp.join(out_dir, 'vision_tower')
+    model.llm.save_pretrained(llm_dir)
+    tokenizer.save_pretrained(llm_dir)
+    model.vision_tower.model.save_pretrained(vision_dir)
+    image_processor.save_pretrained(vision_dir)
+    save_file(model.projector.state_dict(), osp.join(out_dir, 'projector.safetensors'))
+    # Paths are relative to the directory, so it can be moved.
+    config = dict(
+        type='LlavaDPAModel',
+        llm=dict(type='HFCausalLM', pretrained='llm'),
+        tokenizer=dict(type='HFTokenizer', pretrained='llm'),
+        vision_tower=dict(type='HFVisionTower', pretrained='vision_tower',
+                          feature_layer=model.vision_tower.feature_layer,
+                          feature_select=model.vision_tower.feature_select),
+        projector=dict(type=model.projector_type),
+        projector_weights='projector.safetensors')
+    with open(osp.join(out_dir, NATIVE_CONFIG), 'w') as f:
+        json.dump(config, f, indent=2)
+    return config
+
+
+def load_native(model_dir: str):
+    """Rebuild a final model written by :func:`save_native`."""
+    from dpa.registry import MODELS
+    with open(osp.join(model_dir, NATIVE_CONFIG)) as f:
+        config = json.load(f)
+    for part in ('llm', 'tokenizer', 'vision_tower'):
+        config[part]['pretrained'] = osp.join(model_dir, config[part]['pretrained'])
+    config['projector_weights'] = osp.join(model_dir, config['projector_weights'])
+    return MODELS.build(config)
+
+
+def export_llava(model, tokenizer, image_processor, out_dir: str) -> None:
+    """Write ``LlavaForConditionalGeneration`` + ``LlavaProcessor`` to ``out_dir``.
+
+    Raises:
+        ExportUnsupported: the LLM is not a transformers-native family (remote
+            code), or the projector is not LLaVA's two-layer GELU MLP.
+    """
+    llm, vision = model.llm, model.vision_tower
+    if not type(llm).__module__.startswith('transformers.'):
+        raise ExportUnsupported(f'{type(llm).__name__} is remote code, not a transformers-native '
+                                'LLM: LlavaForConditionalGeneration cannot hold it')
+    if not isinstance(model.projector, MLP2xGELUProjector):
+        raise ExportUnsupported('transformers LLaVA needs the mlp2x_gelu projector, this model '
+                                f'has {type(model.projector).__name__}')
+    strategy = 'default' if vision.feature_select == 'patch' and vision.has_cls else 'full'
+    config = LlavaConfig(
+        vision_config=vision.model.config.to_dict(),
+        text_config=llm.config.to_dict(),
+        image_token_index=model.image_token_id,
+        projector_hidden_act='gelu',
+        vision_feature_select_strategy=strategy,
+        vision_feature_layer=vision.feature_layer,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=llm.config.tie_word_embeddings)
+    with torch.device('meta'):
+        llava = LlavaForConditionalGeneration(config)
+    state = {f'model.language_model.{k}': v for k, v in llm.get_decoder().state_dict().items()}
+    state.update({f'model.vision_tower.{k}': v for k, v in vision.model.state_dict().items()})
+    state.update({f'model.multi_modal_projector.{k}': v
+                  for k, v in model.projector.state_dict().items()})
+    state['lm_head.weight'] = llm.get_output_embeddings().weight
+    llava.load_state_dict(state, strict=True, assign=True)
+    llava.tie_weights()
+    if model.image_token_id >= config.text_config.vocab_size:
+        llava.resize_token_embeddings(len(tokenizer))
+    llava.to(next(llm.parameters()).dtype).save_pretrained(out_dir)
+
+    num_cls = 1 if vision.has_cls else 0
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer,
+        patch_size=vision.model.config.patch_size, vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=num_cls,
+        chat_template=MULTIMODAL_PRELUDE + tokenizer.chat_template)
+    processor.save_pretrained(out_dir)

@@ -1,0 +1,186 @@
+"""Token-weighted language-modelling losses: vanilla CE, CAL and CMO.
+
+CMO (Contrastive Modality Optimization, DPA) and CAL weight every supervised
+token by how much the image raises its score: ``w = clamp(s_img - s_txt)``,
+smoothed over neighbouring tokens, where the score ``s`` is the target token's
+probability (CMO) or logit (CAL). ``s_txt`` comes from a pass of the same LLM
+without the image tokens. The weights are constants: no gradient flows
+through them.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpa.registry import MODELS
+
+IGNORE_INDEX = -100
+SCOPES = ('sequence', 'reference')
+DEFAULT_CLAMP = {'cmo': (0.05, 0.5), 'cal': (1.0, 5.0)}
+
+
+def relevance_weights(score_img: torch.Tensor,
+                      score_txt: torch.Tensor,
+                      supervised: torch.Tensor,
+                      clamp: Tuple[float, float] = (0.05, 0.5),
+                      window: int = 3,
+                      scope: str = 'sequence') -> torch.Tensor:
+    """Per-token weights ``clamp(score_img - score_txt)`` smoothed by a moving
+    average of width ``window``.
+
+    Args:
+        score_img: (B, T) scores of the target tokens with the image.
+        score_txt: (B, T) scores of the same targets without the image.
+        supervised: (B, T) bool, True where a target is trained on.
+        clamp: (delta_min, delta_max).
+        window: odd width of the moving average; 1 disables smoothing.
+        scope: ``'sequence'`` clamps supervised positions only and averages
+            each with the supervised positions of its own row within
+            ``window // 2``; unsupervised positions get 0. ``'reference'``
+            reproduces fnlp-vision/DPA: clamp every position, then average
+            over the batch flattened to one row (windows cross sample
+            boundaries and include ignored positions), padding ``window // 2``
+            with ``count_include_pad=False``.
+
+    Returns:
+        (B, T) detached float32 weights.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f'scope must be one of {SCOPES}, got {scope!r}')
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f'window must be a positive odd integer, got {window}')
+    delta_min, delta_max = clamp
+    with torch.no_grad():
+        delta = (score_img.float() - score_txt.float()).clamp(delta_min, delta_max)
+        pad = window // 2
+        if scope == 'reference':
+            flat = delta.reshape(1, 1, -1)
+            smoothed = F.avg_pool1d(flat, window, stride=1, padding=pad,
+                                    count_include_pad=False)
+            return smoothed.reshape(delta.shape)
+        mask = supervised.float()
+        kernel = torch.ones(1, 1, window, dtype=delta.dtype, device=delta.device)
+        total = F.conv1d((delta * mask).unsqueeze(1), kernel, padding=pad).squeeze(1)
+        count = F.conv1d(mask.unsqueeze(1), kernel, padding=pad).squeeze(1)
+        return torch.where(supervised, total / count.clamp(min=1.0), torch.zeros_like(delta))
+
+
+def target_scores(logits: torch.Tensor,
+                  targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Logit and log-probability of each row's target token, in float32.
+
+    ``log p = logit[y] - logsumexp(logits)``: no probability tensor over the
+    vocabulary is built.
+
+    Args:
+        logits: (N, V) logits.
+        targets: (N,) token ids.
+    """
+    logits = logits.float()
+    target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return target_logit, target_logit - torch.logsumexp(logits, dim=-1)
+
+
+@MODELS.register_module()
+class VisualRelevanceLoss(nn.Module):
+    """Causal-LM loss with per-token visual-relevance weights.
+
+    Args:
+        mode: ``'vanilla'`` (mean CE), ``'cmo'`` (probability scores, DPA) or
+            ``'cal'`` (logit scores, Xiao et al. 2024).
+        clamp: (delta_min, delta_max); defaults to (0.05, 0.5) for CMO and
+            (1, 5) for CAL.
+        window: moving-average width of the weights.
+        scope: see :func:`relevance_weights`.
+        eps: added to the sum of weights in the normaliser.
+    """
+
+    def __init__(self,
+                 mode: str = 'cmo',
+                 clamp: Optional[Tuple[float, float]] = None,
+                 window: int = 3,
+                 scope: str = 'sequence',
+                 eps: float = 1e-6):
+        super().__init__()
+        if mode not in ('vanilla', 'cmo', 'cal'):
+            raise ValueError(f"loss.mode must be 'vanilla', 'cmo' or 'cal', got {mode!r}")
+        clamp = tuple(clamp) if clamp is not None else DEFAULT_CLAMP.get(mode)
+        if mode != 'vanilla':
+            check_clamp(clamp, key='loss.clamp')
+        if scope not in SCOPES:
+            raise ValueError(f'loss.scope must be one of {SCOPES}, got {scope!r}')
+        self.mode, self.clamp, self.window, self.scope, self.eps = mode, clamp, window, scope, eps
+
+    @property
+    def needs_text_pass(self) -> bool:
+        return self.mode != 'vanilla'
+
+    def forward(self,
+                logits: torch.Tensor,
+                targets: torch.Tensor,
+                text_logits: Optional[torch.Tensor] = None,
+                text_index: Optional[torch.Tensor] = None) -> dict:
+        """Compute the loss and its statistics.
+
+        Args:
+            logits: (B, T, V) logits; ``logits[:, t]`` predicts ``targets[:, t]``.
+            targets: (B, T) target ids, ``IGNORE_INDEX`` where unsupervised.
+            text_logits: (M, V) logits of the pass without image tokens.
+            text_index: (B, T) row of ``text_logits`` that predicts
+                ``targets[b, t]`` without the image, or -1 where there is no
+                such evidence (rows without an image, no text prefix): there
+                the image score is used, so the token gets ``delta_min``.
+
+        Returns:
+            dict with ``loss`` and, for weighted modes, ``cmo_w_mean``,
+            ``cmo_at_min``, ``cmo_at_max``, ``cmo_delta_mean`` (names without
+            'loss' so mmengine logs and does not sum them).
+        """
+        supervised = targets != IGNORE_INDEX
+        if self.mode == 'vanilla':
+            _, logp = target_scores(logits[supervised], targets[supervised])
+            return {'loss': -logp.mean()}
+        if text_logits is None or text_index is None:
+            raise ValueError(f'loss.mode={self.mode!r} needs the no-image pass logits')
+
+        # The reference scores every position (ignored ones with token id 0).
+        scored = torch.ones_like(supervised) if self.scope == 'reference' else supervised
+        score_targets = targets.clamp(min=0)[scored]
+        target_logit, logp = target_scores(logits[scored], score_targets)
+        score_img = target_logit if self.mode == 'cal' else logp.exp()
+
+        index = text_index[scored]
+        has_text = index >= 0
+        txt_logit, txt_logp = target_scores(text_logits[index[has_text]], score_targets[has_text])
+        score_txt = score_img.detach().clone()
+        score_txt[has_text] = txt_logit if self.mode == 'cal' else txt_logp.exp()
+
+        dense_img = logits.new_zeros(targets.shape, dtype=torch.float32)
+        dense_txt = torch.zeros_like(dense_img)
+        dense_img[scored] = score_img.detach()
+        dense_txt[scored] = score_txt
+        weights = relevance_weights(dense_img, dense_txt, supervised, self.clamp,
+                                    self.window, self.scope)
+
+        ce = -logp[supervised[scored]]
+        w = weights[supervised]
+        loss = (w * ce).sum() / (w.sum() + self.eps)
+        delta = (dense_img - dense_txt)[supervised]
+        delta_min, delta_max = self.clamp
+        return {
+            'loss': loss,
+            'cmo_w_mean': w.mean().detach(),
+            'cmo_at_min': (delta <= delta_min).float().mean(),
+            'cmo_at_max': (delta >= delta_max).float().mean(),
+            'cmo_delta_mean': delta.mean(),
+        }
+
+
+def check_clamp(clamp, key: str) -> None:
+    """Raise a ValueError naming ``key`` unless clamp is (low, high), low <= high."""
+    if clamp is None or len(clamp) != 2:
+        raise ValueError(f'{key} must be a pair (delta_min, delta_max), got {clamp!r}')
+    if clamp[0] > clamp[1]:
+        raise ValueError(f'{key}: delta_min={clamp[0]} is greater than delta_max={clamp[1]}; '
+                         'swap them so that delta_min <= delta_max')

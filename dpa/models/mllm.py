@@ -1,0 +1,185 @@
+"""The LLaVA-style multimodal LLM trained by every DPA stage."""
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+import torch
+from mmengine.model import BaseModel
+from safetensors.torch import load_file
+
+from dpa.models.builders import IMAGE_TOKEN, PROCESSORS
+from dpa.models.losses import IGNORE_INDEX
+from dpa.registry import MODELS
+
+TRAINABLE_PARTS = ('llm', 'lora', 'projector', 'vision_tower')
+TEXT_PASSES = ('removed', 'masked')
+
+
+@MODELS.register_module()
+class LlavaDPAModel(BaseModel):
+    """Vision tower -> projector -> causal LLM, with a visual-relevance loss.
+
+    The sequence holds one ``<image>`` token id per image feature (the dataset
+    expands the placeholder); their embeddings are replaced by the projected
+    vision features.
+
+    Args:
+        llm: config of the LLM (``HFCausalLM`` or ``ProxyLLMWrapper``).
+        tokenizer: config of the tokenizer (gives the ``<image>`` id).
+        vision_tower: config of an ``HFVisionTower``; None for a text-only
+            model (stage 1 trains the LLM on caption text alone).
+        projector: config of the connector, ``dict(type='mlp2x_gelu')``.
+        projector_weights: safetensors file to initialise the projector from
+            (stage 2's artifact).
+        loss: config of a ``VisualRelevanceLoss``.
+        trainable: which parts train, among ``TRAINABLE_PARTS``; the rest is
+            frozen.
+        text_pass: how CMO/CAL compute the scores without the image:
+            ``'removed'`` drops the image tokens and keeps the original position
+            ids with an explicit attention mask (equal to the reference's pass,
+            a fraction of its tokens); ``'masked'`` is the reference's
+            full-length pass with the image positions masked out.
+        gradient_checkpointing: trade compute for activation memory in the LLM.
+    """
+
+    def __init__(self,
+                 llm: dict,
+                 tokenizer: dict,
+                 vision_tower: Optional[dict] = None,
+                 projector: dict = dict(type='mlp2x_gelu'),
+                 projector_weights: Optional[str] = None,
+                 loss: dict = dict(type='VisualRelevanceLoss', mode='vanilla'),
+                 trainable: Sequence[str] = ('projector', ),
+                 text_pass: str = 'removed',
+                 gradient_checkpointing: bool = False,
+                 data_preprocessor: Optional[dict] = None,
+                 init_cfg: Optional[dict] = None):
+        super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+        unknown = set(trainable) - set(TRAINABLE_PARTS)
+        if unknown:
+            raise ValueError(f'model.trainable has unknown parts {sorted(unknown)}; '
+                             f'choose among {TRAINABLE_PARTS}')
+        if text_pass not in TEXT_PASSES:
+            raise ValueError(f'model.text_pass must be one of {TEXT_PASSES}, got {text_pass!r}')
+        self.loss_fn = MODELS.build(loss)
+        self.text_pass = text_pass
+        self.image_token_id = PROCESSORS.build(tokenizer).convert_tokens_to_ids(IMAGE_TOKEN)
+        self.llm = MODELS.build(llm)
+        self.vision_tower = self.projector = None
+        self.projector_type = projector['type']
+        if vision_tower is not None:
+            self.vision_tower = MODELS.build(vision_tower)
+            self.projector = MODELS.build(
+                projector,
+                default_args=dict(vision_dim=self.vision_tower.hidden_size,
+                                  llm_dim=self.llm.config.get_text_config().hidden_size))
+            if projector_weights is not None:
+                self.projector.load_state_dict(load_file(projector_weights))
+        self._set_trainable(trainable)
+        if gradient_checkpointing:
+            self.llm.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=dict(use_reentrant=False))
+        # Checkpoints hold the trainable weights only; on resume the frozen ones
+        # come from their sources again.
+        self.register_load_state_dict_pre_hook(self._keep_frozen_weights)
+
+    def _set_trainable(self, trainable):
+        self.requires_grad_(False)
+        for part in trainable:
+            if part == 'lora':
+                for name, param in self.llm.named_parameters():
+                    if 'lora_' in name:
+                        param.requires_grad_(True)
+            else:
+                module = getattr(self, part)
+                if module is None:
+                    raise ValueError(f'model.trainable names {part!r} but the model has no {part}')
+                module.requires_grad_(True)
+        if not any(p.requires_grad for p in self.parameters()):
+            raise ValueError(f'model.trainable={list(trainable)} leaves nothing to train')
+
+    def state_dict(self, *args, **kwargs):
+        trainable = {name for name, param in self.named_parameters() if param.requires_grad}
+        full = super().state_dict(*args, **kwargs)
+        return OrderedDict((k, v) for k, v in full.items() if k in trainable)
+
+    def _keep_frozen_weights(self, module, state_dict, prefix, *args):
+        for name, param in self.named_parameters(prefix=prefix.rstrip('.')):
+            if not param.requires_grad and name not in state_dict:
+                state_dict[name] = param.detach()
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor]):
+        """Token embeddings with the image features in the ``<image>`` slots."""
+        image_mask = input_ids == self.image_token_id
+        # The <image> id may lie outside the LLM's vocabulary: look up id 0 there.
+        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+        if pixel_values is None:
+            if image_mask.any():
+                raise ValueError('the batch holds <image> tokens but no pixel_values')
+            return embeds, image_mask
+        if self.vision_tower is None:
+            raise ValueError('this model has no vision tower (text-only stage) but got images')
+        features = self.projector(self.vision_tower(pixel_values)).to(embeds.dtype)
+        if image_mask.sum() != features.shape[0] * features.shape[1]:
+            raise ValueError(f'{int(image_mask.sum())} <image> tokens in the batch for '
+                             f'{features.shape[0]} images of {features.shape[1]} tokens each')
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), features), image_mask
+
+    def _llm_logits(self, embeds, attention_mask, position_ids):
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask,
+                        position_ids=position_ids, use_cache=False).logits
+
+    def forward(self, input_ids, attention_mask, labels=None, pixel_values=None, mode='loss'):
+        embeds, image_mask = self.embed(input_ids, pixel_values)
+        # Right padding: real tokens get 0..n-1, as without padding.
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        logits = self._llm_logits(embeds, attention_mask, position_ids)
+        if mode == 'tensor':
+            return logits
+        if mode != 'loss':
+            raise ValueError(f"LlavaDPAModel supports mode='loss' and 'tensor', got {mode!r}")
+        text_logits = text_index = None
+        if self.loss_fn.needs_text_pass:
+            with torch.no_grad():
+                text_logits, text_index = self.text_only_logits(
+                    embeds.detach(), attention_mask, position_ids, image_mask)
+        return self.loss_fn(logits[:, :-1], labels[:, 1:], text_logits, text_index)
+
+    def text_only_logits(self, embeds, attention_mask, position_ids, image_mask):
+        """Logits of the LLM on the same batch without its image tokens.
+
+        Returns ``(text_logits, text_index)``: (M, V) logits and a (B, T-1)
+        map from each shifted target position to the row of ``text_logits``
+        that predicts it from the text alone (-1 where there is none: rows
+        without an image, whose two passes are the same, and targets with no
+        text before them).
+        """
+        batch, length = attention_mask.shape
+        if self.text_pass == 'masked':
+            text_mask = attention_mask * (~image_mask)
+            logits = self._llm_logits(embeds, text_mask, position_ids)[:, :-1]
+            index = torch.arange(batch * (length - 1), device=embeds.device)
+            return logits.reshape(-1, logits.shape[-1]), index.view(batch, length - 1)
+
+        text_index = torch.full((batch, length - 1), -1, dtype=torch.long, device=embeds.device)
+        rows = image_mask.any(dim=-1).nonzero().squeeze(-1)
+        if rows.numel() == 0:
+            return None, text_index
+        keep = attention_mask.bool() & ~image_mask
+        kept = keep[rows]
+        lengths = kept.sum(-1)
+        text_len = int(lengths.max())
+        # Stable sort moves each row's kept tokens to the front, in order.
+        order = torch.argsort((~kept).to(torch.int8), dim=-1, stable=True)[:, :text_len]
+        text_embeds = embeds[rows].gather(1, order.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+        text_positions = position_ids[rows].gather(1, order)
+        text_mask = (torch.arange(text_len, device=embeds.device) < lengths.unsqueeze(-1)).long()
+        logits = self._llm_logits(text_embeds, text_mask, text_positions)
+
+        # Target j (shifted position j-1) is predicted by the kept token just
+        # before it in the compact sequence.
+        slot = torch.full((batch, ), -1, dtype=torch.long, device=embeds.device)
+        slot[rows] = torch.arange(rows.numel(), device=embeds.device)
+        previous = keep.long().cumsum(-1)[:, 1:] - 2
+        valid = (slot.unsqueeze(-1) >= 0) & keep[:, 1:] & (previous >= 0)
+        text_index = torch.where(valid, slot.unsqueeze(-1) * text_len + previous, text_index)
+        return logits.reshape(-1, logits.shape[-1]), text_index

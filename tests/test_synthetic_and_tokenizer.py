@@ -1,0 +1,142 @@
+import json
+import os
+import re
+
+import pytest
+from transformers import AutoTokenizer
+
+from dpa.datasets.synthetic import VOCABULARY, make_synthetic_data
+from dpa.models.tiny_tokenizer import TINY_VOCAB_SIZE, build_tiny_tokenizer
+
+NUM_CAPTIONS, NUM_INSTRUCTIONS = 64, 48  # the defaults
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return make_synthetic_data(tmp_path_factory.mktemp('syn') / 'data')
+
+
+@pytest.fixture(scope='module')
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+def _rows(paths):
+    with open(paths['captions']) as f:
+        captions = json.load(f)
+    with open(paths['instructions']) as f:
+        instructions = [json.loads(line) for line in f]
+    return captions, instructions
+
+
+def _texts(paths):
+    captions, instructions = _rows(paths)
+    return [turn['value'] for row in captions + instructions for turn in row['conversations']]
+
+
+def test_layout_and_counts(data):
+    captions, instructions = _rows(data)
+    assert len(captions) == NUM_CAPTIONS and len(instructions) == NUM_INSTRUCTIONS
+    assert captions[0]['id'] == 'cap_000000' and instructions[0]['id'] == 'ins_000000'
+    for row in captions:
+        human, gpt = row['conversations']
+        assert human == {'from': 'human', 'value': '<image>\nDescribe the image briefly.'}
+        assert gpt['from'] == 'gpt' and gpt['value'].endswith('.')
+        assert os.path.isfile(os.path.join(data['image_folder'], row['image']))
+    text_only = [row for row in instructions if 'image' not in row]
+    assert len(text_only) == round(0.3 * NUM_INSTRUCTIONS)
+    for row in instructions:
+        turns = row['conversations']
+        assert len(turns) in (2, 4, 6)
+        assert [t['from'] for t in turns] == ['human', 'gpt'] * (len(turns) // 2)
+        has_tag = turns[0]['value'].startswith('<image>\n')
+        assert has_tag == ('image' in row)
+        assert sum('<image>' in t['value'] for t in turns) == int(has_tag)
+        if has_tag:
+            assert os.path.isfile(os.path.join(data['image_folder'], row['image']))
+
+
+def test_deterministic(tmp_path):
+    a = make_synthetic_data(tmp_path / 'a', 8, 8, image_size=32, seed=3)
+    b = make_synthetic_data(tmp_path / 'b', 8, 8, image_size=32, seed=3)
+    for key in ('captions', 'instructions'):
+        with open(a[key], 'rb') as fa, open(b[key], 'rb') as fb:
+            assert fa.read() == fb.read()
+    names = sorted(os.listdir(a['image_folder']))
+    assert names == sorted(os.listdir(b['image_folder']))
+    for name in names[:3] + names[-3:]:
+        with open(os.path.join(a['image_folder'], name), 'rb') as fa:
+            with open(os.path.join(b['image_folder'], name), 'rb') as fb:
+                assert fa.read() == fb.read()
+    c = make_synthetic_data(tmp_path / 'c', 8, 8, image_size=32, seed=4)
+    with open(a['captions']) as fa, open(c['captions']) as fc:
+        assert fa.read() != fc.read()
+
+
+def test_idempotent_and_atomic(tmp_path):
+    root = tmp_path / 'data'
+    first = make_synthetic_data(root, 4, 4, image_size=16)
+    mtime = os.stat(first['captions']).st_mtime_ns
+    assert make_synthetic_data(root, 4, 4, image_size=16) == first
+    assert os.stat(first['captions']).st_mtime_ns == mtime
+    assert sorted(os.listdir(tmp_path)) == ['data']  # no temporary dir left behind
+    # Other parameters regenerate in place.
+    make_synthetic_data(root, 6, 4, image_size=16)
+    with open(first['captions']) as f:
+        assert len(json.load(f)) == 6
+
+
+def test_synthetic_text_is_in_vocabulary(data, tokenizer):
+    unk = tokenizer.unk_token_id
+    for text in _texts(data):
+        ids = tokenizer(text)['input_ids']
+        assert unk not in ids
+        assert tokenizer.decode(ids) == text
+        # Every word is one vocabulary token, never spelled out char by char.
+        expected = re.findall(r'<image>|[A-Za-z]+|[^A-Za-z]', text)
+        assert tokenizer.convert_ids_to_tokens(ids) == expected
+        assert set(expected) - {'<image>'} <= set(VOCABULARY)
+
+
+def test_unknown_ascii_falls_back_to_characters(tokenizer):
+    text = 'Hello, world! {x: 42}\tdone~'
+    ids = tokenizer(text)['input_ids']
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids) == text
+
+
+def test_special_tokens(tokenizer):
+    assert len(tokenizer) < TINY_VOCAB_SIZE
+    assert tokenizer.pad_token_id == 0 and tokenizer.pad_token == '<|endoftext|>'
+    assert tokenizer.eos_token == '<|im_end|>' and tokenizer.bos_token is None
+    text = '<|im_start|>user\n<image>\nhi<|im_end|>'
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(text)['input_ids'])
+    assert tokens == ['<|im_start|>', 'user', '\n', '<image>', '\n', 'h', 'i', '<|im_end|>']
+
+
+def test_chat_template(tokenizer):
+    messages = [
+        {'role': 'user', 'content': '<image>\nWhat colour is the shape?'},
+        {'role': 'assistant', 'content': 'The shape is red.'},
+    ]
+    expected = (
+        '<|im_start|>user\n<image>\nWhat colour is the shape?<|im_end|>\n'
+        '<|im_start|>assistant\nThe shape is red.<|im_end|>\n'
+    )
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == expected
+    prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    assert prompt == expected.split('<|im_start|>assistant')[0] + '<|im_start|>assistant\n'
+    with_system = [{'role': 'system', 'content': 'Be brief.'}] + messages
+    assert tokenizer.apply_chat_template(with_system, tokenize=False).startswith(
+        '<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n')
+
+
+def test_save_load_round_trip(tokenizer, data, tmp_path):
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded.chat_template == tokenizer.chat_template
+    assert len(loaded) == len(tokenizer)
+    assert loaded.convert_tokens_to_ids('<image>') == tokenizer.convert_tokens_to_ids('<image>')
+    assert (loaded.pad_token_id, loaded.eos_token_id) == (tokenizer.pad_token_id, tokenizer.eos_token_id)
+    for text in _texts(data)[:50] + ['<|im_start|>user\n<image>\nhi<|im_end|>']:
+        assert loaded(text)['input_ids'] == tokenizer(text)['input_ids']

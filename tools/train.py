@@ -1,0 +1,49 @@
+"""Run a DPA config: every stage in order, or one with --stage.
+
+    python tools/train.py configs/dpa_tiny.py
+    python tools/train.py CONFIG --stage align --work-dir work_dirs/exp1
+    python tools/train.py CONFIG --resume        # continue an interrupted stage
+"""
+import argparse
+import os.path as osp
+import sys
+
+from mmengine.config import Config, DictAction
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+from dpa.engine.pipeline import STAGES, ConfigError, format_summary, run_pipeline  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Train a multimodal LLM with DPA')
+    parser.add_argument('config', help='config file')
+    parser.add_argument('--stage', choices=STAGES, help='run only this stage')
+    parser.add_argument('--work-dir', help='where stages write checkpoints, logs and artifacts '
+                        '(default: work_dirs/<config name>)')
+    parser.add_argument('--resume', action='store_true',
+                        help="continue an interrupted stage from its work dir's last checkpoint")
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config keys, e.g. align.batch_size=8 '
+                        'llm.pretrained=/ckpt/llm')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher for distributed runs')
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    cfg.launcher = args.launcher
+    cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
+        'work_dirs', osp.splitext(osp.basename(args.config))[0])
+    try:
+        manifests = run_pipeline(cfg, stage=args.stage, resume=args.resume)
+    except ConfigError as err:
+        sys.exit(f'config error: {err}')
+    print(format_summary(manifests))
+
+
+if __name__ == '__main__':
+    main()
