@@ -49,14 +49,14 @@ class DPAHook(Hook):
                           sums={key: 0.0 for key in STAT_KEYS})
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-        loss = float(outputs['loss'])
+        loss = float(outputs['loss'].detach())
         if self.stats['first_loss'] is None:
             self.stats['first_loss'] = loss
         self.stats['last_loss'] = loss
         self.stats['iterations'] += 1
         for key in STAT_KEYS:
             if key in outputs:
-                self.stats['sums'][key] += float(outputs[key])
+                self.stats['sums'][key] += float(outputs[key].detach())
 
     # The statistics travel with checkpoints so a resumed stage reports the
     # whole stage, not only its tail.

@@ -193,7 +193,8 @@ def stage_runner_config(cfg: Config, stage: str, resume: bool = False) -> Config
                              convert_to_iter_based=True),
         custom_hooks=[dict(type='DPAHook', stage=stage, artifact=ARTIFACTS[stage],
                            work_dir=work_dir, made_from=made_from, tokenizer=cfg.tokenizer,
-                           image_processor=cfg.get('image_processor'))],
+                           image_processor=cfg.get('image_processor'))]
+        + copy.deepcopy(cfg.get('custom_hooks', [])),
         resume=resume)
     runner_cfg['default_hooks']['checkpoint']['interval'] = recipe.get('checkpoint_interval', 500)
     return Config(runner_cfg)
