@@ -43,6 +43,8 @@ def save_native(model, tokenizer, image_processor, out_dir: str) -> dict:
     """Write the LLM (with tokenizer), vision tower (with image processor) and
     projector, and a config that rebuilds the model from them."""
     llm_dir, vision_dir = osp.join(out_dir, 'llm'), osp.join(out_dir, 'vision_tower')
+    llm_dtype = str(next(model.llm.parameters()).dtype).replace('torch.', '')
+    vision_dtype = str(next(model.vision_tower.parameters()).dtype).replace('torch.', '')
     model.llm.save_pretrained(llm_dir)
     tokenizer.save_pretrained(llm_dir)
     model.vision_tower.model.save_pretrained(vision_dir)
@@ -51,11 +53,12 @@ def save_native(model, tokenizer, image_processor, out_dir: str) -> dict:
     # Paths are relative to the directory, so it can be moved.
     config = dict(
         type='LlavaDPAModel',
-        llm=dict(type='HFCausalLM', pretrained='llm'),
+        llm=dict(type='HFCausalLM', pretrained='llm', torch_dtype=llm_dtype),
         tokenizer=dict(type='HFTokenizer', pretrained='llm'),
         vision_tower=dict(type='HFVisionTower', pretrained='vision_tower',
                           feature_layer=model.vision_tower.feature_layer,
-                          feature_select=model.vision_tower.feature_select),
+                          feature_select=model.vision_tower.feature_select,
+                          torch_dtype=vision_dtype),
         projector=dict(type=model.projector_type),
         projector_weights='projector.safetensors')
     with open(osp.join(out_dir, NATIVE_CONFIG), 'w') as f:
@@ -107,8 +110,15 @@ def export_llava(model, tokenizer, image_processor, out_dir: str) -> None:
     state['lm_head.weight'] = llm.get_output_embeddings().weight
     llava.load_state_dict(state, strict=True, assign=True)
     llava.tie_weights()
-    if model.image_token_id >= config.text_config.vocab_size:
-        llava.resize_token_embeddings(len(tokenizer))
+    old_vocab = config.text_config.vocab_size
+    if model.image_token_id >= old_vocab:
+        # The LLM never saw <image> in its vocabulary: give it zero rows
+        # (deterministic, unlike mean-resizing) and never generate it.
+        llava.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            llava.get_input_embeddings().weight[old_vocab:].zero_()
+            llava.get_output_embeddings().weight[old_vocab:].zero_()
+        llava.generation_config.suppress_tokens = [model.image_token_id]
     llava.to(next(llm.parameters()).dtype).save_pretrained(out_dir)
 
     num_cls = 1 if vision.has_cls else 0

@@ -118,7 +118,9 @@ class LlavaDPAModel(BaseModel):
             return embeds, image_mask
         if self.vision_tower is None:
             raise ValueError('this model has no vision tower (text-only stage) but got images')
-        features = self.projector(self.vision_tower(pixel_values)).to(embeds.dtype)
+        projector_dtype = next(self.projector.parameters()).dtype
+        features = self.vision_tower(pixel_values).to(projector_dtype)
+        features = self.projector(features).to(embeds.dtype)
         if image_mask.sum() != features.shape[0] * features.shape[1]:
             raise ValueError(f'{int(image_mask.sum())} <image> tokens in the batch for '
                              f'{features.shape[0]} images of {features.shape[1]} tokens each')
