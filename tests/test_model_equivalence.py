@@ -225,6 +225,16 @@ def test_loss_same_with_removed_and_masked_pass(model_type, mode, bounds):
     assert abs(vanilla.item() - stats['loss'].item()) > 1e-3
 
 
+def test_reference_scope_is_rejected_with_removed_pass():
+    # The removed pass has no scores at the image and padding positions that the
+    # reference's batch-wide smoothing reads, so the combination is refused.
+    loss = dict(type='VisualRelevanceLoss', mode='cal', clamp=(1.0, 5.0), window=3,
+                scope='reference')
+    with pytest.raises(ValueError, match="text_pass='masked'"):
+        build_model('llama', loss=loss, text_pass='removed')
+    build_model('llama', loss=loss, text_pass='masked')
+
+
 def test_loss_runs_with_gradient_only_into_trainable_parts():
     model = build_model(loss=dict(type='VisualRelevanceLoss', mode='cmo')).train()
     input_ids, attention_mask, pixel_values = make_batch()
@@ -258,11 +268,6 @@ def test_cmo_on_a_text_only_batch_masked_pass():
     check_cmo_on_text_only_batch('masked')
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="BUG: a batch without any image (text-only instruction data in stage 3, "
-                   "30% of the synthetic set) crashes CMO/CAL with text_pass='removed' (the "
-                   'default): text_only_logits returns text_logits=None and '
-                   'VisualRelevanceLoss raises "needs the no-image pass logits"')
 def test_cmo_on_a_text_only_batch_removed_pass():
     check_cmo_on_text_only_batch('removed')
 

@@ -127,6 +127,7 @@ def test_resumed_stage_equals_uninterrupted(finished, data_root, tmp_path, stage
     ('cal', ['align', 'finetune'], ['cal', 'cal']),
     ('pmo_only', ['proxy', 'align', 'finetune'], ['vanilla', 'vanilla', 'vanilla']),
     ('cmo_only', ['align', 'finetune'], ['cmo', 'cmo']),
+    ('reference', ['proxy', 'align', 'finetune'], ['vanilla', 'cmo', 'cmo']),
 ])
 def test_ablation_configs_run(data_root, tmp_path, ablation, stages, losses):
     path = osp.join(REPO, 'configs', 'ablations', f'dpa_tiny_{ablation}.py')
@@ -163,6 +164,7 @@ def no_model_loading(monkeypatch):
     ({'proxy.lora.r': 0}, None, 'proxy.lora.r'),
     ({'align.max_length': 10}, None, 'align.max_length=10'),
     ({'align.global_batch_size': 6}, None, 'align.global_batch_size=6'),
+    ({'align.loss.scope': 'reference'}, None, "align.loss.scope='reference' reproduces"),
 ])
 def test_config_errors_fail_before_loading_a_model(no_model_loading, data_root, tmp_path,
                                                    overrides, stage, message):

@@ -20,6 +20,7 @@ from dpa.datasets.synthetic import make_synthetic_data
 from dpa.engine.artifacts import read_manifest
 from dpa.models.builders import num_image_tokens
 from dpa.models.losses import check_clamp
+from dpa.models.mllm import REFERENCE_NEEDS_MASKED
 from dpa.models.proxy import check_lora
 
 STAGES = ('proxy', 'align', 'finetune')
@@ -83,6 +84,8 @@ def check_config(cfg: Config, stages: Sequence[str]) -> None:
                 check_clamp(loss['clamp'], key=f'{stage}.loss.clamp')
             except ValueError as err:
                 raise ConfigError(str(err)) from None
+        if loss.get('scope') == 'reference' and cfg.model.get('text_pass') != 'masked':
+            raise ConfigError(f'{stage}.{REFERENCE_NEEDS_MASKED}')
         if stage == 'proxy':
             try:
                 check_lora(recipe.get('lora', {}), key='proxy.lora')

@@ -108,6 +108,8 @@ class VisualRelevanceLoss(nn.Module):
         clamp = tuple(clamp) if clamp is not None else DEFAULT_CLAMP.get(mode)
         if mode != 'vanilla':
             check_clamp(clamp, key='loss.clamp')
+        if not isinstance(window, int) or window < 1 or window % 2 == 0:
+            raise ValueError(f'loss.window must be a positive odd integer, got {window!r}')
         if scope not in SCOPES:
             raise ValueError(f'loss.scope must be one of {SCOPES}, got {scope!r}')
         self.mode, self.clamp, self.window, self.scope, self.eps = mode, clamp, window, scope, eps

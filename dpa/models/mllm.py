@@ -12,6 +12,10 @@ from dpa.registry import MODELS
 
 TRAINABLE_PARTS = ('llm', 'lora', 'projector', 'vision_tower')
 TEXT_PASSES = ('removed', 'masked')
+REFERENCE_NEEDS_MASKED = (
+    "loss.scope='reference' reproduces fnlp-vision/DPA only with model.text_pass='masked': "
+    'the removed pass has no scores for the image and padding positions the reference '
+    'smooths over')
 
 
 @MODELS.register_module()
@@ -61,6 +65,8 @@ class LlavaDPAModel(BaseModel):
         if text_pass not in TEXT_PASSES:
             raise ValueError(f'model.text_pass must be one of {TEXT_PASSES}, got {text_pass!r}')
         self.loss_fn = MODELS.build(loss)
+        if getattr(self.loss_fn, 'scope', None) == 'reference' and text_pass != 'masked':
+            raise ValueError(REFERENCE_NEEDS_MASKED)
         self.text_pass = text_pass
         self.image_token_id = PROCESSORS.build(tokenizer).convert_tokens_to_ids(IMAGE_TOKEN)
         self.llm = MODELS.build(llm)
@@ -165,7 +171,8 @@ class LlavaDPAModel(BaseModel):
         text_index = torch.full((batch, length - 1), -1, dtype=torch.long, device=embeds.device)
         rows = image_mask.any(dim=-1).nonzero().squeeze(-1)
         if rows.numel() == 0:
-            return None, text_index
+            vocab = self.llm.get_output_embeddings().out_features
+            return embeds.new_zeros((0, vocab)), text_index
         keep = attention_mask.bool() & ~image_mask
         kept = keep[rows]
         lengths = kept.sum(-1)
