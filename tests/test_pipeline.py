@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import dpa  # noqa: F401
 from dpa.engine.artifacts import read_manifest
-from dpa.engine.pipeline import ConfigError, format_summary, run_pipeline
+from dpa.engine.pipeline import STAGES, ConfigError, format_summary, run_pipeline
 from dpa.models.export import load_native
 from dpa.registry import HOOKS
 
@@ -98,11 +98,11 @@ class InterruptAt(Hook):
             raise KeyboardInterrupt(f'interrupted after iteration {self.at}')
 
 
-@pytest.mark.parametrize('stage', ['proxy', 'align'])
+@pytest.mark.parametrize('stage', ['proxy', 'align', 'finetune'])
 def test_resumed_stage_equals_uninterrupted(finished, data_root, tmp_path, stage):
     work_dir, manifests = finished
-    if stage == 'align':
-        shutil.copytree(osp.join(work_dir, 'proxy'), tmp_path / 'proxy')
+    for previous in STAGES[:STAGES.index(stage)]:
+        shutil.copytree(osp.join(work_dir, previous), tmp_path / previous)
     interrupted = tiny_config(tmp_path, data_root, custom_hooks=[dict(type='InterruptAt', at=11)])
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(interrupted, stage=stage)
@@ -114,7 +114,8 @@ def test_resumed_stage_equals_uninterrupted(finished, data_root, tmp_path, stage
     assert resumed['iterations'] == reference['iterations']
     assert resumed['first_loss'] == reference['first_loss']
     assert resumed['last_loss'] == reference['last_loss']
-    name = 'adapter_model.safetensors' if stage == 'proxy' else 'projector.safetensors'
+    name = {'proxy': 'adapter_model.safetensors', 'align': 'projector.safetensors',
+            'finetune': 'llm/model.safetensors'}[stage]
     got = load_file(osp.join(resumed['artifact'], name))
     want = load_file(osp.join(reference['artifact'], name))
     assert got.keys() == want.keys()
