@@ -19,7 +19,7 @@ from mmengine.runner import Runner
 from dpa.datasets.synthetic import make_synthetic_data
 from dpa.engine.artifacts import read_manifest
 from dpa.models.builders import num_image_tokens
-from dpa.models.losses import check_clamp
+from dpa.models.losses import VisualRelevanceLoss
 from dpa.models.mllm import REFERENCE_NEEDS_MASKED
 from dpa.models.proxy import check_lora
 
@@ -75,22 +75,19 @@ def check_config(cfg: Config, stages: Sequence[str]) -> None:
     for key in ('llm', 'tokenizer', 'work_dir'):
         if key not in cfg:
             raise ConfigError(f'the config has no `{key}`')
-    _check_paths(cfg)
+    _check_paths(cfg, stages)
     for stage in stages:
         recipe = cfg[stage]
         loss = recipe.get('loss', {})
-        if loss.get('mode', 'cmo') != 'vanilla' and 'clamp' in loss:
-            try:
-                check_clamp(loss['clamp'], key=f'{stage}.loss.clamp')
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
+        # Building the loss and checking LoRA is cheap and validates every key.
+        try:
+            VisualRelevanceLoss(**loss)
+            if stage == 'proxy':
+                check_lora(recipe.get('lora', {}))
+        except ValueError as err:
+            raise ConfigError(f'{stage}.{err}') from None
         if loss.get('scope') == 'reference' and cfg.model.get('text_pass') != 'masked':
             raise ConfigError(f'{stage}.{REFERENCE_NEEDS_MASKED}')
-        if stage == 'proxy':
-            try:
-                check_lora(recipe.get('lora', {}), key='proxy.lora')
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
         if stage != 'proxy':
             if cfg.get('vision_tower') is None:
                 raise ConfigError(f'stage {stage!r} needs `vision_tower`')
@@ -111,7 +108,7 @@ def check_config(cfg: Config, stages: Sequence[str]) -> None:
                     f'run `--stage {previous}` first (same --work-dir)')
 
 
-def _check_paths(cfg: Config) -> None:
+def _check_paths(cfg: Config, stages: Sequence[str]) -> None:
     for key in ('llm', 'tokenizer', 'vision_tower', 'image_processor'):
         path = (cfg.get(key) or {}).get('pretrained')
         if path is not None and not osp.isdir(path):
@@ -119,7 +116,7 @@ def _check_paths(cfg: Config) -> None:
                               'checkpoint (nothing is downloaded)')
     if cfg.get('synthetic_data'):
         return  # made on first use, below
-    for data_key in {cfg[s].data for s in STAGES if s in cfg}:
+    for data_key in sorted({cfg[s].data for s in stages}):
         data = cfg.get(data_key)
         if data is None:
             raise ConfigError(f'a stage reads `{data_key}` but the config does not define it')
