@@ -106,32 +106,65 @@ def test_truncation_keeps_image_tokens_whole(data, tokenizer):
     image_id = tokenizer.convert_tokens_to_ids('<image>')
     assert (sample['input_ids'] == image_id).sum() == N_IMAGE
 
-    with pytest.raises(BadSampleError, match=r'rows.jsonl row 0 .*beyond max_length=8'):
-        dataset(data, 'chat', max_length=8)[0]
+    with pytest.raises(BadSampleError, match=r'too_long: .*beyond max_length=8'):
+        dataset(data, 'chat', max_length=8).prepare_data(0)
+
+
+GOOD = {'id': 'good', 'image': 'red.png', 'conversations': [
+    {'from': 'human', 'value': '<image>\nWhat colour is it?'}, {'from': 'gpt', 'value': 'red'}]}
+
+
+def turns(*pairs):
+    return [{'from': role, 'value': value} for role, value in pairs]
 
 
 @pytest.mark.parametrize('row, reason', [
-    ({'id': 'x', 'image': 'missing.png', 'conversations': [
-        {'from': 'human', 'value': '<image>\nhi'}, {'from': 'gpt', 'value': 'red'}]},
-     'cannot read image'),
-    ({'id': 'x', 'conversations': [
-        {'from': 'human', 'value': '<image>\nhi'}, {'from': 'gpt', 'value': 'red'}]},
-     'row has <image> tags but no image'),
-    ({'id': 'x', 'image': 'red.png', 'conversations': [
-        {'from': 'human', 'value': 'hi'}, {'from': 'gpt', 'value': 'red'}]},
-     'row has an image but 0 <image> tags'),
-    ({'id': 'x', 'conversations': [
-        {'from': 'robot', 'value': 'hi'}, {'from': 'gpt', 'value': 'red'}]},
-     "unknown role 'robot'"),
-    ({'id': 'x', 'conversations': []}, 'row has no conversations'),
+    ({'id': 'x', 'image': 'missing.png',
+      'conversations': turns(('human', '<image>\nhi'), ('gpt', 'red'))}, 'missing_image'),
+    ({'id': 'x', 'image': 'empty.png',
+      'conversations': turns(('human', '<image>\nhi'), ('gpt', 'red'))}, 'zero_size_image'),
+    ({'id': 'x', 'image': 'truncated.png',
+      'conversations': turns(('human', '<image>\nhi'), ('gpt', 'red'))}, 'unreadable_image'),
+    ({'id': 'x', 'conversations': turns(('human', '<image>\nhi'), ('gpt', 'red'))},
+     'image_tag_mismatch'),
+    ({'id': 'x', 'image': 'red.png', 'conversations': turns(('human', 'hi'), ('gpt', 'red'))},
+     'image_tag_mismatch'),
+    ({'id': 'x', 'conversations': turns(('robot', 'hi'), ('gpt', 'red'))}, 'unknown_role'),
+    ({'id': 'x', 'conversations': []}, 'no_conversations'),
+    ({'id': 'x', 'conversations': turns(('human', 'hi'), ('gpt', '  '))}, 'empty_text'),
 ])
-def test_bad_rows_fail_loudly_naming_the_row(data, row, reason):
+def test_bad_rows_are_skipped_and_reported(data, row, reason):
     folder, _ = data
+    (folder / 'empty.png').write_bytes(b'')
+    png = (folder / 'red.png').read_bytes()
+    (folder / 'truncated.png').write_bytes(png[:len(png) // 2])
     path = folder / 'bad.json'
-    path.write_text(json.dumps([row]))
+    path.write_text(json.dumps([GOOD, row]))
     ds = dataset((folder, str(path)), 'chat')
-    with pytest.raises(BadSampleError, match=rf"bad.json row 0 \(id 'x'\): {reason}"):
-        ds[0]
+    with pytest.raises(BadSampleError) as err:
+        ds.prepare_data(1)
+    assert err.value.reason == reason
+
+    # Training never sees the bad row: it gets the next good one, and the
+    # skipped row is reported with its file, row, id and reason.
+    sample = ds[1]
+    assert torch.equal(sample['input_ids'], ds[0]['input_ids'])
+    [record] = sample['skipped']
+    assert record['file'] == str(path) and record['row'] == 1 and record['id'] == 'x'
+    assert record['reason'] == reason
+    assert 'skipped' not in ds[0]
+    batch = dpa_collate([ds[0], sample])
+    assert batch['skipped'] == [record]
+
+
+def test_invalid_jsonl_lines_are_reported_not_fatal(data):
+    folder, path = data
+    with open(path, 'a') as f:
+        f.write('\n{"id": "broken", "conversations": [\n')
+    ds = dataset(data, 'chat')
+    assert len(ds) == 2
+    [problem] = ds.load_problems
+    assert problem['reason'] == 'invalid_json' and problem['row'] == 2
 
 
 def test_pad_to_square_centres_with_mean_colour():

@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 import transformers
-from mmengine.config import Config
 from mmengine.hooks import Hook
 from safetensors.torch import load_file
 
@@ -20,28 +19,7 @@ from dpa.engine.pipeline import STAGES, ConfigError, format_summary, run_pipelin
 from dpa.models.export import load_native
 from dpa.registry import HOOKS
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-TINY = osp.join(REPO, 'configs', 'dpa_tiny.py')
-
-
-def tiny_config(work_dir, data_root, path=TINY, **overrides):
-    cfg = Config.fromfile(path)
-    cfg.merge_from_dict({'work_dir': str(work_dir), 'synthetic_data.root': str(data_root),
-                         **overrides})
-    return cfg
-
-
-@pytest.fixture(scope='module')
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp('data') / 'dpa_tiny'
-
-
-@pytest.fixture(scope='module')
-def finished(tmp_path_factory, data_root):
-    """One uninterrupted run of all three stages."""
-    work_dir = tmp_path_factory.mktemp('work')
-    manifests = run_pipeline(tiny_config(work_dir, data_root))
-    return work_dir, manifests
+from tiny import REPO, TINY, tiny_config
 
 
 def test_pipeline_writes_every_stage_artifact(finished):

@@ -6,11 +6,15 @@
 """
 import argparse
 import os.path as osp
+import shlex
 import sys
 
 from mmengine.config import Config, DictAction
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+from dpa.engine.hooks import TooManyBadSamples  # noqa: E402
+from dpa.engine.interrupts import TrainingInterrupted  # noqa: E402
+from dpa.engine.optim import NonFiniteLossError  # noqa: E402
 from dpa.engine.pipeline import STAGES, ConfigError, format_summary, run_pipeline  # noqa: E402
 
 
@@ -42,7 +46,22 @@ def main(argv=None):
         manifests = run_pipeline(cfg, stage=args.stage, resume=args.resume)
     except ConfigError as err:
         sys.exit(f'config error: {err}')
+    except (NonFiniteLossError, TooManyBadSamples) as err:
+        sys.exit(f'training stopped: {err}')
+    except TrainingInterrupted as err:
+        print(f'{err}\nresume with:\n  {resume_command(argv, cfg.work_dir)}', file=sys.stderr)
+        sys.exit(128 + err.signum)
     print(format_summary(manifests))
+
+
+def resume_command(argv, work_dir: str) -> str:
+    """The command line that continues this run where it stopped."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if '--work-dir' not in args:
+        args += ['--work-dir', work_dir]
+    if '--resume' not in args:
+        args.append('--resume')
+    return shlex.join(['python', 'tools/train.py'] + args)
 
 
 if __name__ == '__main__':

@@ -18,3 +18,9 @@ log_processor = dict(by_epoch=False, window_size=10)
 log_level = 'INFO'
 visualizer = dict(type='Visualizer', vis_backends=[dict(type='LocalVisBackend')])
 launcher = 'none'
+# Bad data rows are skipped (and listed in <stage>/skipped_samples.jsonl) until
+# they make up this share of a dataset; then the stage stops.
+max_bad_fraction = 0.01
+# A non-finite loss stops the stage (naming the last good checkpoint); True
+# skips such steps instead, counting them in the log.
+skip_nonfinite_steps = False

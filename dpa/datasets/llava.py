@@ -1,8 +1,8 @@
 """LLaVA-format datasets: json or jsonl rows with an optional ``image`` (relative
 to an image folder) and ``conversations`` of human/gpt turns."""
 import json
-import os
-from typing import List, Optional, Sequence, Union
+import os.path as osp
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from mmengine.dataset import BaseDataset
@@ -18,18 +18,94 @@ ROLES = {'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assistant': 'assi
 
 
 class BadSampleError(ValueError):
-    """A data row that cannot become a training sample; the message says why."""
+    """A data row that cannot become a training sample.
+
+    Args:
+        reason: a short snake_case code (``missing_image``, ``too_long``, ...).
+        detail: what exactly is wrong, for a person.
+    """
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f'{reason}: {detail}')
+        self.reason, self.detail = reason, detail
 
 
-def read_rows(path: str) -> List[dict]:
-    """Rows of a LLaVA json (a list) or jsonl (one object a line) file."""
+def bad_row_record(source: str, row_index: int, row, err: BadSampleError) -> dict:
+    """How a bad row is reported: file, 0-based row, id, reason code, detail."""
+    row_id = row.get('id') if isinstance(row, dict) else None
+    return dict(file=source, row=row_index, id=row_id, reason=err.reason, detail=err.detail)
+
+
+def read_rows(path: str, problems: Optional[List[dict]] = None) -> List[Tuple[int, dict]]:
+    """(row index, row) pairs of a LLaVA json (a list) or jsonl (one object a
+    line) file. Invalid jsonl lines are appended to ``problems`` and skipped;
+    without ``problems`` they raise."""
     with open(path, encoding='utf-8') as f:
-        if path.endswith('.jsonl'):
-            return [json.loads(line) for line in f if line.strip()]
-        rows = json.load(f)
-    if not isinstance(rows, list):
-        raise ValueError(f'{path}: a LLaVA json file holds a list of rows')
-    return rows
+        if not path.endswith('.jsonl'):
+            try:
+                rows = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f'{path} is not valid json ({err}); a LLaVA json file holds '
+                                 'a list of rows, use .jsonl for one row a line') from None
+            if not isinstance(rows, list):
+                raise ValueError(f'{path}: a LLaVA json file holds a list of rows')
+            return list(enumerate(rows))
+        rows = []
+        for index, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                rows.append((index, json.loads(line)))
+            except json.JSONDecodeError as err:
+                bad = BadSampleError('invalid_json', f'line {index + 1}: {err}')
+                if problems is None:
+                    raise bad from None
+                problems.append(bad_row_record(path, index, None, bad))
+        return rows
+
+
+def conversation_messages(row) -> List[dict]:
+    """The row's turns as chat messages, checked for what every template needs."""
+    turns = row.get('conversations') if isinstance(row, dict) else None
+    if not turns or not isinstance(turns, list):
+        raise BadSampleError('no_conversations', 'row has no conversations')
+    messages = []
+    for turn in turns:
+        name = turn.get('from') if isinstance(turn, dict) else turn
+        role = ROLES.get(name) if isinstance(name, str) else None
+        if role is None:
+            raise BadSampleError('unknown_role', f'unknown role {name!r} (use human/gpt/system)')
+        content = turn.get('value')
+        if not isinstance(content, str):
+            raise BadSampleError('empty_text', f'{role} turn has no text value')
+        if role == 'assistant' and not content.strip():
+            raise BadSampleError('empty_text', 'empty gpt turn (caption or answer)')
+        messages.append(dict(role=role, content=content))
+    if not any(m['role'] == 'assistant' for m in messages):
+        raise BadSampleError('empty_text', 'row has no gpt turn to learn from')
+    return messages
+
+
+def check_image_tags(row: dict, messages: List[dict]) -> None:
+    tags = sum(m['content'].count(IMAGE_TOKEN) for m in messages)
+    if 'image' in row and tags != 1:
+        raise BadSampleError('image_tag_mismatch',
+                             f'row has an image but {tags} {IMAGE_TOKEN} tags (needs 1)')
+    if 'image' not in row and tags:
+        raise BadSampleError('image_tag_mismatch', f'row has {IMAGE_TOKEN} tags but no image')
+
+
+def open_image(path: str) -> Image.Image:
+    """The image at ``path`` as RGB, fully decoded (so truncation shows here)."""
+    if not osp.exists(path):
+        raise BadSampleError('missing_image', f'{path} does not exist')
+    if osp.getsize(path) == 0:
+        raise BadSampleError('zero_size_image', f'{path} is empty')
+    try:
+        with Image.open(path) as image:
+            return image.convert('RGB')
+    except (OSError, ValueError, SyntaxError) as err:
+        raise BadSampleError('unreadable_image', f'{path}: {err}') from None
 
 
 @DATASETS.register_module()
@@ -50,6 +126,11 @@ class LLaVADataset(BaseDataset):
             tokens never.
         pad_to_square: pad images to a square with the processor's mean colour
             before processing (LLaVA-1.5's ``image_aspect_ratio='pad'``).
+
+    A bad row never stops training: ``dataset[i]`` replaces it by the next good
+    row (deterministically) and lists what it skipped under the sample's
+    ``skipped`` key; invalid jsonl lines are listed in ``load_problems``.
+    ``prepare_data(i)`` raises :class:`BadSampleError` instead.
     """
 
     def __init__(self,
@@ -79,40 +160,48 @@ class LLaVADataset(BaseDataset):
         super().__init__(**kwargs)
 
     def load_data_list(self) -> List[dict]:
+        self.load_problems = []
         data = []
         for path in self.data_files:
-            for row_index, row in enumerate(read_rows(path)):
+            for row_index, row in read_rows(path, self.load_problems):
                 data.append(dict(row=row, source=path, row_index=row_index))
         return data
 
+    def __getitem__(self, idx: int) -> dict:
+        if not self._fully_initialized:
+            self.full_init()
+        skipped = []
+        for offset in range(len(self)):
+            index = (idx + offset) % len(self)
+            try:
+                sample = self.prepare_data(index)
+            except BadSampleError as err:
+                info = self.get_data_info(index)
+                skipped.append(bad_row_record(info['source'], info['row_index'], info['row'], err))
+                continue
+            if skipped:
+                sample['skipped'] = skipped
+            return sample
+        raise RuntimeError(f'every row of {self.data_files} is bad, e.g. {skipped[:3]}')
+
     def prepare_data(self, idx: int) -> dict:
-        info = self.get_data_info(idx)
-        try:
-            return self.tokenize(info['row'])
-        except BadSampleError as err:
-            # Bad rows must not pass silently; skipping them is a later issue.
-            raise BadSampleError(f"{info['source']} row {info['row_index']} "
-                                 f"(id {info['row'].get('id')!r}): {err}") from None
+        return self.tokenize(self.get_data_info(idx)['row'])
 
     def tokenize(self, row: dict) -> dict:
-        turns = row.get('conversations')
-        if not turns:
-            raise BadSampleError('row has no conversations')
+        """The training sample of one row; raises :class:`BadSampleError`."""
+        messages = conversation_messages(row)
         if self.template == 'chat':
-            ids, labels = self._chat_tokens(turns)
+            ids, labels = self._chat_tokens(messages)
         else:
-            answers = [t['value'] for t in turns if ROLES.get(t.get('from')) == 'assistant']
-            if not answers or not answers[0].strip():
-                raise BadSampleError('row has no caption (first gpt turn)')
-            ids, labels = self._caption_tokens(answers[0].strip())
+            caption = next(m['content'] for m in messages if m['role'] == 'assistant')
+            ids, labels = self._caption_tokens(caption.strip())
 
         pixel_values = None
         if self.template != 'caption_text':
-            n_tags = ids.count(self.image_token_id)
-            if 'image' in row and n_tags != 1:
-                raise BadSampleError(f'row has an image but {n_tags} {IMAGE_TOKEN} tags (needs 1)')
-            if 'image' not in row and n_tags:
-                raise BadSampleError(f'row has {IMAGE_TOKEN} tags but no image')
+            if self.template == 'plain' and 'image' not in row:
+                raise BadSampleError('image_tag_mismatch', 'an image-caption row has no image')
+            if self.template == 'chat':
+                check_image_tags(row, messages)
             if 'image' in row:
                 pixel_values = self._load_image(row['image'])
                 ids, labels = self._expand_image(ids, labels)
@@ -128,28 +217,19 @@ class LLaVADataset(BaseDataset):
             prefix = prefix + [self.image_token_id]
         return prefix + text, [IGNORE_INDEX] * len(prefix) + text
 
-    def _chat_tokens(self, turns: List[dict]):
-        messages = []
-        for turn in turns:
-            role = ROLES.get(turn.get('from'))
-            if role is None:
-                raise BadSampleError(f"unknown role {turn.get('from')!r} (use human/gpt/system)")
-            messages.append(dict(role=role, content=turn.get('value') or ''))
+    def _chat_tokens(self, messages: List[dict]):
         text = self.tokenizer.apply_chat_template(messages, tokenize=False)
         spans, cursor = [], 0
         for message in messages:
             content = message['content'].strip()
             start = text.find(content, cursor)
             if start < 0:
-                raise BadSampleError(f'the chat template changed a {message["role"]} turn '
-                                     'beyond recognition; cannot place its labels')
+                raise BadSampleError('template_mismatch', f'the chat template changed a '
+                                     f'{message["role"]} turn beyond recognition; cannot '
+                                     'place its labels')
             cursor = start + len(content)
             if message['role'] == 'assistant':
-                if not content:
-                    raise BadSampleError('empty answer')
                 spans.append((start, cursor))
-        if not spans:
-            raise BadSampleError('row has no gpt turn to learn from')
 
         encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = encoding.input_ids, encoding.offset_mapping
@@ -176,20 +256,16 @@ class LLaVADataset(BaseDataset):
     def _truncate(self, ids, labels):
         image_positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
         if image_positions and image_positions[-1] >= self.max_length:
-            raise BadSampleError(f'the image tokens end at position {image_positions[-1] + 1}, '
-                                 f'beyond max_length={self.max_length}')
+            raise BadSampleError('too_long', f'the image tokens end at position '
+                                 f'{image_positions[-1] + 1}, beyond max_length={self.max_length}')
         ids, labels = ids[:self.max_length], labels[:self.max_length]
         if all(label == IGNORE_INDEX for label in labels[1:]):
-            raise BadSampleError(f'no supervised token left within max_length={self.max_length}')
+            raise BadSampleError('too_long', 'no supervised token left within '
+                                 f'max_length={self.max_length}')
         return ids, labels
 
     def _load_image(self, relative_path: str) -> torch.Tensor:
-        path = os.path.join(self.image_folder, relative_path)
-        try:
-            with Image.open(path) as image:
-                image = image.convert('RGB')
-        except (OSError, ValueError) as err:
-            raise BadSampleError(f'cannot read image {path}: {err}') from None
+        image = open_image(osp.join(self.image_folder, relative_path))
         if self.pad_to_square:
             image = expand_to_square(image, self.image_processor.image_mean)
         return self.image_processor(images=image, return_tensors='pt').pixel_values[0]
@@ -220,5 +296,10 @@ def dpa_collate(samples: List[dict]) -> dict:
         labels[row, :n] = sample['labels']
         attention_mask[row, :n] = 1
     images = [s['pixel_values'] for s in samples if s['pixel_values'] is not None]
-    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                pixel_values=torch.stack(images) if images else None)
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                 pixel_values=torch.stack(images) if images else None)
+    skipped = [record for s in samples for record in s.get('skipped', [])]
+    if skipped:
+        # Taken out by DPAHook before the batch reaches the model.
+        batch['skipped'] = skipped
+    return batch

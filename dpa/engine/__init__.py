@@ -1,8 +1,8 @@
-from dpa.engine.checkpoint import register_trusted_checkpoint_loader
+from dpa.engine.checkpoint import register_checkpoint_io
 from dpa.engine.hooks import DPAHook
 from dpa.engine.pipeline import STAGES, run_pipeline
 from dpa.engine.schedule import EpochsAsItersTrainLoop, WarmupCosineLR
 
-register_trusted_checkpoint_loader()
+register_checkpoint_io()
 
 __all__ = ['DPAHook', 'EpochsAsItersTrainLoop', 'STAGES', 'WarmupCosineLR', 'run_pipeline']

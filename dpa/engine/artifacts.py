@@ -40,13 +40,19 @@ def write_artifact_dir(final_dir: str, write: Callable[[str], None]) -> str:
     return final_dir
 
 
-def write_manifest(work_dir: str, stage: str, manifest: dict) -> str:
-    path = manifest_path(work_dir, stage)
-    manifest = dict(manifest, stage=stage, finished_at=time.strftime('%Y-%m-%d %H:%M:%S'))
+def atomic_write(data, path: str) -> None:
+    """Write bytes or text to ``path`` through a temporary file and a rename."""
+    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
     tmp = f'{path}.tmp-{os.getpid()}'
-    with open(tmp, 'w') as f:
-        json.dump(manifest, f, indent=2)
+    with open(tmp, 'wb' if isinstance(data, bytes) else 'w') as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_manifest(work_dir: str, stage: str, manifest: dict) -> str:
+    path = manifest_path(work_dir, stage)
+    manifest = dict(manifest, stage=stage, finished_at=time.strftime('%Y-%m-%d %H:%M:%S'))
+    atomic_write(json.dumps(manifest, indent=2), path)
     return path

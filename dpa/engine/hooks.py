@@ -1,5 +1,8 @@
-"""DPAHook: the stage's hand-off to the next one, and its training statistics."""
+"""DPAHook: the stage's hand-off to the next one, its training statistics, and
+the accounting of skipped bad data rows."""
+import json
 import os.path as osp
+from collections import Counter
 from typing import Optional
 
 import torch
@@ -16,6 +19,11 @@ from dpa.registry import HOOKS
 
 STAT_KEYS = ('cmo_w_mean', 'cmo_at_min', 'cmo_at_max', 'cmo_delta_mean')
 ARTIFACT_KINDS = ('adapter', 'projector', 'model')
+SKIPPED_FILE = 'skipped_samples.jsonl'
+
+
+class TooManyBadSamples(RuntimeError):
+    """The share of bad data rows passed ``max_bad_fraction``."""
 
 
 @HOOKS.register_module()
@@ -35,20 +43,68 @@ class DPAHook(Hook):
         made_from: what the artifact was made from (base LLM, previous
             artifacts), recorded in the manifest.
         tokenizer / image_processor: configs, for the final model's export.
+        max_bad_fraction: largest tolerated share of bad rows in the dataset;
+            past it the stage stops, naming the files and reasons.
+
+    Bad rows are replaced by the dataset and listed in the batch; this hook
+    appends each (once) to ``skipped_samples.jsonl`` in the stage's work dir and
+    logs the running count as ``skipped_rows``.
     """
-    priority = 'LOW'
+    priority = 'NORMAL'  # before LoggerHook, so the counts it publishes are logged
 
     def __init__(self, stage: str, artifact: str, work_dir: str, made_from: dict,
-                 tokenizer: Optional[dict] = None, image_processor: Optional[dict] = None):
+                 tokenizer: Optional[dict] = None, image_processor: Optional[dict] = None,
+                 max_bad_fraction: float = 0.01):
         if artifact not in ARTIFACT_KINDS:
             raise ValueError(f'DPAHook.artifact must be one of {ARTIFACT_KINDS}, got {artifact!r}')
         self.stage, self.artifact, self.work_dir = stage, artifact, work_dir
         self.made_from = made_from
         self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.max_bad_fraction = max_bad_fraction
         self.stats = dict(first_loss=None, last_loss=None, iterations=0,
                           sums={key: 0.0 for key in STAT_KEYS})
+        self.skipped = {}
+        self.nonfinite_before_resume = 0
+
+    def before_train(self, runner):
+        self.skipped_path = osp.join(runner.work_dir, SKIPPED_FILE)
+        if osp.exists(self.skipped_path):  # a resumed stage
+            with open(self.skipped_path) as f:
+                for line in f:
+                    record = json.loads(line)
+                    self.skipped[(record['file'], record['row'])] = record
+        self.dataset_size = len(runner.train_dataloader.dataset)
+        self._record_skipped(getattr(runner.train_dataloader.dataset, 'load_problems', []))
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        if isinstance(data_batch, dict) and 'skipped' in data_batch:
+            self._record_skipped(data_batch.pop('skipped'))
+
+    def _record_skipped(self, records):
+        new = [r for r in records if (r['file'], r['row']) not in self.skipped]
+        if not new:
+            return
+        with open(self.skipped_path, 'a') as f:
+            for record in new:
+                self.skipped[(record['file'], record['row'])] = record
+                f.write(json.dumps(record) + '\n')
+        if len(self.skipped) > self.max_bad_fraction * self.dataset_size:
+            reasons = Counter((r['file'], r['reason']) for r in self.skipped.values())
+            listing = '; '.join(f'{file}: {count} x {reason}'
+                                for (file, reason), count in reasons.most_common())
+            raise TooManyBadSamples(
+                f'[{self.stage}] {len(self.skipped)} bad rows out of {self.dataset_size} pass '
+                f'max_bad_fraction={self.max_bad_fraction} ({listing}); every one is listed in '
+                f'{self.skipped_path}. Fix the data (tools/check_data.py finds them all) or '
+                'raise max_bad_fraction.')
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        runner.message_hub.update_scalar('train/skipped_rows', len(self.skipped))
+        skipped_steps = self.nonfinite_before_resume + getattr(runner.optim_wrapper,
+                                                               'skipped_steps', 0)
+        if skipped_steps:
+            runner.message_hub.update_scalar('train/nonfinite_skipped', skipped_steps)
+        self.stats['nonfinite_skipped'] = skipped_steps
         loss = float(outputs['loss'].detach())
         if self.stats['first_loss'] is None:
             self.stats['first_loss'] = loss
@@ -65,10 +121,13 @@ class DPAHook(Hook):
 
     def after_load_checkpoint(self, runner, checkpoint):
         self.stats = checkpoint.get('meta', {}).get('dpa_stats', self.stats)
+        self.nonfinite_before_resume = self.stats.get('nonfinite_skipped', 0)
 
     def stage_summary(self) -> dict:
         n = max(self.stats['iterations'], 1)
         summary = {k: self.stats[k] for k in ('iterations', 'first_loss', 'last_loss')}
+        summary['skipped_rows'] = len(self.skipped)
+        summary['nonfinite_skipped'] = self.stats.get('nonfinite_skipped', 0)
         if any(self.stats['sums'].values()):
             summary['cmo'] = {key.replace('cmo_', ''): value / n
                               for key, value in self.stats['sums'].items()}

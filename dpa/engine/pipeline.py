@@ -9,16 +9,21 @@ mmengine Runner config whose work dir is ``work_dir/<stage>``; the stage's
 reads that manifest.
 """
 import copy
+import json
 import os
 import os.path as osp
 from typing import Dict, List, Optional, Sequence
 
 from mmengine.config import Config, ConfigDict
 from mmengine.runner import Runner
+from safetensors import safe_open
 
 from dpa.datasets.synthetic import make_synthetic_data
 from dpa.engine.artifacts import read_manifest
-from dpa.models.builders import num_image_tokens
+from dpa.engine.checkpoint import latest_complete_checkpoint
+from dpa.engine.interrupts import TrainingInterrupted, graceful_interrupts, requested_signal
+from dpa.engine.optim import GUARDED, NonFiniteLossError
+from dpa.models.builders import hf_config, num_image_tokens
 from dpa.models.losses import VisualRelevanceLoss
 from dpa.models.mllm import REFERENCE_NEEDS_MASKED
 from dpa.models.proxy import check_lora
@@ -100,12 +105,59 @@ def check_config(cfg: Config, stages: Sequence[str]) -> None:
             raise ConfigError(
                 f'{stage}.global_batch_size={recipe.global_batch_size} is not a multiple of '
                 f'{stage}.batch_size x processes = {batch}; gradient accumulation needs it')
-        for role, previous in dependencies(cfg, stage).items():
-            if previous not in stages and read_manifest(cfg.work_dir, previous) is None:
+        accumulation = recipe.global_batch_size // batch
+        if recipe.get('checkpoint_interval', 500) % accumulation:
+            raise ConfigError(
+                f"{stage}.checkpoint_interval={recipe.get('checkpoint_interval', 500)} must be a "
+                f'multiple of the {accumulation} micro-batches of an optimizer step, or a resumed '
+                'run would lose the gradients accumulated before the checkpoint')
+        _check_previous_artifacts(cfg, stage, stages)
+
+
+def _identity(part) -> dict:
+    """What makes two configs of a model part the same model."""
+    part = plain(part) or {}
+    return {k: part.get(k) for k in ('type', 'pretrained', 'config', 'feature_layer',
+                                      'feature_select')}
+
+
+def _check_previous_artifacts(cfg: Config, stage: str, stages: Sequence[str]) -> None:
+    for role, previous in dependencies(cfg, stage).items():
+        manifest = read_manifest(cfg.work_dir, previous)
+        if manifest is None:
+            if previous not in stages:
                 raise ConfigError(
                     f'stage {stage!r} needs the {role} artifact of stage {previous!r}, but '
                     f'{osp.join(cfg.work_dir, previous, "manifest.json")} does not exist: '
                     f'run `--stage {previous}` first (same --work-dir)')
+            continue
+        made_from = manifest.get('made_from', {})
+        parts = ['llm'] + (['vision_tower'] if role == 'projector' else [])
+        for part in parts:
+            if _identity(made_from.get(part)) != _identity(cfg.get(part)):
+                raise ConfigError(
+                    f'stage {stage!r} would use the {role} of stage {previous!r} '
+                    f"({manifest['artifact']}), made with {part}={_identity(made_from.get(part))}, "
+                    f'but this config has {part}={_identity(cfg.get(part))}: use the same `{part}` '
+                    'or another --work-dir')
+        if role == 'projector':
+            _check_projector_shape(cfg, osp.join(manifest['artifact'], 'projector.safetensors'))
+
+
+def _check_projector_shape(cfg: Config, path: str) -> None:
+    with safe_open(path, framework='pt') as weights:
+        llm_dim, vision_dim = weights.get_slice('linear_1.weight').get_shape()
+    vision = cfg.vision_tower
+    vision_cfg = hf_config(vision.get('pretrained'), vision.get('config'))
+    expected = getattr(vision_cfg, 'vision_config', None) or vision_cfg
+    if expected.hidden_size != vision_dim:
+        raise ConfigError(f'vision_tower: its features have {expected.hidden_size} channels but '
+                          f'the projector in {path} takes {vision_dim}')
+    llm = cfg.llm
+    llm_cfg = hf_config(llm.get('pretrained'), llm.get('config'), llm.get('trust_remote_code', False))
+    if llm_cfg.get_text_config().hidden_size != llm_dim:
+        raise ConfigError(f'llm: its hidden size is {llm_cfg.get_text_config().hidden_size} but '
+                          f'the projector in {path} outputs {llm_dim}')
 
 
 def _check_paths(cfg: Config, stages: Sequence[str]) -> None:
@@ -140,6 +192,19 @@ def prepare_synthetic_data(cfg: Config) -> None:
                              image_folder=paths['image_folder'])
 
 
+def stage_dataset_config(cfg: Config, stage: str) -> dict:
+    """The dataset config of one stage: its data with the stage's template."""
+    recipe = cfg[stage]
+    dataset = dict(type='LLaVADataset', template=TEMPLATES[stage], tokenizer=cfg.tokenizer,
+                   max_length=recipe.max_length)
+    dataset.update(copy.deepcopy(cfg[recipe.data]))
+    if stage != 'proxy':
+        dataset.update(image_processor=cfg.image_processor,
+                       num_image_tokens=num_image_tokens(cfg.vision_tower),
+                       pad_to_square=cfg.get('pad_to_square', False))
+    return dataset
+
+
 def stage_runner_config(cfg: Config, stage: str, resume: bool = False) -> Config:
     """The mmengine Runner config of one stage."""
     recipe = cfg[stage]
@@ -162,18 +227,18 @@ def stage_runner_config(cfg: Config, stage: str, resume: bool = False) -> Config
         if 'projector' in artifacts:
             model['projector_weights'] = osp.join(artifacts['projector'], 'projector.safetensors')
 
-    dataset = dict(type='LLaVADataset', template=TEMPLATES[stage], tokenizer=cfg.tokenizer,
-                   max_length=recipe.max_length)
-    dataset.update(copy.deepcopy(cfg[recipe.data]))
-    if stage != 'proxy':
-        dataset.update(image_processor=cfg.image_processor,
-                       num_image_tokens=num_image_tokens(cfg.vision_tower),
-                       pad_to_square=cfg.get('pad_to_square', False))
+    dataset = stage_dataset_config(cfg, stage)
 
     processes = launched_processes(cfg)
     accumulation = recipe.global_batch_size // (recipe.batch_size * processes)
-    made_from = dict(llm=cfg.llm.to_dict() if isinstance(cfg.llm, ConfigDict) else cfg.llm,
-                     **artifacts)
+    made_from = dict(llm=plain(cfg.llm), **artifacts)
+    if stage != 'proxy':
+        made_from['vision_tower'] = plain(cfg.vision_tower)
+    optim_wrapper = dict(copy.deepcopy(recipe.optim_wrapper), accumulative_counts=accumulation)
+    if optim_wrapper.get('type', 'OptimWrapper') in GUARDED:
+        optim_wrapper.update(type=GUARDED[optim_wrapper.get('type', 'OptimWrapper')],
+                             skip_nonfinite=cfg.get('skip_nonfinite_steps', False))
+    resume_from = latest_complete_checkpoint(osp.join(work_dir, stage)) if resume else None
     runner_cfg = {key: copy.deepcopy(cfg[key]) for key in RUNNER_KEYS if key in cfg}
     runner_cfg.update(
         work_dir=osp.join(work_dir, stage),
@@ -187,15 +252,19 @@ def stage_runner_config(cfg: Config, stage: str, resume: bool = False) -> Config
             collate_fn=dict(type='dpa.dpa_collate'),
             dataset=dataset),
         train_cfg=dict(type='EpochsAsItersTrainLoop', max_epochs=recipe.max_epochs),
-        optim_wrapper=dict(copy.deepcopy(recipe.optim_wrapper), accumulative_counts=accumulation),
+        optim_wrapper=optim_wrapper,
         param_scheduler=dict(type='WarmupCosineLR', warmup_ratio=recipe.warmup_ratio,
                              by_epoch=True, begin=0, end=recipe.max_epochs,
                              convert_to_iter_based=True),
         custom_hooks=[dict(type='DPAHook', stage=stage, artifact=ARTIFACTS[stage],
                            work_dir=work_dir, made_from=made_from, tokenizer=cfg.tokenizer,
-                           image_processor=cfg.get('image_processor'))]
+                           image_processor=cfg.get('image_processor'),
+                           max_bad_fraction=cfg.get('max_bad_fraction', 0.01)),
+                      dict(type='GracefulExitHook', stage=stage, accumulation=accumulation)]
         + copy.deepcopy(cfg.get('custom_hooks', [])),
-        resume=resume)
+        # The newest complete checkpoint, not mmengine's last_checkpoint pointer.
+        resume=resume_from is not None,
+        load_from=resume_from)
     runner_cfg['default_hooks']['checkpoint']['interval'] = recipe.get('checkpoint_interval', 500)
     return Config(runner_cfg)
 
@@ -207,25 +276,41 @@ def run_pipeline(cfg: Config, stage: Optional[str] = None, resume: bool = False)
     check_config(cfg, stages)
     prepare_synthetic_data(cfg)
     manifests = []
-    for name in stages:
-        manifest = read_manifest(cfg.work_dir, name)
-        if manifest is None:
-            runner = Runner.from_cfg(stage_runner_config(cfg, name, resume=resume))
-            runner.logger.info(f'[{name}] {len(runner.train_dataloader.dataset)} samples, '
-                               f'batch {cfg[name].batch_size} x {launched_processes(cfg)} processes x '
-                               f'{runner_accumulation(runner)} accumulation = global batch '
-                               f'{cfg[name].global_batch_size}')
-            runner.train()
+    with graceful_interrupts():
+        for name in stages:
             manifest = read_manifest(cfg.work_dir, name)
-            manifest['skipped'] = False
-        else:
-            manifest['skipped'] = True
-        manifests.append(manifest)
+            if manifest is None:
+                if requested_signal():
+                    raise TrainingInterrupted(name, requested_signal(), 0, None)
+                train_stage(cfg, name, resume)
+                manifest = dict(read_manifest(cfg.work_dir, name), skipped=False)
+            else:
+                manifest['skipped'] = True
+            manifests.append(manifest)
     return manifests
 
 
-def runner_accumulation(runner) -> int:
-    return runner.cfg.optim_wrapper.get('accumulative_counts', 1)
+def train_stage(cfg: Config, stage: str, resume: bool) -> None:
+    runner = Runner.from_cfg(stage_runner_config(cfg, stage, resume=resume))
+    recipe = cfg[stage]
+    runner.logger.info(
+        f'[{stage}] {len(runner.train_dataloader.dataset)} samples, batch '
+        f'{recipe.batch_size} x {launched_processes(cfg)} processes x '
+        f'{runner.cfg.optim_wrapper.accumulative_counts} accumulation = global batch '
+        f'{recipe.global_batch_size}')
+    try:
+        runner.train()
+    except NonFiniteLossError as err:
+        last_good = latest_complete_checkpoint(runner.work_dir)
+        raise NonFiniteLossError(
+            f'[{stage}] {err} at iteration {runner.iter + 1}; last good checkpoint: '
+            f'{last_good or "none yet"}. Lower the learning rate or fix the data, then rerun '
+            'with --resume; or set skip_nonfinite_steps=True to skip such steps') from None
+
+
+def plain(value):
+    """A config value as plain json data, for manifests and comparisons."""
+    return json.loads(json.dumps(value.to_dict() if isinstance(value, ConfigDict) else value))
 
 
 def format_summary(manifests: List[dict]) -> str:

@@ -1,0 +1,79 @@
+"""Validate LLaVA-format data before training.
+
+    python tools/check_data.py CONFIG [--report problems.jsonl]
+        every dataset of every stage of CONFIG, tokenised as training would
+    python tools/check_data.py FILE [FILE ...] --image-folder DIR [--report PATH]
+        json/jsonl files on their own (no tokenizer: no length check)
+
+Prints the count of each problem with example rows, writes every problem as a
+JSON line (file, row, id, reason, detail; stage in CONFIG mode) to --report,
+and exits 1 when it found any.
+"""
+import argparse
+import json
+import os.path as osp
+import sys
+from collections import defaultdict
+
+from mmengine.config import Config, DictAction
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+import dpa  # noqa: E402,F401
+from dpa.datasets.validation import check_dataset, check_files  # noqa: E402
+from dpa.engine.pipeline import (prepare_synthetic_data, selected_stages,  # noqa: E402
+                                 stage_dataset_config)
+from dpa.registry import DATASETS  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Validate LLaVA-format data')
+    parser.add_argument('inputs', nargs='+', help='a config file, or json/jsonl data files')
+    parser.add_argument('--image-folder', default='',
+                        help='folder the rows\' image paths are relative to (file mode)')
+    parser.add_argument('--report', help='write every problem here as JSON lines')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config keys (config mode)')
+    return parser.parse_args(argv)
+
+
+def check_config_data(cfg: Config):
+    prepare_synthetic_data(cfg)
+    problems = []
+    for stage in selected_stages(cfg):
+        dataset = DATASETS.build(stage_dataset_config(cfg, stage))
+        problems += [dict(record, stage=stage) for record in check_dataset(dataset)]
+    return problems
+
+
+def summarise(problems) -> str:
+    by_reason = defaultdict(list)
+    for record in problems:
+        by_reason[record['reason']].append(record)
+    lines = [f'{len(problems)} problem(s)' if problems else 'no problems found']
+    for reason, records in sorted(by_reason.items(), key=lambda item: -len(item[1])):
+        examples = ', '.join(f"{osp.basename(r['file'])}:{r['row']}"
+                             + (f" (id {r['id']})" if r['id'] is not None else '')
+                             for r in records[:3])
+        lines.append(f'  {reason:<20} {len(records):>7}  e.g. {examples}')
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if len(args.inputs) == 1 and args.inputs[0].endswith('.py'):
+        cfg = Config.fromfile(args.inputs[0])
+        if args.cfg_options:
+            cfg.merge_from_dict(args.cfg_options)
+        problems = check_config_data(cfg)
+    else:
+        problems = check_files(args.inputs, args.image_folder)
+    print(summarise(problems))
+    if args.report:
+        with open(args.report, 'w') as f:
+            f.writelines(json.dumps(record) + '\n' for record in problems)
+        print(f'report: {args.report}')
+    sys.exit(1 if problems else 0)
+
+
+if __name__ == '__main__':
+    main()
