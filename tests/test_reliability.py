@@ -195,22 +195,26 @@ def test_signal_saves_checkpoint_and_resume_is_exact(finished, data_root, tmp_pa
     assert_same_artifact(stage, resumed, reference)
 
 
-def test_cli_prints_the_resume_command_on_sigterm(tmp_path, data_root):
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_cli_prints_the_resume_command_on_a_signal(tmp_path, data_root, signum):
+    # As a terminal's Ctrl-C or a scheduler does: the signal reaches the whole
+    # process group, DataLoader workers included.
     process = subprocess.Popen(
         [sys.executable, 'tools/train.py', TINY, '--stage', 'proxy', '--work-dir',
          str(tmp_path), '--cfg-options', f'synthetic_data.root={data_root}',
-         'proxy.max_epochs=100'],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+         'proxy.max_epochs=100', 'proxy.num_workers=2'],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
     output = []
     for line in process.stdout:
         output.append(line)
         if 'Iter(train)' in line:
-            process.send_signal(signal.SIGTERM)
+            os.killpg(process.pid, signum)
             break
     output += process.stdout.readlines()
-    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    assert process.wait(timeout=120) == 128 + signum, ''.join(output)[-3000:]
     text = ''.join(output)
-    assert 'interrupted by SIGTERM' in text
+    assert f'interrupted by {signal.Signals(signum).name}' in text
     assert f'--work-dir {tmp_path}' in text and text.rstrip().endswith('--resume')
     assert latest_complete_checkpoint(str(tmp_path / 'proxy')) is not None
 

@@ -9,10 +9,11 @@ import signal
 from typing import Optional
 
 import torch
-from mmengine.dist import all_reduce, get_world_size
+from mmengine.dataset import worker_init_fn as seed_worker
+from mmengine.dist import all_reduce, get_rank, get_world_size
 from mmengine.hooks import Hook
 
-from dpa.registry import HOOKS
+from dpa.registry import FUNCTIONS, HOOKS
 
 _requested = {'signal': None}
 
@@ -48,6 +49,27 @@ def graceful_interrupts():
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         _requested['signal'] = None
+
+
+@FUNCTIONS.register_module()
+def signal_safe_worker_init(worker_id: int, num_workers: int, seed: int):
+    """DataLoader worker set-up: mmengine's seeding, and no reaction to SIGINT or
+    SIGTERM, which a terminal or a scheduler sends the whole process group: the
+    workers keep feeding the main process until it has saved its checkpoint."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    seed_worker(worker_id, num_workers, get_rank(), seed)
+
+
+def stop_dataloader_workers(runner) -> None:
+    """Shut the training DataLoader's workers down now. They ignore SIGTERM
+    (above), so they must not be left for multiprocessing's exit handler, which
+    stops daemonic children with SIGTERM and then waits for them."""
+    loop = runner._train_loop
+    iterator = getattr(getattr(loop, 'dataloader_iterator', None), '_iterator', None)
+    shutdown = getattr(iterator, '_shutdown_workers', None)
+    if shutdown is not None:
+        shutdown()
 
 
 @HOOKS.register_module()

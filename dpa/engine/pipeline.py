@@ -21,7 +21,8 @@ from safetensors import safe_open
 from dpa.datasets.synthetic import make_synthetic_data
 from dpa.engine.artifacts import read_manifest
 from dpa.engine.checkpoint import latest_complete_checkpoint
-from dpa.engine.interrupts import TrainingInterrupted, graceful_interrupts, requested_signal
+from dpa.engine.interrupts import (TrainingInterrupted, graceful_interrupts, requested_signal,
+                                   stop_dataloader_workers)
 from dpa.engine.optim import GUARDED, NonFiniteLossError
 from dpa.models.builders import hf_config, num_image_tokens
 from dpa.models.losses import VisualRelevanceLoss
@@ -248,6 +249,8 @@ def stage_runner_config(cfg: Config, stage: str, resume: bool = False) -> Config
             batch_size=recipe.batch_size,
             num_workers=recipe.get('num_workers', 0),
             persistent_workers=False,
+            worker_init_fn=dict(type='dpa.signal_safe_worker_init',
+                                num_workers=recipe.get('num_workers', 0), seed=cfg.get('seed')),
             sampler=dict(type='DefaultSampler', shuffle=True, seed=cfg.get('seed')),
             collate_fn=dict(type='dpa.dpa_collate'),
             dataset=dataset),
@@ -306,6 +309,8 @@ def train_stage(cfg: Config, stage: str, resume: bool) -> None:
             f'[{stage}] {err} at iteration {runner.iter + 1}; last good checkpoint: '
             f'{last_good or "none yet"}. Lower the learning rate or fix the data, then rerun '
             'with --resume; or set skip_nonfinite_steps=True to skip such steps') from None
+    finally:
+        stop_dataloader_workers(runner)
 
 
 def plain(value):
