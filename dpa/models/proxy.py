@@ -1,6 +1,4 @@
 """The proxy LLM of DPA stage 1 (PMO): the LLM with a PEFT LoRA adapter."""
-import json
-import os
 from typing import Optional
 
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -42,8 +40,3 @@ def check_lora(lora: dict, key: str = 'lora') -> None:
     if lora.get('lora_alpha', 8) <= 0:
         raise ValueError(f"{key}.lora_alpha must be positive, got {lora.get('lora_alpha')!r}")
 
-
-def adapter_base_model(adapter: str) -> str:
-    """The base model an adapter directory records (PEFT's ``adapter_config.json``)."""
-    with open(os.path.join(adapter, 'adapter_config.json')) as f:
-        return json.load(f).get('base_model_name_or_path') or ''
