@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # Distributed training with torchrun: tools/dist_train.sh CONFIG GPUS [train.py args]
-# Multi-node: set NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT on every node.
+#   GPUS: processes on this node (one per GPU).
+# Multi-node: run it on every node with the same NNODES, MASTER_ADDR (node 0's
+# address) and MASTER_PORT, and each node's NODE_RANK (0 .. NNODES-1).
+# PYTHON: the interpreter to run (default: python on PATH).
 set -euo pipefail
+if [ $# -lt 2 ]; then
+    echo "usage: $0 CONFIG GPUS [train.py args]" >&2
+    exit 2
+fi
 CONFIG=$1
 GPUS=$2
 NNODES=${NNODES:-1}
@@ -10,7 +17,7 @@ PORT=${MASTER_PORT:-29500}
 MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
 
 PYTHONPATH="$(dirname "$0")/..":${PYTHONPATH:-} \
-torchrun \
+"${PYTHON:-python}" -m torch.distributed.run \
     --nnodes="$NNODES" \
     --node_rank="$NODE_RANK" \
     --master_addr="$MASTER_ADDR" \

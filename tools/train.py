@@ -10,6 +10,7 @@ import shlex
 import sys
 
 from mmengine.config import Config, DictAction
+from mmengine.dist import is_main_process
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from dpa.engine.hooks import TooManyBadSamples  # noqa: E402
@@ -51,7 +52,8 @@ def main(argv=None):
     except TrainingInterrupted as err:
         print(f'{err}\nresume with:\n  {resume_command(argv, cfg.work_dir)}', file=sys.stderr)
         sys.exit(128 + err.signum)
-    print(format_summary(manifests))
+    if is_main_process():  # one summary per run, not one per process
+        print(format_summary(manifests))
 
 
 def resume_command(argv, work_dir: str) -> str:

@@ -5,6 +5,7 @@ import os.path as osp
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
+from jinja2 import TemplateError
 from mmengine.dataset import BaseDataset
 from PIL import Image
 
@@ -218,7 +219,12 @@ class LLaVADataset(BaseDataset):
         return prefix + text, [IGNORE_INDEX] * len(prefix) + text
 
     def _chat_tokens(self, messages: List[dict]):
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False)
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False)
+        except TemplateError as err:
+            # e.g. Gemma-2's template raises on a system turn.
+            raise BadSampleError('template_mismatch',
+                                 f"the tokenizer's chat template rejected the row: {err}") from err
         spans, cursor = [], 0
         for message in messages:
             content = message['content'].strip()

@@ -260,6 +260,11 @@ def make_synthetic_data(root, num_captions=64, num_instructions=48, image_size=6
     _generate(tmp, num_captions, num_instructions, image_size, seed)
     with open(os.path.join(tmp, '.complete'), 'w') as f:
         json.dump(params, f)
+    if _is_complete(root, params):
+        # Another process (e.g. another rank) finished first and may be
+        # reading it already: keep its copy.
+        shutil.rmtree(tmp, ignore_errors=True)
+        return paths
     shutil.rmtree(root, ignore_errors=True)
     try:
         os.replace(tmp, root)

@@ -10,20 +10,24 @@ reads that manifest.
 """
 import copy
 import json
-import os
 import os.path as osp
 from typing import Dict, List, Optional, Sequence
 
 from mmengine.config import Config, ConfigDict
-from mmengine.runner import Runner
 from safetensors import safe_open
 
+from dpa.datasets.mixture import data_sources
 from dpa.datasets.synthetic import make_synthetic_data
 from dpa.engine.artifacts import read_manifest
 from dpa.engine.checkpoint import latest_complete_checkpoint
+from dpa.engine.distributed import (apply_strategy, build_runner, check_strategy,
+                                    init_cpu_process_group, world_size)
+from dpa.engine.errors import ConfigError
 from dpa.engine.interrupts import (TrainingInterrupted, graceful_interrupts, requested_signal,
                                    stop_dataloader_workers)
 from dpa.engine.optim import GUARDED, NonFiniteLossError
+from dpa.engine.paths import fill_path_variables
+from dpa.engine.standin import make_tiny
 from dpa.models.builders import hf_config, num_image_tokens
 from dpa.models.losses import VisualRelevanceLoss
 from dpa.models.mllm import REFERENCE_NEEDS_MASKED
@@ -37,15 +41,9 @@ RUNNER_KEYS = ('default_scope', 'default_hooks', 'env_cfg', 'log_processor', 'lo
                'visualizer', 'randomness', 'launcher')
 
 
-class ConfigError(ValueError):
-    """A configuration mistake, found before any model is loaded."""
-
-
 def launched_processes(cfg: Config) -> int:
     """Number of training processes, known before the process group exists."""
-    if cfg.get('launcher', 'none') == 'none':
-        return 1
-    return int(os.environ.get('WORLD_SIZE', 1))
+    return world_size(cfg.get('launcher', 'none'))
 
 
 def selected_stages(cfg: Config, stage: Optional[str] = None) -> List[str]:
@@ -81,6 +79,7 @@ def check_config(cfg: Config, stages: Sequence[str]) -> None:
     for key in ('llm', 'tokenizer', 'work_dir'):
         if key not in cfg:
             raise ConfigError(f'the config has no `{key}`')
+    check_strategy(cfg)
     _check_paths(cfg, stages)
     for stage in stages:
         recipe = cfg[stage]
@@ -94,6 +93,9 @@ def check_config(cfg: Config, stages: Sequence[str]) -> None:
             raise ConfigError(f'{stage}.{err}') from None
         if loss.get('scope') == 'reference' and cfg.model.get('text_pass') != 'masked':
             raise ConfigError(f'{stage}.{REFERENCE_NEEDS_MASKED}')
+        if recipe.get('pack') and stage != 'proxy':
+            raise ConfigError(f'{stage}.pack=True: packing is for the text-only proxy stage '
+                              '(images and the no-image pass need padded batches)')
         if stage != 'proxy':
             if cfg.get('vision_tower') is None:
                 raise ConfigError(f'stage {stage!r} needs `vision_tower`')
@@ -101,6 +103,8 @@ def check_config(cfg: Config, stages: Sequence[str]) -> None:
             if recipe.max_length <= n_image:
                 raise ConfigError(f'{stage}.max_length={recipe.max_length} leaves no room for text '
                                   f'after the {n_image} image tokens; raise it')
+            if loss.get('mode', 'vanilla') != 'vanilla':
+                _check_sliding_window(cfg, stage)
         batch = recipe.batch_size * launched_processes(cfg)
         if recipe.global_batch_size % batch:
             raise ConfigError(
@@ -113,6 +117,24 @@ def check_config(cfg: Config, stages: Sequence[str]) -> None:
                 f'multiple of the {accumulation} micro-batches of an optimizer step, or a resumed '
                 'run would lose the gradients accumulated before the checkpoint')
         _check_previous_artifacts(cfg, stage, stages)
+
+
+def _check_sliding_window(cfg: Config, stage: str) -> None:
+    """The removed no-image pass shifts later tokens closer to earlier ones in
+    sequence order, which is what a sliding window (Gemma-2, Mistral) counts:
+    it equals the reference's masked pass only while samples fit the window."""
+    if cfg.model.get('text_pass', 'removed') != 'removed':
+        return
+    llm = cfg.llm
+    text_cfg = hf_config(llm.get('pretrained'), llm.get('config'),
+                         llm.get('trust_remote_code', False)).get_text_config()
+    window = getattr(text_cfg, 'sliding_window', None)
+    if window and 'sliding_attention' in (getattr(text_cfg, 'layer_types', None) or []):
+        if cfg[stage].max_length > window:
+            raise ConfigError(
+                f'{stage}.max_length={cfg[stage].max_length} exceeds the LLM\'s sliding window of '
+                f"{window} tokens: the no-image pass would see other neighbours than the "
+                "image pass; lower it or set model.text_pass='masked'")
 
 
 def _identity(part) -> dict:
@@ -173,13 +195,15 @@ def _check_paths(cfg: Config, stages: Sequence[str]) -> None:
         data = cfg.get(data_key)
         if data is None:
             raise ConfigError(f'a stage reads `{data_key}` but the config does not define it')
-        files = [data.data_files] if isinstance(data.data_files, str) else data.data_files
-        for path in files:
-            if not osp.isfile(path):
-                raise ConfigError(f'{data_key}.data_files: {path!r} does not exist')
-        folder = data.get('image_folder')
-        if folder and not osp.isdir(folder):
-            raise ConfigError(f'{data_key}.image_folder: {folder!r} is not a directory')
+        for name, source in data_sources(data).items():
+            where = data_key if name == 'data' else f'{data_key}.sources.{name}'
+            files = source.data_files
+            for path in [files] if isinstance(files, str) else files:
+                if not osp.isfile(path):
+                    raise ConfigError(f'{where}.data_files: {path!r} does not exist')
+            folder = source.get('image_folder')
+            if folder and not osp.isdir(folder):
+                raise ConfigError(f'{where}.image_folder: {folder!r} is not a directory')
 
 
 def prepare_synthetic_data(cfg: Config) -> None:
@@ -188,9 +212,9 @@ def prepare_synthetic_data(cfg: Config) -> None:
     if not spec:
         return
     paths = make_synthetic_data(**spec)
-    cfg.caption_data.update(data_files=[paths['captions']], image_folder=paths['image_folder'])
-    cfg.instruct_data.update(data_files=[paths['instructions']],
-                             image_folder=paths['image_folder'])
+    for data_key, files in (('caption_data', 'captions'), ('instruct_data', 'instructions')):
+        for source in data_sources(cfg[data_key]).values():
+            source.update(data_files=[paths[files]], image_folder=paths['image_folder'])
 
 
 def stage_dataset_config(cfg: Config, stage: str) -> dict:
@@ -204,6 +228,17 @@ def stage_dataset_config(cfg: Config, stage: str) -> dict:
                        num_image_tokens=num_image_tokens(cfg.vision_tower),
                        pad_to_square=cfg.get('pad_to_square', False))
     return dataset
+
+
+def stage_sampler_config(cfg: Config, stage: str) -> dict:
+    """Shuffled samples; with the recipe's ``group_by_modality_length``, batches
+    of one modality and similar lengths (see ``ModalityLengthGroupedSampler``)."""
+    recipe = cfg[stage]
+    if not recipe.get('group_by_modality_length'):
+        return dict(type='DefaultSampler', shuffle=True, seed=cfg.get('seed'))
+    image_length = 0 if stage == 'proxy' else num_image_tokens(cfg.vision_tower)
+    return dict(type='ModalityLengthGroupedSampler', batch_size=recipe.batch_size,
+                image_length=image_length, seed=cfg.get('seed'))
 
 
 def stage_runner_config(cfg: Config, stage: str, resume: bool = False) -> Config:
@@ -230,8 +265,7 @@ def stage_runner_config(cfg: Config, stage: str, resume: bool = False) -> Config
 
     dataset = stage_dataset_config(cfg, stage)
 
-    processes = launched_processes(cfg)
-    accumulation = recipe.global_batch_size // (recipe.batch_size * processes)
+    accumulation = gradient_accumulation(cfg, stage)
     made_from = dict(llm=plain(cfg.llm), **artifacts)
     if stage != 'proxy':
         made_from['vision_tower'] = plain(cfg.vision_tower)
@@ -251,8 +285,8 @@ def stage_runner_config(cfg: Config, stage: str, resume: bool = False) -> Config
             persistent_workers=False,
             worker_init_fn=dict(type='dpa.signal_safe_worker_init',
                                 num_workers=recipe.get('num_workers', 0), seed=cfg.get('seed')),
-            sampler=dict(type='DefaultSampler', shuffle=True, seed=cfg.get('seed')),
-            collate_fn=dict(type='dpa.dpa_collate'),
+            sampler=stage_sampler_config(cfg, stage),
+            collate_fn=dict(type='dpa.packed_collate' if recipe.get('pack') else 'dpa.dpa_collate'),
             dataset=dataset),
         train_cfg=dict(type='EpochsAsItersTrainLoop', max_epochs=recipe.max_epochs),
         optim_wrapper=optim_wrapper,
@@ -269,14 +303,26 @@ def stage_runner_config(cfg: Config, stage: str, resume: bool = False) -> Config
         resume=resume_from is not None,
         load_from=resume_from)
     runner_cfg['default_hooks']['checkpoint']['interval'] = recipe.get('checkpoint_interval', 500)
-    return Config(runner_cfg)
+    return Config(apply_strategy(runner_cfg, cfg, stage, accumulation))
+
+
+def gradient_accumulation(cfg: Config, stage: str) -> int:
+    """Micro-batches per optimizer step, so that the global batch holds
+    whatever the number of processes."""
+    recipe = cfg[stage]
+    return recipe.global_batch_size // (recipe.batch_size * launched_processes(cfg))
 
 
 def run_pipeline(cfg: Config, stage: Optional[str] = None, resume: bool = False) -> List[dict]:
     """Run the config's stages (or one), skipping finished ones; return their
-    manifests."""
+    manifests. ``tiny_standin=True`` runs them on tiny random stand-ins and
+    synthetic data (:mod:`dpa.engine.standin`)."""
+    if cfg.get('tiny_standin'):
+        cfg = make_tiny(cfg)
+    fill_path_variables(cfg)
     stages = selected_stages(cfg, stage)
     check_config(cfg, stages)
+    init_cpu_process_group(cfg)
     prepare_synthetic_data(cfg)
     manifests = []
     with graceful_interrupts():
@@ -294,12 +340,12 @@ def run_pipeline(cfg: Config, stage: Optional[str] = None, resume: bool = False)
 
 
 def train_stage(cfg: Config, stage: str, resume: bool) -> None:
-    runner = Runner.from_cfg(stage_runner_config(cfg, stage, resume=resume))
+    runner = build_runner(stage_runner_config(cfg, stage, resume=resume))
     recipe = cfg[stage]
     runner.logger.info(
         f'[{stage}] {len(runner.train_dataloader.dataset)} samples, batch '
         f'{recipe.batch_size} x {launched_processes(cfg)} processes x '
-        f'{runner.cfg.optim_wrapper.accumulative_counts} accumulation = global batch '
+        f'{gradient_accumulation(cfg, stage)} accumulation = global batch '
         f'{recipe.global_batch_size}')
     try:
         runner.train()

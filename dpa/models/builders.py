@@ -4,6 +4,7 @@ checkpoint, ``dict(type='HFCausalLM', config=dict(model_type='qwen2', ...))``
 builds a random stand-in with the same architecture (seeded, so every stage
 and process builds the same weights)."""
 import contextlib
+import os.path as osp
 from typing import Optional
 
 import torch
@@ -17,6 +18,9 @@ from dpa.registry import MODELS
 # Tokenizers and image processors are not nn.Modules: they get their own registry.
 PROCESSORS = Registry('processor', locations=['dpa.models'])
 IMAGE_TOKEN = '<image>'
+REMOTE_CODE_STANDINS = {
+    'internlm2': osp.join(osp.dirname(osp.abspath(__file__)), 'remote_code', 'internlm2'),
+}
 
 
 def _dtype(name):
@@ -39,7 +43,13 @@ def hf_config(pretrained: Optional[str] = None, config: Optional[dict] = None,
     if pretrained is not None:
         return AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
     config = dict(config)
-    return AutoConfig.for_model(config.pop('model_type'), **config)
+    model_type = config.pop('model_type')
+    if model_type in REMOTE_CODE_STANDINS:
+        # Families transformers does not know: a config directory with their
+        # modeling code, loaded as remote code like the real checkpoint.
+        return AutoConfig.from_pretrained(REMOTE_CODE_STANDINS[model_type],
+                                          trust_remote_code=trust_remote_code, **config)
+    return AutoConfig.for_model(model_type, **config)
 
 
 @MODELS.register_module()
@@ -55,7 +65,7 @@ def HFCausalLM(pretrained: Optional[str] = None,
         return AutoModelForCausalLM.from_pretrained(
             pretrained, dtype=dtype, attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code)
-    cfg = hf_config(config=config)
+    cfg = hf_config(config=config, trust_remote_code=trust_remote_code)
     cfg._attn_implementation = attn_implementation
     with _seeded(init_seed):
         return AutoModelForCausalLM.from_config(cfg, dtype=dtype,
@@ -105,10 +115,12 @@ def HFTokenizer(pretrained: str, trust_remote_code: bool = False, **kwargs):
 
 
 @PROCESSORS.register_module()
-def TinyTokenizer():
-    """The word-level tokenizer of the embedded tiny default."""
+def TinyTokenizer(family: Optional[str] = None):
+    """The word-level tokenizer of the embedded tiny default; with ``family``,
+    the stand-in of that family's tokenizer (its special tokens and chat
+    template, see :mod:`dpa.models.chat_templates`)."""
     from dpa.models.tiny_tokenizer import build_tiny_tokenizer
-    return with_image_token(build_tiny_tokenizer())
+    return with_image_token(build_tiny_tokenizer(family))
 
 
 def with_image_token(tokenizer):

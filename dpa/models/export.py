@@ -1,9 +1,11 @@
 """The final model, in the project's own format and as a transformers
 ``LlavaForConditionalGeneration`` directory with its processor."""
 import json
+import logging
 import os.path as osp
 
 import torch
+from mmengine.logging import print_log
 from safetensors.torch import save_file
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
@@ -39,6 +41,12 @@ class ExportUnsupported(ValueError):
     """The model cannot be written as a transformers LLaVA directory."""
 
 
+def is_remote_code(llm) -> bool:
+    """Whether the LLM's class comes from a checkpoint's own code
+    (``trust_remote_code``) rather than from transformers."""
+    return not type(llm).__module__.startswith('transformers.')
+
+
 def save_native(model, tokenizer, image_processor, out_dir: str) -> dict:
     """Write the LLM (with tokenizer), vision tower (with image processor) and
     projector, and a config that rebuilds the model from them."""
@@ -53,8 +61,11 @@ def save_native(model, tokenizer, image_processor, out_dir: str) -> dict:
     # Paths are relative to the directory, so it can be moved.
     config = dict(
         type='LlavaDPAModel',
-        llm=dict(type='HFCausalLM', pretrained='llm', torch_dtype=llm_dtype),
-        tokenizer=dict(type='HFTokenizer', pretrained='llm'),
+        llm=dict(type='HFCausalLM', pretrained='llm', torch_dtype=llm_dtype,
+                 attn_implementation=model.llm.config._attn_implementation,
+                 trust_remote_code=is_remote_code(model.llm)),
+        tokenizer=dict(type='HFTokenizer', pretrained='llm',
+                       trust_remote_code=is_remote_code(model.llm)),
         vision_tower=dict(type='HFVisionTower', pretrained='vision_tower',
                           feature_layer=model.vision_tower.feature_layer,
                           feature_select=model.vision_tower.feature_select,
@@ -85,12 +96,18 @@ def export_llava(model, tokenizer, image_processor, out_dir: str) -> None:
             code), or the projector is not LLaVA's two-layer GELU MLP.
     """
     llm, vision = model.llm, model.vision_tower
-    if not type(llm).__module__.startswith('transformers.'):
+    if is_remote_code(llm):
         raise ExportUnsupported(f'{type(llm).__name__} is remote code, not a transformers-native '
                                 'LLM: LlavaForConditionalGeneration cannot hold it')
     if not isinstance(model.projector, MLP2xGELUProjector):
         raise ExportUnsupported('transformers LLaVA needs the mlp2x_gelu projector, this model '
                                 f'has {type(model.projector).__name__}')
+    cap = getattr(llm.config.get_text_config(), 'final_logit_softcapping', None)
+    if cap is not None:
+        print_log(f'{type(llm).__name__} soft-caps its logits at {cap} but '
+                  'LlavaForConditionalGeneration does not: the export decodes greedily like '
+                  'the native model, its probabilities (and sampling) differ', logger='current',
+                  level=logging.WARNING)
     strategy = 'default' if vision.feature_select == 'patch' and vision.has_cls else 'full'
     config = LlavaConfig(
         vision_config=vision.model.config.to_dict(),

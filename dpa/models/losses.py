@@ -7,7 +7,7 @@ probability (CMO) or logit (CAL). ``s_txt`` comes from a pass of the same LLM
 without the image tokens. The weights are constants: no gradient flows
 through them.
 """
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from dpa.registry import MODELS
 IGNORE_INDEX = -100
 SCOPES = ('sequence', 'reference')
 DEFAULT_CLAMP = {'cmo': (0.05, 0.5), 'cal': (1.0, 5.0)}
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
 
 
 def relevance_weights(score_img: torch.Tensor,
@@ -68,7 +69,8 @@ def relevance_weights(score_img: torch.Tensor,
 
 def target_scores(logits: torch.Tensor,
                   targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Logit and log-probability of each row's target token, in float32.
+    """Logit and log-probability of each row's target token, in float32 (in
+    float64 for float64 logits).
 
     ``log p = logit[y] - logsumexp(logits)``: no probability tensor over the
     vocabulary is built.
@@ -77,7 +79,7 @@ def target_scores(logits: torch.Tensor,
         logits: (N, V) logits.
         targets: (N,) token ids.
     """
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return target_logit, target_logit - torch.logsumexp(logits, dim=-1)
 
@@ -119,20 +121,27 @@ class VisualRelevanceLoss(nn.Module):
         return self.mode != 'vanilla'
 
     def forward(self,
-                logits: torch.Tensor,
+                outputs: torch.Tensor,
                 targets: torch.Tensor,
-                text_logits: Optional[torch.Tensor] = None,
-                text_index: Optional[torch.Tensor] = None) -> dict:
+                text_outputs: Optional[torch.Tensor] = None,
+                text_index: Optional[torch.Tensor] = None,
+                score_fn: ScoreFn = target_scores) -> dict:
         """Compute the loss and its statistics.
 
         Args:
-            logits: (B, T, V) logits; ``logits[:, t]`` predicts ``targets[:, t]``.
+            outputs: (B, T, F) what the LLM gives per position, read by
+                ``score_fn``: logits by default, or last hidden states with the
+                score function of a split LLM
+                (:meth:`dpa.models.chunked_loss.SplitCausalLM.target_scores`).
+                ``outputs[:, t]`` predicts ``targets[:, t]``.
             targets: (B, T) target ids, ``IGNORE_INDEX`` where unsupervised.
-            text_logits: (M, V) logits of the pass without image tokens.
-            text_index: (B, T) row of ``text_logits`` that predicts
+            text_outputs: (M, F) outputs of the pass without image tokens.
+            text_index: (B, T) row of ``text_outputs`` that predicts
                 ``targets[b, t]`` without the image, or -1 where there is no
                 such evidence (rows without an image, no text prefix): there
                 the image score is used, so the token gets ``delta_min``.
+            score_fn: maps (N, F) outputs and (N,) targets to the targets'
+                logits and log-probabilities, as :func:`target_scores` does.
 
         Returns:
             dict with ``loss`` and, for weighted modes, ``cmo_w_mean``,
@@ -141,24 +150,26 @@ class VisualRelevanceLoss(nn.Module):
         """
         supervised = targets != IGNORE_INDEX
         if self.mode == 'vanilla':
-            _, logp = target_scores(logits[supervised], targets[supervised])
+            _, logp = score_fn(outputs[supervised], targets[supervised])
             return {'loss': -logp.mean()}
-        if text_logits is None or text_index is None:
-            raise ValueError(f'loss.mode={self.mode!r} needs the no-image pass logits')
+        if text_outputs is None or text_index is None:
+            raise ValueError(f'loss.mode={self.mode!r} needs the no-image pass outputs')
 
         # The reference scores every position (ignored ones with token id 0).
         scored = torch.ones_like(supervised) if self.scope == 'reference' else supervised
         score_targets = targets.clamp(min=0)[scored]
-        target_logit, logp = target_scores(logits[scored], score_targets)
+        target_logit, logp = score_fn(outputs[scored], score_targets)
         score_img = target_logit if self.mode == 'cal' else logp.exp()
 
         index = text_index[scored]
         has_text = index >= 0
-        txt_logit, txt_logp = target_scores(text_logits[index[has_text]], score_targets[has_text])
+        with torch.no_grad():
+            txt_logit, txt_logp = score_fn(text_outputs[index[has_text]],
+                                           score_targets[has_text])
         score_txt = score_img.detach().clone()
         score_txt[has_text] = txt_logit if self.mode == 'cal' else txt_logp.exp()
 
-        dense_img = logits.new_zeros(targets.shape, dtype=torch.float32)
+        dense_img = score_img.new_zeros(targets.shape)
         dense_txt = torch.zeros_like(dense_img)
         dense_img[scored] = score_img.detach()
         dense_txt[scored] = score_txt

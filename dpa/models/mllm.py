@@ -3,11 +3,13 @@ from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
+from torch import nn
 from mmengine.model import BaseModel
 from safetensors.torch import load_file
 
 from dpa.models.builders import IMAGE_TOKEN, PROCESSORS
-from dpa.models.losses import IGNORE_INDEX
+from dpa.models.chunked_loss import SplitCausalLM, check_chunk_size
+from dpa.models.losses import target_scores
 from dpa.registry import MODELS
 
 TRAINABLE_PARTS = ('llm', 'lora', 'projector', 'vision_tower')
@@ -16,6 +18,16 @@ REFERENCE_NEEDS_MASKED = (
     "loss.scope='reference' reproduces fnlp-vision/DPA only with model.text_pass='masked': "
     'the removed pass has no scores for the image and padding positions the reference '
     'smooths over')
+
+
+def enable_activation_checkpointing(llm: nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward pass
+    (non-reentrant, so frozen layers before LoRA ones still pass gradients)."""
+    kwargs = dict(use_reentrant=False)
+    if hasattr(llm, 'activation_checkpointing_enable'):  # its name in recent transformers 5.x
+        llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # the older name, deprecated since
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 @MODELS.register_module()
@@ -43,6 +55,12 @@ class LlavaDPAModel(BaseModel):
             a fraction of its tokens); ``'masked'`` is the reference's
             full-length pass with the image positions masked out.
         gradient_checkpointing: trade compute for activation memory in the LLM.
+        loss_chunk_size: the loss reads the LLM's last hidden states and applies
+            its LM head to the scored positions only, this many rows at a time,
+            so no (batch x length x vocab) logits are made (see
+            :mod:`dpa.models.chunked_loss`). None: the LLM's own forward
+            computes the full logits (also the fallback for an LLM that cannot
+            be split into decoder + head).
     """
 
     def __init__(self,
@@ -55,6 +73,7 @@ class LlavaDPAModel(BaseModel):
                  trainable: Sequence[str] = ('projector', ),
                  text_pass: str = 'removed',
                  gradient_checkpointing: bool = False,
+                 loss_chunk_size: Optional[int] = 512,
                  data_preprocessor: Optional[dict] = None,
                  init_cfg: Optional[dict] = None):
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
@@ -64,6 +83,7 @@ class LlavaDPAModel(BaseModel):
                              f'choose among {TRAINABLE_PARTS}')
         if text_pass not in TEXT_PASSES:
             raise ValueError(f'model.text_pass must be one of {TEXT_PASSES}, got {text_pass!r}')
+        check_chunk_size(loss_chunk_size)
         self.loss_fn = MODELS.build(loss)
         if getattr(self.loss_fn, 'scope', None) == 'reference' and text_pass != 'masked':
             raise ValueError(REFERENCE_NEEDS_MASKED)
@@ -82,11 +102,11 @@ class LlavaDPAModel(BaseModel):
                 self.projector.load_state_dict(load_file(projector_weights))
         self._set_trainable(trainable)
         if gradient_checkpointing:
-            self.llm.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs=dict(use_reentrant=False))
+            enable_activation_checkpointing(self.llm)
         # Checkpoints hold the trainable weights only; on resume the frozen ones
         # come from their sources again.
         self.register_load_state_dict_pre_hook(self._keep_frozen_weights)
+        self.split_llm = SplitCausalLM.try_split(self.llm, loss_chunk_size)
 
     def _set_trainable(self, trainable):
         self.requires_grad_(False)
@@ -136,27 +156,58 @@ class LlavaDPAModel(BaseModel):
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask,
                         position_ids=position_ids, use_cache=False).logits
 
-    def forward(self, input_ids, attention_mask, labels=None, pixel_values=None, mode='loss'):
+    def llm_outputs(self, embeds, attention_mask, position_ids):
+        """What the loss scores per position: the last hidden states when the
+        LLM is split into decoder + head (the head then runs on the scored
+        positions only, in chunks), else the full logits."""
+        if self.split_llm is None:
+            return self._llm_logits(embeds, attention_mask, position_ids)
+        return self.split_llm.hidden_states(embeds, attention_mask, position_ids)
+
+    @property
+    def score_fn(self):
+        return target_scores if self.split_llm is None else self.split_llm.target_scores
+
+    def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None,
+                position_ids=None, mode='loss'):
+        """Args:
+            input_ids, labels: (B, T).
+            attention_mask: (B, T) right-padding mask; None for a packed batch.
+            pixel_values: images of the rows holding ``<image>`` tokens.
+            position_ids: given by packed batches (several sequences per row,
+                positions restarting at 0 for each): attention is then kept
+                inside each sequence (see :mod:`dpa.datasets.packing`).
+            mode: ``'loss'`` or ``'tensor'`` (the logits).
+        """
+        if (position_ids is None) == (attention_mask is None):
+            raise ValueError('give attention_mask (padded batch) or position_ids (packed batch)')
         embeds, image_mask = self.embed(input_ids, pixel_values)
-        # Right padding: real tokens get 0..n-1, as without padding.
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits = self._llm_logits(embeds, attention_mask, position_ids)
+        if position_ids is None:
+            # Right padding: real tokens get 0..n-1, as without padding.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         if mode == 'tensor':
-            return logits
+            return self._llm_logits(embeds, attention_mask, position_ids)
         if mode != 'loss':
             raise ValueError(f"LlavaDPAModel supports mode='loss' and 'tensor', got {mode!r}")
-        text_logits = text_index = None
+        text_outputs = text_index = None
         if self.loss_fn.needs_text_pass:
+            if attention_mask is None:
+                raise ValueError(f'loss.mode={self.loss_fn.mode!r} needs the no-image pass, '
+                                 'which packed batches do not support; pad the batch instead')
+            # Before the training pass, so that its activations are not held
+            # while this pass runs: peak memory stays the training pass's.
             with torch.no_grad():
-                text_logits, text_index = self.text_only_logits(
+                text_outputs, text_index = self.text_only_outputs(
                     embeds.detach(), attention_mask, position_ids, image_mask)
-        return self.loss_fn(logits[:, :-1], labels[:, 1:], text_logits, text_index)
+        outputs = self.llm_outputs(embeds, attention_mask, position_ids)
+        return self.loss_fn(outputs[:, :-1], labels[:, 1:], text_outputs, text_index,
+                            score_fn=self.score_fn)
 
-    def text_only_logits(self, embeds, attention_mask, position_ids, image_mask):
-        """Logits of the LLM on the same batch without its image tokens.
+    def text_only_outputs(self, embeds, attention_mask, position_ids, image_mask):
+        """:meth:`llm_outputs` of the same batch without its image tokens.
 
-        Returns ``(text_logits, text_index)``: (M, V) logits and a (B, T-1)
-        map from each shifted target position to the row of ``text_logits``
+        Returns ``(text_outputs, text_index)``: (M, F) outputs and a (B, T-1)
+        map from each shifted target position to the row of ``text_outputs``
         that predicts it from the text alone (-1 where there is none: rows
         without an image, whose two passes are the same, and targets with no
         text before them).
@@ -164,15 +215,14 @@ class LlavaDPAModel(BaseModel):
         batch, length = attention_mask.shape
         if self.text_pass == 'masked':
             text_mask = attention_mask * (~image_mask)
-            logits = self._llm_logits(embeds, text_mask, position_ids)[:, :-1]
+            outputs = self.llm_outputs(embeds, text_mask, position_ids)[:, :-1]
             index = torch.arange(batch * (length - 1), device=embeds.device)
-            return logits.reshape(-1, logits.shape[-1]), index.view(batch, length - 1)
+            return outputs.reshape(-1, outputs.shape[-1]), index.view(batch, length - 1)
 
         text_index = torch.full((batch, length - 1), -1, dtype=torch.long, device=embeds.device)
         rows = image_mask.any(dim=-1).nonzero().squeeze(-1)
         if rows.numel() == 0:
-            vocab = self.llm.get_output_embeddings().out_features
-            return embeds.new_zeros((0, vocab)), text_index
+            return embeds.new_zeros((0, self.output_size)), text_index
         keep = attention_mask.bool() & ~image_mask
         kept = keep[rows]
         lengths = kept.sum(-1)
@@ -182,7 +232,7 @@ class LlavaDPAModel(BaseModel):
         text_embeds = embeds[rows].gather(1, order.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
         text_positions = position_ids[rows].gather(1, order)
         text_mask = (torch.arange(text_len, device=embeds.device) < lengths.unsqueeze(-1)).long()
-        logits = self._llm_logits(text_embeds, text_mask, text_positions)
+        outputs = self.llm_outputs(text_embeds, text_mask, text_positions)
 
         # Target j (shifted position j-1) is predicted by the kept token just
         # before it in the compact sequence.
@@ -191,4 +241,11 @@ class LlavaDPAModel(BaseModel):
         previous = keep.long().cumsum(-1)[:, 1:] - 2
         valid = (slot.unsqueeze(-1) >= 0) & keep[:, 1:] & (previous >= 0)
         text_index = torch.where(valid, slot.unsqueeze(-1) * text_len + previous, text_index)
-        return logits.reshape(-1, logits.shape[-1]), text_index
+        return outputs.reshape(-1, outputs.shape[-1]), text_index
+
+    @property
+    def output_size(self) -> int:
+        """Size of :meth:`llm_outputs` per position: hidden size or vocabulary."""
+        if self.split_llm is None:
+            return self.llm.get_output_embeddings().out_features
+        return self.llm.config.get_text_config().hidden_size

@@ -3,4 +3,7 @@ model = dict(
     type='LlavaDPAModel',
     projector=dict(type='mlp2x_gelu'),
     text_pass='removed',
-    gradient_checkpointing=False)
+    gradient_checkpointing=False,
+    # The loss applies the LM head to the supervised positions only, this many
+    # at a time: no (batch x length x vocab) logits. None: the LLM's own forward.
+    loss_chunk_size=512)

@@ -4,6 +4,9 @@ finetune = dict(
     data='instruct_data',
     init_from_proxy=False,
     loss=dict(mode='cmo', clamp=(0.05, 0.5), window=3, scope='sequence'),
+    # LLaVA's group_by_modality_length: batches of image rows or of text-only
+    # rows, of similar lengths.
+    group_by_modality_length=True,
     max_length=2048,
     batch_size=16,
     global_batch_size=256,

@@ -3,6 +3,9 @@ proxy = dict(
     data='caption_data',
     lora=dict(r=256, lora_alpha=512, lora_dropout=0.0, target_modules='all-linear'),
     loss=dict(mode='vanilla'),
+    # Several captions per row, attention kept inside each: the losses of
+    # padded batches, with fewer padding tokens.
+    pack=True,
     max_length=2048,
     batch_size=16,
     global_batch_size=256,

@@ -1,0 +1,3 @@
+# Ablation: proxy LoRA rank 512 (alpha = 2 x rank; the paper's default is 256).
+_base_ = '../dpa_qwen2_5_7b.py'
+proxy = dict(lora=dict(r=512, lora_alpha=1024))

@@ -1,0 +1,61 @@
+"""Path variables: ``{name}`` in a path value stands for the config's
+top-level string ``name``, filled in when the pipeline starts.
+
+So a base config can say ``pretrained='{llm_path}'`` and
+``data_files=['{data_root}/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json']``, and
+one ``--cfg-options llm_path=/ckpt/Qwen2.5-7B-Instruct data_root=/datasets``
+moves every path built from them (mmengine evaluates a config file once, so a
+plain Python variable could not be overridden from the command line).
+Only values under the keys of ``PATH_KEYS`` are filled: chat templates and
+other text keep their braces.
+"""
+import re
+
+from dpa.engine.errors import ConfigError
+
+PATH_KEYS = ('pretrained', 'data_files', 'image_folder', 'root')
+PLACEHOLDER = re.compile(r'\{(\w+)\}')
+
+
+def fill_path_variables(cfg) -> None:
+    """Replace the placeholders of every path value of ``cfg``, in place.
+
+    Raises:
+        ConfigError: a placeholder names no top-level string variable, or
+            variables refer to each other in a cycle.
+    """
+
+    def fill(text, where, seen=()):
+        def substitute(match):
+            name = match.group(1)
+            value = cfg.get(name)
+            if not isinstance(value, str):
+                raise ConfigError(f'{where}: {{{name}}} needs a top-level string variable '
+                                  f'`{name}` (set it with --cfg-options {name}=...)')
+            if name in seen:
+                raise ConfigError(f'{where}: path variables refer to each other in a cycle: '
+                                  + ' -> '.join(seen + (name, )))
+            return fill(value, name, seen + (name, ))
+
+        return PLACEHOLDER.sub(substitute, text)
+
+    def fill_value(value, where):
+        if isinstance(value, str):
+            return fill(value, where)
+        if isinstance(value, (list, tuple)):
+            return type(value)(fill_value(v, f'{where}[{i}]') for i, v in enumerate(value))
+        return value
+
+    def walk(node, where):
+        for key in list(node.keys()):
+            value, path = node[key], f'{where}{key}'
+            if key in PATH_KEYS:
+                node[key] = fill_value(value, path)
+            elif isinstance(value, dict):
+                walk(value, path + '.')
+            elif isinstance(value, (list, tuple)):
+                for i, item in enumerate(value):
+                    if isinstance(item, dict):
+                        walk(item, f'{path}[{i}].')
+
+    walk(cfg, '')

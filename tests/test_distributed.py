@@ -1,0 +1,237 @@
+"""Scale: the launch scripts, the world size each launcher announces, the
+strategies' runner configs, and a real two-process run (torchrun, gloo) of
+the three stages on CPU."""
+import json
+import os
+import os.path as osp
+import socket
+import subprocess
+import sys
+
+import pytest
+from mmengine.config import Config
+
+import dpa  # noqa: F401
+from dpa.datasets.synthetic import make_synthetic_data
+from dpa.engine.distributed import apply_strategy, world_size
+from dpa.engine.errors import ConfigError
+from dpa.engine.pipeline import check_config
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+FIXTURES = osp.join(REPO, 'tests', 'fixtures')
+STRATEGIES = osp.join(REPO, 'configs', '_base_', 'strategies')
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- #
+# Two processes on CPU
+# --------------------------------------------------------------------------- #
+
+@pytest.fixture(scope='module')
+def two_process_run(tmp_path_factory):
+    """tools/dist_train.sh on the tiny default with 2 processes; every rank
+    writes what it saw (tests/fixtures/dist_probe.py)."""
+    work_dir = tmp_path_factory.mktemp('dist')
+    # Made beforehand: ranks making it at the same time can remove each
+    # other's finished copy (make_synthetic_data replaces the whole root).
+    spec = Config.fromfile(osp.join(FIXTURES, 'dist_tiny.py'),
+                           import_custom_modules=False).synthetic_data
+    make_synthetic_data(**dict(spec, root=str(work_dir / 'data')))
+    env = dict(os.environ, PYTHON=sys.executable, MASTER_PORT=str(free_port()),
+               PYTHONPATH=FIXTURES, OMP_NUM_THREADS='1')
+    result = subprocess.run(
+        ['bash', osp.join(REPO, 'tools', 'dist_train.sh'),
+         osp.join(FIXTURES, 'dist_tiny.py'), '2', '--work-dir', str(work_dir / 'work'),
+         '--cfg-options', f'synthetic_data.root={work_dir}/data'],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    probes = {}
+    for stage in ('proxy', 'align', 'finetune'):
+        for rank in (0, 1):
+            with open(work_dir / 'work' / 'probe' / f'{stage}_rank{rank}.json') as f:
+                probes[stage, rank] = json.load(f)
+    return result, probes
+
+
+@pytest.mark.parametrize('stage, batch, accumulation', [
+    ('proxy', 2, 2), ('align', 2, 2), ('finetune', 1, 1)])
+def test_two_processes_keep_the_global_batch(two_process_run, stage, batch, accumulation):
+    result, probes = two_process_run
+    cfg = Config.fromfile(osp.join(FIXTURES, 'dist_tiny.py'), import_custom_modules=False)
+    global_batch = cfg[stage].global_batch_size
+    assert global_batch == batch * 2 * accumulation
+    assert (f'[{stage}] {"8" if stage == "finetune" else "16"} samples, batch {batch} x 2 '
+            f'processes x {accumulation} accumulation = global batch {global_batch}'
+            ) in result.stdout + result.stderr
+    ranks = [probes[stage, rank] for rank in (0, 1)]
+    for probe in ranks:
+        assert probe['world_size'] == 2
+        assert probe['model_wrapper'] == 'MMDistributedDataParallel'
+        assert (probe['batch_size'], probe['accumulation']) == (batch, accumulation)
+        assert len(probe['losses']) == len(probe['indices']) // batch
+    # The ranks read disjoint halves of the data, so one optimizer step
+    # consumes the global batch of distinct samples.
+    first, second = ranks[0]['indices'], ranks[1]['indices']
+    assert sorted(first + second) == list(range(ranks[0]['dataset_size']))
+    per_rank = batch * accumulation
+    for start in range(0, len(first), per_rank):
+        step = first[start:start + per_rank] + second[start:start + per_rank]
+        assert len(set(step)) == global_batch
+
+
+@pytest.mark.parametrize('stage', ['proxy', 'align', 'finetune'])
+def test_two_processes_train_one_model(two_process_run, stage):
+    _, probes = two_process_run
+    rank0, rank1 = probes[stage, 0], probes[stage, 1]
+    assert rank0['before'] == rank1['before']  # the same initial weights
+    assert rank0['after'] != rank0['before']  # the weights moved
+    assert rank0['all_after'] == [rank0['after'], rank1['after']]
+    assert rank0['after'] == rank1['after']  # gradients were averaged across ranks
+    assert all(loss == loss and loss < 20 for loss in rank0['losses'] + rank1['losses'])
+
+
+def test_image_free_batches_do_not_stall_the_projector(two_process_run):
+    """A stage-3 micro-batch without images leaves the projector out of that
+    process's graph; DDP must not wait for its gradients (find_unused_parameters)."""
+    _, probes = two_process_run
+    without_image = [not with_image for rank in (0, 1)
+                     for with_image in probes['finetune', rank]['with_image'][:-1]]
+    assert any(without_image), 'the fixture data no longer has an image-free micro-batch'
+
+
+def test_dist_train_passes_the_multinode_settings(tmp_path):
+    fake_python = tmp_path / 'python'
+    fake_python.write_text('#!/usr/bin/env bash\necho "$@" > "$(dirname "$0")/args"\n')
+    fake_python.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake_python), NNODES='2', NODE_RANK='1',
+               MASTER_ADDR='10.0.0.1', MASTER_PORT='29700')
+    subprocess.run(['bash', osp.join(REPO, 'tools', 'dist_train.sh'), 'configs/x.py', '8',
+                    '--stage', 'align'], check=True, env=env)
+    args = (tmp_path / 'args').read_text().split()
+    assert args[:2] == ['-m', 'torch.distributed.run']
+    for option in ('--nnodes=2', '--node_rank=1', '--master_addr=10.0.0.1',
+                   '--master_port=29700', '--nproc_per_node=8'):
+        assert option in args
+    assert args[-5:] == ['configs/x.py', '--launcher', 'pytorch', '--stage', 'align']
+
+
+def test_slurm_train_runs_one_task_per_gpu(tmp_path):
+    fake_srun = tmp_path / 'srun'
+    fake_srun.write_text('#!/usr/bin/env bash\necho "$@" > "$(dirname "$0")/args"\n')
+    fake_srun.chmod(0o755)
+    env = dict(os.environ, PATH=f'{tmp_path}:{os.environ["PATH"]}', GPUS='16',
+               SRUN_ARGS='--qos=high --time=72:00:00')
+    subprocess.run(['bash', osp.join(REPO, 'tools', 'slurm_train.sh'), 'gpu', 'dpa',
+                    'configs/x.py', '--resume'], check=True, env=env)
+    args = (tmp_path / 'args').read_text().split()
+    for option in ('-p', 'gpu', '--job-name=dpa', '--ntasks=16', '--ntasks-per-node=8',
+                   '--gres=gpu:8', '--qos=high', '--time=72:00:00'):
+        assert option in args
+    assert args[-4:] == ['configs/x.py', '--launcher', 'slurm', '--resume']
+
+
+@pytest.mark.parametrize('script', ['dist_train.sh', 'slurm_train.sh'])
+def test_launch_scripts_explain_their_usage(script):
+    result = subprocess.run(['bash', osp.join(REPO, 'tools', script)], capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and 'usage:' in result.stderr
+
+
+# --------------------------------------------------------------------------- #
+# World size and strategies
+# --------------------------------------------------------------------------- #
+
+@pytest.mark.parametrize('launcher, variable', [
+    ('pytorch', 'WORLD_SIZE'), ('slurm', 'SLURM_NTASKS'), ('mpi', 'OMPI_COMM_WORLD_SIZE')])
+def test_world_size_is_read_from_the_launcher(monkeypatch, launcher, variable):
+    monkeypatch.setenv(variable, '16')
+    assert world_size(launcher) == 16
+    assert world_size('none') == 1
+
+
+def test_slurm_world_size_sets_the_accumulation(monkeypatch, tmp_path):
+    """The global batch holds when Slurm, not torchrun, starts the processes."""
+    cfg = Config.fromfile(osp.join(REPO, 'configs', 'dpa_tiny.py'))
+    cfg.merge_from_dict(dict(work_dir=str(tmp_path), launcher='slurm'))
+    monkeypatch.setenv('SLURM_NTASKS', '3')
+    with pytest.raises(ConfigError, match='batch_size x processes = 12'):
+        check_config(cfg, ['proxy'])
+
+
+def runner_cfg():
+    return dict(optim_wrapper=dict(
+        type='OptimWrapper', accumulative_counts=4,
+        optimizer=dict(type='AdamW', lr=4e-5), clip_grad=dict(max_norm=1.0)))
+
+
+def strategy_config(name):
+    cfg = Config.fromfile(osp.join(STRATEGIES, name))
+    cfg.merge_from_dict(dict(launcher='pytorch', mixed_precision='bfloat16'))
+    return cfg
+
+
+def test_ddp_default_trains_under_bf16_autocast():
+    out = apply_strategy(runner_cfg(), strategy_config('ddp.py'), 'align', accumulation=4)
+    assert 'runner_type' not in out and 'strategy' not in out
+    assert out['optim_wrapper']['type'] == 'AmpOptimWrapper'
+    assert out['optim_wrapper']['dtype'] == 'bfloat16'
+    assert out['optim_wrapper']['accumulative_counts'] == 4
+    assert out['find_unused_parameters'] is False
+    # On a machine without a GPU, DDP wraps a CPU model.
+    assert out['model_wrapper_cfg']['device_ids'] is None
+    finetune = apply_strategy(runner_cfg(), strategy_config('ddp.py'), 'finetune', 4)
+    assert finetune['find_unused_parameters'] is True
+
+
+@pytest.mark.parametrize('name, zero_stage', [('deepspeed_zero2.py', 2),
+                                              ('deepspeed_zero3.py', 3)])
+def test_deepspeed_gets_the_stage_accumulation_clipping_and_precision(name, zero_stage):
+    out = apply_strategy(runner_cfg(), strategy_config(name), 'finetune', accumulation=4)
+    assert out['runner_type'] == 'FlexibleRunner'
+    strategy = out['strategy']
+    assert strategy['type'] == 'DeepSpeedStrategy'
+    assert strategy['zero_optimization']['stage'] == zero_stage
+    assert strategy['gradient_accumulation_steps'] == 4
+    assert strategy['gradient_clipping'] == 1.0
+    assert strategy['bf16'] == dict(enabled=True)
+    assert out['optim_wrapper'] == dict(type='DeepSpeedOptimWrapper',
+                                        optimizer=dict(type='AdamW', lr=4e-5))
+
+
+def test_fsdp_gets_mixed_precision_and_keeps_accumulation():
+    out = apply_strategy(runner_cfg(), strategy_config('fsdp.py'), 'finetune', accumulation=4)
+    assert out['runner_type'] == 'FlexibleRunner'
+    wrapper = out['strategy']['model_wrapper']
+    assert wrapper['mixed_precision'] == dict(param_dtype='bfloat16', reduce_dtype='float32',
+                                              buffer_dtype='bfloat16')
+    assert wrapper['auto_wrap_policy']['min_num_params'] == 10000000
+    assert out['optim_wrapper']['accumulative_counts'] == 4
+
+
+@pytest.mark.parametrize('name', ['deepspeed_zero3.py', 'fsdp.py'])
+def test_sharded_parameters_are_refused_before_loading(tmp_path, name):
+    """Stage artifacts are written from rank 0's parameters: under ZeRO-3 or
+    FSDP they would be incomplete, so the run stops before it starts."""
+    cfg = Config.fromfile(osp.join(REPO, 'configs', 'dpa_tiny.py'))
+    cfg.merge_from_dict(dict(work_dir=str(tmp_path)))
+    cfg.merge_from_dict(Config.fromfile(osp.join(STRATEGIES, name)).to_dict())
+    with pytest.raises(ConfigError, match='gathering sharded ones is not implemented'):
+        check_config(cfg, ['proxy'])
+    cfg.strategy = Config.fromfile(osp.join(STRATEGIES, 'deepspeed_zero2.py')).strategy
+    check_config(cfg, ['proxy'])
+
+
+@pytest.mark.parametrize('keys, message', [
+    (dict(strategy=dict(type='ColossalAIStrategy')), "strategy.type='ColossalAIStrategy'"),
+    (dict(mixed_precision='bf16'), "mixed_precision='bf16'"),
+])
+def test_unknown_strategy_or_precision_is_a_config_error(tmp_path, keys, message):
+    cfg = Config.fromfile(osp.join(REPO, 'configs', 'dpa_tiny.py'))
+    cfg.merge_from_dict(dict(work_dir=str(tmp_path), **keys))
+    with pytest.raises(ConfigError, match=message):
+        check_config(cfg, ['proxy'])
