@@ -97,6 +97,7 @@ def test_epoch_holds_each_source_at_its_ratio(two_sources, monkeypatch):
     mix = build_mixture(two_sources)
     assert len(mix) == 4 + 8
     assert mix.counts == {'red': 4, 'blue': 8}
+    assert mix.metainfo == {'samples_per_source': {'red': 4, 'blue': 8}}  # kept in checkpoints
     assert logged == ['[LLaVAMixture] epoch of 12 samples: red: 8 rows x ratio 0.5 = 4 '
                       'samples; blue: 4 rows x ratio 2 = 8 samples']
     captions = [caption_of(mix, mix[i]) for i in range(len(mix))]

@@ -101,6 +101,12 @@ class LLaVAMixture(Dataset):
                   logger='current')
 
     @property
+    def metainfo(self) -> dict:
+        """Samples per source in an epoch; the Runner stores it in checkpoints
+        and warns when a resumed run's mixture differs."""
+        return dict(samples_per_source=dict(self.counts))
+
+    @property
     def load_problems(self) -> List[dict]:
         """Unreadable rows of every source (see ``LLaVADataset.load_problems``)."""
         return [problem for dataset in self.datasets for problem in dataset.load_problems]
