@@ -13,6 +13,7 @@ from mmengine.config import Config, DictAction
 from mmengine.dist import is_main_process
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+from dpa.engine.distributed import close_process_group  # noqa: E402
 from dpa.engine.hooks import TooManyBadSamples  # noqa: E402
 from dpa.engine.interrupts import TrainingInterrupted  # noqa: E402
 from dpa.engine.optim import NonFiniteLossError  # noqa: E402
@@ -54,6 +55,7 @@ def main(argv=None):
         sys.exit(128 + err.signum)
     if is_main_process():  # one summary per run, not one per process
         print(format_summary(manifests))
+    close_process_group()
 
 
 def resume_command(argv, work_dir: str) -> str:

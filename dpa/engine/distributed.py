@@ -77,6 +77,17 @@ def init_cpu_process_group(cfg) -> None:
         dist.init_process_group(backend='gloo')
 
 
+def close_process_group() -> None:
+    """Leave the process group once every rank is done.
+
+    A group left to interpreter exit can abort the process ("terminate called
+    without an active exception" from gloo's threads) after training succeeded.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def apply_strategy(runner_cfg: dict, cfg, stage: str, accumulation: int) -> dict:
     """Adapt one stage's Runner config to the config's strategy, in place.
 
