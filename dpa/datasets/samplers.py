@@ -115,12 +115,12 @@ class ModalityLengthGroupedSampler(Sampler):
 
     def rank_batches(self, epoch: int, rank: int) -> List[List[int]]:
         """The batches process ``rank`` trains on in ``epoch``."""
-        batches = []
-        for batch in self.global_batches(epoch):
-            share = math.ceil(len(batch) / self.world_size)
-            batch = (batch * self.world_size)[:share * self.world_size]  # round up, see above
-            batches.append(batch[rank * share:(rank + 1) * share])
-        return batches
+        return [self._rank_share(batch, rank) for batch in self.global_batches(epoch)]
+
+    def _rank_share(self, batch: List[int], rank: int) -> List[int]:
+        share = math.ceil(len(batch) / self.world_size)
+        batch = (batch * self.world_size)[:share * self.world_size]  # round up, see above
+        return batch[rank * share:(rank + 1) * share]
 
     def padding_report(self) -> dict:
         """Padding fraction of this epoch's batches (all processes), and of
@@ -129,8 +129,9 @@ class ModalityLengthGroupedSampler(Sampler):
         shuffled = torch.randperm(len(self.lengths), generator=generator).tolist()
         random = [shuffled[i:i + self.batch_size]
                   for i in range(0, len(shuffled), self.batch_size)]
-        grouped = [batch for rank in range(self.world_size)
-                   for batch in self.rank_batches(self.epoch, rank)]
+        # The epoch's batches are drawn once, not once per process.
+        grouped = [self._rank_share(batch, rank) for batch in self.global_batches(self.epoch)
+                   for rank in range(self.world_size)]
         return dict(random=padding_fraction(self.lengths, random),
                     grouped=padding_fraction(self.lengths, grouped))
 
