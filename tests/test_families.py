@@ -2,8 +2,11 @@
 (``llm_standin`` of configs/_base_/models/): the loss path honours its logits
 and embeddings, the no-image pass equals the masked pass, stage 3 supervises
 exactly the assistant turns under its real chat template, its LLaVA export
-renders that template and generates, and remote code loads offline."""
+renders that template and generates, generation with the KV cache equals full
+passes, every stand-in is loaded from disk like a checkpoint, and InternLM2
+loads offline without running a checkpoint's code unless asked to."""
 import json
+import os
 import os.path as osp
 import shutil
 
@@ -20,10 +23,11 @@ from dpa.datasets.packing import packed_collate
 from dpa.engine.errors import ConfigError
 from dpa.engine.pipeline import run_pipeline
 from dpa.engine.standin import make_tiny
-from dpa.models.builders import IMAGE_TOKEN, PROCESSORS, REMOTE_CODE_STANDINS
+from dpa.models.builders import IMAGE_TOKEN, PROCESSORS
 from dpa.models.chat_templates import FAMILIES, chat_family
 from dpa.models import export
 from dpa.models.export import ExportUnsupported, export_llava, load_native, save_native
+from dpa.models.internlm2 import InternLM2ForCausalLM, modeling_internlm2
 from dpa.models.losses import IGNORE_INDEX
 from dpa.models.mllm import LlavaDPAModel
 from dpa.registry import MODELS
@@ -322,7 +326,9 @@ def test_proxy_packs_only_where_the_llm_keeps_samples_apart(family, rows_file):
         packed_loss = model(packed['input_ids'], None, packed['labels'],
                             position_ids=packed['position_ids'])
     keeps_apart = abs(padded_loss['loss'].item() - packed_loss['loss'].item()) < 1e-9
-    assert keeps_apart == (family != 'internlm2')  # remote code ignores the restarts
+    # Every family, InternLM2 included since it runs on the project's own
+    # implementation (its checkpoint's code ignores the restarts).
+    assert keeps_apart
     assert cfg.proxy.pack == keeps_apart
 
 
@@ -383,62 +389,166 @@ def test_export_renders_the_family_template_and_generates(family, vision, tmp_pa
 
 
 # --------------------------------------------------------------------------- #
-# Remote code (InternLM2): offline loading, and an export that says no
+# Stand-ins load like checkpoints; generation with the KV cache; positions
+# beyond the compact length
 # --------------------------------------------------------------------------- #
 
-TINY_REMOTE = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+@pytest.mark.parametrize('family', sorted(FAMILIES))
+def test_standins_are_loaded_from_disk(family):
+    llm = MODELS.build(family_llm(family))
+    tokenizer = PROCESSORS.build(family_tokenizer(family))
+    vision = MODELS.build(vision_parts()[0]).model
+    for part in (llm.config, tokenizer, vision.config):
+        # from_pretrained records the directory it read; it stays, as a checkpoint does
+        assert osp.basename(part.name_or_path).startswith('dpa-standin-'), part
+        assert osp.isfile(osp.join(part.name_or_path, 'config.json' if part is not tokenizer
+                                   else 'tokenizer_config.json'))
+    # Built again (another stage, another rank): the same saved directory.
+    assert MODELS.build(family_llm(family)).config.name_or_path == llm.config.name_or_path
+    assert type(tokenizer).__name__ == 'TokenizersBackend'
+    if family == 'internlm2':
+        assert type(llm) is InternLM2ForCausalLM
+
+
+def test_saved_standins_are_shared_and_complete(tmp_path, monkeypatch):
+    from dpa.models import standin_checkpoint
+    tokenizer = PROCESSORS.build(family_tokenizer('internlm2'))
+    monkeypatch.setenv(standin_checkpoint.CACHE_ENV, str(tmp_path))
+    loads = []
+
+    def load(directory):
+        loads.append(directory)
+        return sorted(os.listdir(directory))
+
+    first = standin_checkpoint.reload_as_checkpoint(tokenizer, load)
+    second = standin_checkpoint.reload_as_checkpoint(tokenizer, load)
+    assert first == second and 'tokenizer.json' in first
+    assert loads[0] == loads[1] and osp.dirname(loads[0]) == str(tmp_path)
+    assert os.listdir(tmp_path) == [osp.basename(loads[0])]  # no staging left behind
+
+
+def generation_inputs(family):
+    """Two chat prompts, the second left-padded as batched generation pads."""
+    tokenizer = PROCESSORS.build(family_tokenizer(family))
+    prompts = [[{'role': 'user', 'content': 'What colour is the shape?'}],
+               [{'role': 'user', 'content': 'Hi'}]]
+    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+             for p in prompts]
+    tokenizer.padding_side = 'left'
+    return tokenizer(texts, add_special_tokens=False, padding=True, return_tensors='pt')
+
+
+@pytest.mark.parametrize('family', sorted(FAMILIES))
+def test_generation_with_cache_equals_full_passes(family):
+    llm = MODELS.build(family_llm(family, dtype='float32')).eval()
+    if not llm.config.get_text_config().tie_word_embeddings:
+        with torch.no_grad():  # sharper logits, varied greedy tokens
+            llm.get_output_embeddings().weight.mul_(40)
+    inputs = generation_inputs(family)
+    new = 8
+    kwargs = dict(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                  output_logits=True, return_dict_in_generate=True)
+    cached = llm.generate(use_cache=True, **kwargs)
+    uncached = llm.generate(use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    assert len(set(cached.sequences[:, -new:].flatten().tolist())) > 1  # not one token
+    prompt_len = inputs['input_ids'].shape[1]
+    mask = torch.cat([inputs['attention_mask'], torch.ones(2, new, dtype=torch.long)], 1)
+    with torch.no_grad():
+        full = llm(input_ids=cached.sequences, attention_mask=mask,
+                   position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False).logits
+    for step, logits in enumerate(cached.logits):
+        assert torch.allclose(logits, full[:, prompt_len - 1 + step], atol=1e-4), step
+    # From embeddings, as LLaVA generates.
+    embeds = llm.get_input_embeddings()(inputs['input_ids'])
+    from_embeds = llm.generate(inputs_embeds=embeds, **{k: v for k, v in kwargs.items()
+                                                        if k != 'input_ids'})
+    assert torch.equal(from_embeds.sequences, cached.sequences[:, prompt_len:])
+
+
+@pytest.mark.parametrize('family', sorted(FAMILIES))
+def test_positions_beyond_the_compact_length(family, rows_file):
+    """The no-image pass: the text tokens alone, at their original positions,
+    give the full pass's logits with the image tokens masked out."""
+    llm = MODELS.build(family_llm(family)).eval()
+    batch = image_and_text_batch(family, rows_file)
+    ids, mask = batch['input_ids'][:1], batch['attention_mask'][:1]
+    image = ids[0] == PROCESSORS.build(family_tokenizer(family)).convert_tokens_to_ids(IMAGE_TOKEN)
+    keep = (~image & mask[0].bool()).nonzero().squeeze(-1)
+    assert keep.max() >= len(keep)  # positions beyond the compact length
+    safe_ids = ids.masked_fill(image.unsqueeze(0), 0)
+    with torch.no_grad():
+        masked = llm(input_ids=safe_ids, attention_mask=mask.masked_fill(image.unsqueeze(0), 0),
+                     position_ids=torch.arange(ids.shape[1]).unsqueeze(0),
+                     use_cache=False).logits[0, keep]
+        compact = llm(input_ids=ids[:, keep], attention_mask=torch.ones(1, len(keep),
+                                                                        dtype=torch.long),
+                      position_ids=keep.unsqueeze(0), use_cache=False).logits[0]
+    assert (compact - masked).abs().max() < 1e-9
+
+
+# --------------------------------------------------------------------------- #
+# InternLM2 checkpoints: no checkpoint code runs unless asked, and an export
+# that says no
+# --------------------------------------------------------------------------- #
+
+TINY_INTERNLM2 = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bias=False, rope_theta=1000000)
+AUTO_MAP = {'AutoConfig': 'configuration_internlm2.InternLM2Config',
+            'AutoModel': 'modeling_internlm2.InternLM2ForCausalLM',
+            'AutoModelForCausalLM': 'modeling_internlm2.InternLM2ForCausalLM'}
 
 
 @pytest.fixture(scope='module')
-def remote_checkpoint(tmp_path_factory):
-    """A local checkpoint directory whose model class exists only in its own
-    files: modeling code, a config.json with ``auto_map``, random weights."""
-    out = tmp_path_factory.mktemp('remote') / 'tiny-internlm2'
-    out.mkdir()
-    source = REMOTE_CODE_STANDINS['internlm2']
+def internlm2_checkpoint(tmp_path_factory):
+    """A local checkpoint laid out like the published ones: config.json with
+    ``auto_map``, the checkpoint's own code (here a copy of the project's
+    modules), random weights, the stand-in tokenizer."""
+    out = tmp_path_factory.mktemp('internlm2') / 'tiny-internlm2'
+    torch.manual_seed(3)
+    model = InternLM2ForCausalLM(transformers.AutoConfig.for_model('internlm2', **TINY_INTERNLM2))
+    model.save_pretrained(str(out))
+    source = osp.dirname(modeling_internlm2.__file__)
     for name in ('configuration_internlm2.py', 'modeling_internlm2.py'):
         shutil.copy(osp.join(source, name), out / name)
-    with open(osp.join(source, 'config.json')) as f:
-        config = {**json.load(f), **TINY_REMOTE}
-    (out / 'config.json').write_text(json.dumps(config))
-    hf_config = transformers.AutoConfig.from_pretrained(str(out), trust_remote_code=True)
-    torch.manual_seed(3)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config, trust_remote_code=True)
-    model.save_pretrained(str(out))
+    config = json.loads((out / 'config.json').read_text())
+    (out / 'config.json').write_text(json.dumps({**config, 'auto_map': AUTO_MAP}))
     PROCESSORS.build(family_tokenizer('internlm2')).save_pretrained(str(out))
     return str(out), {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_remote_code_checkpoint_loads_offline(remote_checkpoint):
-    path, weights = remote_checkpoint
-    with pytest.raises(ValueError, match='trust_remote_code'):
-        MODELS.build(dict(type='HFCausalLM', pretrained=path))
-    llm = MODELS.build(dict(type='HFCausalLM', pretrained=path, trust_remote_code=True,
-                            attn_implementation='eager'))
-    assert type(llm).__name__ == 'InternLM2ForCausalLM'
-    assert not type(llm).__module__.startswith('transformers.')
-    loaded = llm.state_dict()
-    assert loaded.keys() == weights.keys()
-    assert all(torch.equal(loaded[k], weights[k]) for k in weights)
+def test_internlm2_checkpoint_loads_offline_without_its_code(internlm2_checkpoint):
+    path, weights = internlm2_checkpoint
+    for options in (dict(), dict(trust_remote_code=True),
+                    dict(trust_remote_code=True, use_checkpoint_code=True)):
+        llm = MODELS.build(dict(type='HFCausalLM', pretrained=path, **options))
+        uses_its_code = options.get('use_checkpoint_code', False)
+        assert (type(llm) is InternLM2ForCausalLM) != uses_its_code, options
+        assert type(llm).__name__ == 'InternLM2ForCausalLM'
+        loaded = llm.state_dict()
+        assert loaded.keys() == weights.keys()
+        assert all(torch.equal(loaded[k], weights[k]) for k in weights)
     assert 'model.layers.0.attention.wqkv.weight' in loaded  # InternLM2's fused layout
 
 
-def test_remote_code_model_keeps_the_native_format_only(remote_checkpoint, tmp_path):
-    path, _ = remote_checkpoint
-    tokenizer_cfg = dict(type='HFTokenizer', pretrained=path, trust_remote_code=True)
+def test_internlm2_model_keeps_the_native_format_only(internlm2_checkpoint, tmp_path):
+    path, _ = internlm2_checkpoint
+    tokenizer_cfg = dict(type='HFTokenizer', pretrained=path)
     torch.manual_seed(0)
-    model = LlavaDPAModel(llm=dict(type='HFCausalLM', pretrained=path, trust_remote_code=True,
-                                   attn_implementation='eager'),
+    model = LlavaDPAModel(llm=dict(type='HFCausalLM', pretrained=path),
                           tokenizer=tokenizer_cfg, vision_tower=vision_parts()[0]).eval()
     tokenizer = PROCESSORS.build(tokenizer_cfg)
     image_processor = PROCESSORS.build(vision_parts()[1])
-    with pytest.raises(ExportUnsupported, match='InternLM2ForCausalLM is remote code'):
+    with pytest.raises(ExportUnsupported, match=r'InternLM2ForCausalLM is not a transformers-native LLM \(dpa code\)'):
         export_llava(model, tokenizer, image_processor, str(tmp_path / 'hf'))
     assert not (tmp_path / 'hf').exists()
 
     save_native(model, tokenizer, image_processor, str(tmp_path / 'native'))
+    saved = json.loads((tmp_path / 'native' / 'llm' / 'config.json').read_text())
+    assert 'auto_map' not in saved  # names no code the directory does not ship
     rebuilt = load_native(str(tmp_path / 'native')).eval()
+    assert type(rebuilt.llm) is InternLM2ForCausalLM
     ids = torch.tensor([[1, 40] + [model.image_token_id] * NUM_IMAGE_TOKENS + [41, 42]])
     pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

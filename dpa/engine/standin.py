@@ -22,6 +22,10 @@ LoRA, stages, feature layer, gradient checkpointing, mixture ratios) is kept;
 every stage gets ``TINY_BATCH`` samples per device and two micro-batches per
 optimizer step (two iterations per stage in one process). Without a GPU,
 DeepSpeed/FSDP and mixed precision are dropped: they need an accelerator.
+
+The builders then save each random stand-in (LLM, tokenizer, vision tower)
+and load it back with ``from_pretrained`` like the checkpoint it replaces
+(:mod:`dpa.models.standin_checkpoint`), so loading failures show here too.
 """
 import copy
 

@@ -4,6 +4,7 @@ checkpoint, ``dict(type='HFCausalLM', config=dict(model_type='qwen2', ...))``
 builds a random stand-in with the same architecture (seeded, so every stage
 and process builds the same weights)."""
 import contextlib
+import json
 import os.path as osp
 from typing import Optional
 
@@ -11,16 +12,16 @@ import torch
 import transformers
 from mmengine.registry import Registry
 from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM,
-                          AutoTokenizer)
+                          AutoTokenizer, TokenizersBackend)
 
+from dpa.models.checkpoint_code import checkpoint_code_class
+from dpa.models.internlm2 import InternLM2Tokenizer, is_internlm2_tokenizer_dir
+from dpa.models.standin_checkpoint import reload_as_checkpoint
 from dpa.registry import MODELS
 
 # Tokenizers and image processors are not nn.Modules: they get their own registry.
 PROCESSORS = Registry('processor', locations=['dpa.models'])
 IMAGE_TOKEN = '<image>'
-REMOTE_CODE_STANDINS = {
-    'internlm2': osp.join(osp.dirname(osp.abspath(__file__)), 'remote_code', 'internlm2'),
-}
 
 
 def _dtype(name):
@@ -43,13 +44,8 @@ def hf_config(pretrained: Optional[str] = None, config: Optional[dict] = None,
     if pretrained is not None:
         return AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
     config = dict(config)
-    model_type = config.pop('model_type')
-    if model_type in REMOTE_CODE_STANDINS:
-        # Families transformers does not know: a config directory with their
-        # modeling code, loaded as remote code like the real checkpoint.
-        return AutoConfig.from_pretrained(REMOTE_CODE_STANDINS[model_type],
-                                          trust_remote_code=trust_remote_code, **config)
-    return AutoConfig.for_model(model_type, **config)
+    # InternLM2 too: `import dpa` registers the project's own implementation.
+    return AutoConfig.for_model(config.pop('model_type'), **config)
 
 
 @MODELS.register_module()
@@ -58,18 +54,40 @@ def HFCausalLM(pretrained: Optional[str] = None,
                torch_dtype: str = 'float32',
                attn_implementation: str = 'sdpa',
                trust_remote_code: bool = False,
-               init_seed: int = 0):
-    """Any ``AutoModelForCausalLM``, from a local checkpoint or a config."""
+               init_seed: int = 0,
+               use_checkpoint_code: bool = False):
+    """Any ``AutoModelForCausalLM``, from a local checkpoint or a config.
+
+    A stand-in built from ``config`` is saved and loaded back with
+    ``from_pretrained`` like a user's checkpoint, so what fails on loading a
+    real one (uninitialised buffers, tied weights) fails with it too.
+    ``trust_remote_code=True`` lets transformers run a checkpoint's own code
+    (``auto_map``) for families neither it nor the project implements;
+    ``use_checkpoint_code=True`` (with ``trust_remote_code``) runs it even for a
+    family the project implements (InternLM2, see docs/families.md).
+    """
     dtype = _dtype(torch_dtype)
-    if pretrained is not None:
+
+    def load(directory):
+        if use_checkpoint_code:
+            config_cls = checkpoint_code_class(directory, 'AutoConfig', trust_remote_code)
+            model_cls = checkpoint_code_class(directory, 'AutoModelForCausalLM',
+                                              trust_remote_code)
+            return model_cls.from_pretrained(
+                directory, config=config_cls.from_pretrained(directory), dtype=dtype,
+                attn_implementation=attn_implementation)
         return AutoModelForCausalLM.from_pretrained(
-            pretrained, dtype=dtype, attn_implementation=attn_implementation,
+            directory, dtype=dtype, attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code)
+
+    if pretrained is not None:
+        return load(pretrained)
     cfg = hf_config(config=config, trust_remote_code=trust_remote_code)
     cfg._attn_implementation = attn_implementation
     with _seeded(init_seed):
-        return AutoModelForCausalLM.from_config(cfg, dtype=dtype,
-                                                trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype,
+                                                 trust_remote_code=trust_remote_code)
+    return reload_as_checkpoint(model, load)
 
 
 def _vision_config(cfg):
@@ -89,7 +107,10 @@ def HFVisionModel(pretrained: Optional[str] = None,
     if pretrained is not None:
         return model_cls.from_pretrained(pretrained, config=vision_cfg, dtype=_dtype(torch_dtype))
     with _seeded(init_seed):
-        return model_cls(vision_cfg).to(_dtype(torch_dtype))
+        model = model_cls(vision_cfg).to(_dtype(torch_dtype))
+    # Through disk like a real checkpoint (see HFCausalLM).
+    return reload_as_checkpoint(
+        model, lambda directory: model_cls.from_pretrained(directory, dtype=_dtype(torch_dtype)))
 
 
 def num_image_tokens(vision_cfg: dict) -> int:
@@ -106,21 +127,55 @@ def num_image_tokens(vision_cfg: dict) -> int:
     raise ValueError(f"vision_tower.feature_select must be 'patch' or 'full', got {feature_select!r}")
 
 
+# What transformers writes as ``tokenizer_class`` for a tokenizer defined by its
+# ``tokenizer.json`` alone (no model-specific class).
+GENERIC_TOKENIZER_CLASSES = ('TokenizersBackend', 'PreTrainedTokenizerFast')
+
+
 @PROCESSORS.register_module()
-def HFTokenizer(pretrained: str, trust_remote_code: bool = False, **kwargs):
-    """A local tokenizer, with the ``<image>`` placeholder token added."""
-    tokenizer = AutoTokenizer.from_pretrained(pretrained, trust_remote_code=trust_remote_code,
-                                              **kwargs)
+def HFTokenizer(pretrained: str, trust_remote_code: bool = False,
+                use_checkpoint_code: bool = False, **kwargs):
+    """A local tokenizer, with the ``<image>`` placeholder token added.
+
+    A tokenizer saved as a generic ``tokenizer.json`` one is loaded as exactly
+    that: ``AutoTokenizer`` would pick the class of the ``config.json`` beside
+    it (transformers 5 forces e.g. ``Qwen2Tokenizer`` for ``qwen2``), which
+    rebuilds the pre-tokenizer and silently changes every id of a custom
+    vocabulary. ``use_checkpoint_code=True`` (with ``trust_remote_code``) runs
+    the tokenizer class the directory's ``auto_map`` names (see HFCausalLM).
+    """
+    if use_checkpoint_code:
+        tokenizer_cls = checkpoint_code_class(pretrained, 'AutoTokenizer', trust_remote_code)
+        tokenizer = tokenizer_cls.from_pretrained(pretrained, **kwargs)
+    elif is_internlm2_tokenizer_dir(pretrained):
+        # transformers 5 has no InternLM2 tokenizer; the project's keeps
+        # SentencePiece's ids (dpa/models/internlm2/tokenization_internlm2.py).
+        tokenizer = InternLM2Tokenizer.from_pretrained(pretrained, **kwargs)
+    elif saved_tokenizer_class(pretrained) in GENERIC_TOKENIZER_CLASSES:
+        tokenizer = TokenizersBackend.from_pretrained(pretrained, **kwargs)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(pretrained, trust_remote_code=trust_remote_code,
+                                                  **kwargs)
     return with_image_token(tokenizer)
+
+
+def saved_tokenizer_class(directory: str) -> Optional[str]:
+    """The ``tokenizer_class`` a tokenizer directory declares, if any."""
+    path = osp.join(directory, 'tokenizer_config.json')
+    if not osp.isfile(path) or not osp.isfile(osp.join(directory, 'tokenizer.json')):
+        return None
+    with open(path, encoding='utf-8') as f:
+        return json.load(f).get('tokenizer_class')
 
 
 @PROCESSORS.register_module()
 def TinyTokenizer(family: Optional[str] = None):
     """The word-level tokenizer of the embedded tiny default; with ``family``,
     the stand-in of that family's tokenizer (its special tokens and chat
-    template, see :mod:`dpa.models.chat_templates`)."""
+    template, see :mod:`dpa.models.chat_templates`). Saved and loaded back
+    with :func:`HFTokenizer`, as a checkpoint's tokenizer is."""
     from dpa.models.tiny_tokenizer import build_tiny_tokenizer
-    return with_image_token(build_tiny_tokenizer(family))
+    return reload_as_checkpoint(build_tiny_tokenizer(family), HFTokenizer)
 
 
 def with_image_token(tokenizer):
