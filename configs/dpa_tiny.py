@@ -6,7 +6,8 @@ _base_ = [
     '_base_/schedules/proxy.py', '_base_/schedules/align.py',
     '_base_/schedules/finetune.py', '_base_/default_runtime.py'
 ]
-stages = ['proxy', 'align', 'finetune']
+# The final model is scored on the synthetic evaluation split (a few seconds).
+stages = ['proxy', 'align', 'finetune', 'eval']
 
 proxy = dict(lora=dict(r=8, lora_alpha=16), max_length=128, batch_size=4, global_batch_size=8,
              checkpoint_interval=8)

@@ -17,9 +17,15 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from transformers import PreTrainedTokenizerFast
 
 import dpa  # noqa: F401  (registers everything)
-from dpa.models.builders import IMAGE_TOKEN, PROCESSORS
-from dpa.models.export import (MULTIMODAL_PRELUDE, NATIVE_CONFIG, ExportUnsupported,
-                               export_llava, load_native, save_native)
+from dpa.datasets.llava import LLaVADataset
+from dpa.engine.standin import TINY_LLM
+from dpa.models.builders import IMAGE_TOKEN, PROCESSORS, hf_config
+from dpa.models.export import (MULTIMODAL_PRELUDE, NATIVE_CONFIG, ExportMismatch,
+                               ExportUnsupported, end_of_turn_ids, export_llava,
+                               generation_config, load_native, native_image_processor,
+                               save_native, tokenizer_round_trip_problems,
+                               training_image_processor)
+from dpa.models.image_preprocessing import preprocess_image
 from dpa.models.mllm import LlavaDPAModel
 from dpa.models.tiny_tokenizer import CHAT_TEMPLATE
 
@@ -344,7 +350,8 @@ def test_export_remote_code_llm_is_unsupported(tmp_path, tokenizer, image_proces
 
     model.llm.__class__ = RemoteCausalLM
     out_dir = tmp_path / 'hf'
-    with pytest.raises(ExportUnsupported, match='RemoteCausalLM is remote code'):
+    with pytest.raises(ExportUnsupported,
+                       match=r'RemoteCausalLM is not a transformers-native LLM \(checkpoint code'):
         export_llava(model, tokenizer, image_processor, str(out_dir))
     assert not out_dir.exists()
 
@@ -407,3 +414,245 @@ def test_bfloat16_vision_tower_runs_outside_autocast():
                         vision_tower=clip_cfg(torch_dtype='bfloat16'))
     logits = our_logits(model, _native_inputs(model))
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+# --------------------------------------------------------------------------- #
+# Fed like training, stops like a chat model, loads under transformers 4.x
+# --------------------------------------------------------------------------- #
+
+NON_SQUARE_SIZES = [(150, 60), (60, 150), (33, 32), (32, 32), (7, 90)]
+
+
+@pytest.fixture(scope='module')
+def padded_export(tmp_path_factory, tokenizer, image_processor):
+    """The tiny model saved both ways as a pad_to_square run saves it."""
+    model = build_model(qwen2_cfg())
+    root = tmp_path_factory.mktemp('padded')
+    save_native(model, tokenizer, image_processor, str(root / 'native'), pad_to_square=True)
+    export_llava(model, tokenizer, image_processor, str(root / 'hf'), pad_to_square=True)
+    hf, processor = load_export(str(root / 'hf'))
+    return dict(model=model, root=root, hf=hf, processor=processor)
+
+
+def _training_pixels(tmp_path, sizes):
+    """pixel_values as the align stage's dataset makes them (pad_to_square)."""
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    rows = []
+    for i, size in enumerate(sizes):
+        shape_image(size=size).save(folder / f'{i}.png')
+        rows.append(dict(id=str(i), image=f'{i}.png', conversations=[
+            dict(**{'from': 'human'}, value=IMAGE_TOKEN + '\nDescribe.'),
+            dict(**{'from': 'gpt'}, value='a red circle')]))
+    data = tmp_path / 'rows.json'
+    data.write_text(json.dumps(rows))
+    dataset = LLaVADataset(data_files=str(data), tokenizer=TINY_TOKENIZER, template='plain',
+                           image_folder=str(folder), image_processor=CLIP.image_processor.to_dict(),
+                           num_image_tokens=NUM_PATCHES, pad_to_square=True)
+    return [dataset.prepare_data(i)['pixel_values'] for i in range(len(sizes))]
+
+
+def test_exported_processors_reproduce_training_pixels(padded_export, tmp_path):
+    expected = _training_pixels(tmp_path, NON_SQUARE_SIZES)
+    native = native_image_processor(str(padded_export['root'] / 'native'))
+    for size, pixels in zip(NON_SQUARE_SIZES, expected):
+        image = shape_image(size=size)
+        _, inputs = processor_inputs(padded_export['processor'], image)
+        assert torch.equal(inputs['pixel_values'][0], pixels), size
+        assert torch.equal(native(image, return_tensors='pt')['pixel_values'][0], pixels), size
+    # Centre-cropping (the vision tower's own processor) would feed other pixels.
+    cropped = PROCESSORS.build(CLIP.image_processor.to_dict())(
+        shape_image(size=(150, 60)), return_tensors='pt')['pixel_values'][0]
+    assert (cropped - expected[0]).abs().max() > 0.1
+
+
+def test_exported_logits_equal_native_logits_on_non_square_images(padded_export, tmp_path):
+    native = load_native(str(padded_export['root'] / 'native')).eval()
+    pixels = _training_pixels(tmp_path, NON_SQUARE_SIZES[:2])
+    for size, training_pixels in zip(NON_SQUARE_SIZES[:2], pixels):
+        _, inputs = processor_inputs(padded_export['processor'], shape_image(size=size))
+        ours = our_logits(native, dict(inputs, pixel_values=training_pixels[None]))
+        assert_close(hf_logits(padded_export['hf'], inputs), ours)
+
+
+def test_config_records_the_real_number_of_image_tokens(padded_export, tmp_path, tokenizer,
+                                                        image_processor):
+    assert padded_export['hf'].config.image_seq_length == NUM_PATCHES
+    model = build_model(qwen2_cfg(), vision_tower=clip_cfg(feature_select='full'))
+    export_llava(model, tokenizer, image_processor, str(tmp_path / 'full'))
+    with open(tmp_path / 'full' / 'config.json') as f:
+        assert json.load(f)['image_seq_length'] == NUM_PATCHES + 1
+
+
+def test_generation_config_stops_at_the_end_of_turn(tmp_path, tokenizer, image_processor):
+    end_of_turn = tokenizer.convert_tokens_to_ids('<|im_end|>')
+    model = build_model(qwen2_cfg())
+    _, inputs = processor_inputs(load_export_processor(model, tokenizer, image_processor,
+                                                       tmp_path / 'probe'), shape_image())
+    first = int(our_logits(model, inputs)[0, -1].argmax())
+    assert first != end_of_turn
+    with torch.no_grad():  # make <|im_end|> the second greedy token
+        head = model.llm.lm_head.weight
+        head[end_of_turn] = head[first] * 3
+    export_llava(model, tokenizer, image_processor, str(tmp_path / 'hf'))
+    with open(tmp_path / 'hf' / 'generation_config.json') as f:
+        generation = json.load(f)
+    assert end_of_turn in generation['eos_token_id']
+    assert generation['pad_token_id'] == tokenizer.pad_token_id
+    hf, processor = load_export(str(tmp_path / 'hf'))
+    assert processor.tokenizer.padding_side == 'left'
+    assert hf.config.text_config.eos_token_id == generation['eos_token_id']
+    with torch.no_grad():
+        out = hf.generate(**inputs, max_new_tokens=10, do_sample=False)
+    new = out[0, inputs['input_ids'].shape[1]:].tolist()
+    assert new[-1] == end_of_turn and len(new) < 10, new
+
+
+def load_export_processor(model, tokenizer, image_processor, out_dir):
+    export_llava(model, tokenizer, image_processor, str(out_dir))
+    return transformers.AutoProcessor.from_pretrained(str(out_dir))
+
+
+def test_generation_config_merges_the_checkpoints_own(tokenizer):
+    llm = build_model(llama_cfg()).llm
+    llm.generation_config = transformers.GenerationConfig(
+        eos_token_id=[7, 8], temperature=0.6, top_p=0.9, do_sample=True)
+    config = generation_config(llm, tokenizer)
+    im_end = tokenizer.convert_tokens_to_ids('<|im_end|>')
+    assert config.eos_token_id == [im_end, 7, 8]
+    assert (config.temperature, config.top_p, config.do_sample) == (0.6, 0.9, True)
+    assert config.pad_token_id == tokenizer.pad_token_id
+
+
+@pytest.mark.parametrize('family,end_token', [('qwen2_5', '<|im_end|>'),
+                                              ('llama3_1', '<|eot_id|>'),
+                                              ('gemma2', '<end_of_turn>'),
+                                              ('internlm2', '<|im_end|>')])
+def test_end_of_turn_token_of_each_family(family, end_token):
+    tokenizer = PROCESSORS.build(dict(type='TinyTokenizer', family=family))
+    assert end_of_turn_ids(tokenizer) == [tokenizer.convert_tokens_to_ids(end_token)]
+
+
+def test_export_writes_the_fields_transformers4_reads(padded_export):
+    root = padded_export['root'] / 'hf'
+    keys = set(load_file(str(root / 'model.safetensors')))
+    # 4.x's CLIPVisionModel keeps its modules under vision_model (5.x strips it on load).
+    assert 'vision_tower.vision_model.embeddings.patch_embedding.weight' in keys
+    assert not any(k.startswith('vision_tower.embeddings') for k in keys)
+    assert {k.split('.')[0] for k in keys} == {
+        'language_model', 'vision_tower', 'multi_modal_projector'}
+    with open(root / 'config.json') as f:
+        text = json.load(f)['text_config']
+    assert text['rope_theta'] == text['rope_parameters']['rope_theta']
+    with open(root / 'tokenizer_config.json') as f:
+        tok = json.load(f)
+    assert tok['tokenizer_class'] == 'PreTrainedTokenizerFast'
+    assert tok['additional_special_tokens'] == ['<|im_start|>', IMAGE_TOKEN]
+    assert not isinstance(tok.get('extra_special_tokens', {}), list)
+    assert tok['model_input_names'] == ['input_ids', 'attention_mask']
+    assert tok['padding_side'] == 'left'
+    with open(root / 'preprocessor_config.json') as f:
+        images = json.load(f)
+    assert images['image_processor_type'] == 'LlavaImageProcessor' and images['do_pad']
+
+
+def test_export_rope_scaling_is_written_for_transformers4(tmp_path, tokenizer, image_processor):
+    scaling = dict(rope_type='linear', factor=2.0)
+    model = build_model(qwen2_cfg(rope_theta=1e6, rope_scaling=dict(scaling)))
+    export_llava(model, tokenizer, image_processor, str(tmp_path / 'hf'))
+    with open(tmp_path / 'hf' / 'config.json') as f:
+        text = json.load(f)['text_config']
+    assert text['rope_theta'] == 1e6
+    assert text['rope_scaling'] == scaling
+
+
+def test_export_fails_loudly_when_weights_would_not_reload(
+        tmp_path, tokenizer, image_processor, monkeypatch):
+    from dpa.models import hf_compat
+    monkeypatch.setitem(hf_compat.LEGACY_VISION_PREFIX, 'CLIPVisionModel', 'vision_encoder.')
+    model = build_model(qwen2_cfg())
+    with pytest.raises(ExportMismatch, match='vision_tower.embeddings.patch_embedding.weight'):
+        export_llava(model, tokenizer, image_processor, str(tmp_path / 'hf'))
+
+
+FAMILY_BASES = ['tiny_qwen2.py', 'qwen2_5_7b_instruct.py', 'llama3_1_8b_instruct.py',
+                'gemma2_9b_it.py', 'internlm2_chat_7b.py']
+ROUND_TRIP_TEXTS = ['a red circle on the left.', 'What colour is the shape?',
+                    IMAGE_TOKEN + '\nDescribe the image briefly.', 'Zebra 42 %$ ünïcode']
+
+
+@pytest.mark.parametrize('base', FAMILY_BASES)
+def test_native_tokenizer_round_trips_for_every_family(base):
+    cfg = Config.fromfile(os.path.join(ROOT, 'configs/_base_/models', base))
+    if 'llm_standin' in cfg:
+        llm = dict(config={**TINY_LLM, **cfg.llm_standin.config},
+                   trust_remote_code=cfg.llm.get('trust_remote_code', False))
+        tokenizer_cfg = cfg.llm_standin.tokenizer
+    else:
+        llm, tokenizer_cfg = cfg.llm, cfg.tokenizer
+    llm_config = hf_config(config=llm['config'],
+                           trust_remote_code=llm.get('trust_remote_code', False))
+    tokenizer = PROCESSORS.build(tokenizer_cfg)
+    chat = tokenizer.apply_chat_template([{'role': 'user', 'content': ROUND_TRIP_TEXTS[2]}],
+                                         tokenize=False, add_generation_prompt=True)
+    assert tokenizer_round_trip_problems(tokenizer, ROUND_TRIP_TEXTS + [chat], llm_config) == []
+
+
+def test_round_trip_check_catches_a_tokenizer_that_reloads_as_another_class(tokenizer):
+    """AutoTokenizer picks Qwen2Tokenizer for a tokenizer saved beside a qwen2
+    config and re-splits a custom vocabulary: the check must say so."""
+    llm_config = hf_config(config=QWEN2.llm.config.to_dict())
+    problems = tokenizer_round_trip_problems(tokenizer, ROUND_TRIP_TEXTS, llm_config,
+                                             reload=transformers.AutoTokenizer.from_pretrained)
+    assert problems and 'Qwen2Tokenizer' in problems[0]
+
+
+def test_check_data_reports_a_tokenizer_that_does_not_round_trip(tmp_path, monkeypatch):
+    from dpa.datasets.validation import tokenizer_round_trip
+    from dpa.registry import DATASETS
+    cfg = Config.fromfile(os.path.join(ROOT, 'configs', 'dpa_tiny.py'))
+    # The first row is not an object: skipped here, not a crash.
+    (tmp_path / 'rows.jsonl').write_text('[1, 2]\n' + json.dumps(dict(id='0', conversations=[
+        {'from': 'human', 'value': 'Describe the image briefly.'},
+        {'from': 'gpt', 'value': 'a small red circle on the left.'}])) + '\n')
+    dataset = DATASETS.build(dict(type='LLaVADataset', template='caption_text',
+                                  tokenizer=TINY_TOKENIZER,
+                                  data_files=[str(tmp_path / 'rows.jsonl')]))
+    assert tokenizer_round_trip(cfg.llm, cfg.tokenizer, [dataset]) == []
+    monkeypatch.setattr('dpa.models.builders.HFTokenizer',
+                        transformers.AutoTokenizer.from_pretrained)
+    problems = tokenizer_round_trip(cfg.llm, cfg.tokenizer, [dataset])
+    assert problems and {p['reason'] for p in problems} == {'tokenizer_round_trip'}
+    assert 'Qwen2Tokenizer' in problems[0]['detail']
+
+
+def test_siglip_processor_pads_like_training():
+    """SigLIP resizes to a fixed size and has no centre crop: the exported
+    processor must not add LLaVA's default 224-pixel crop."""
+    siglip = transformers.SiglipImageProcessor(size=dict(height=32, width=32))
+    exported = training_image_processor(siglip, pad_to_square=True)
+    for size in NON_SQUARE_SIZES:
+        image = shape_image(size=size)
+        assert torch.equal(exported(images=image, return_tensors='pt').pixel_values[0],
+                           preprocess_image(image, siglip, pad_to_square=True)), size
+
+
+def test_final_model_is_written_in_the_configured_llm_dtype(tmp_path):
+    """Stage 3 trains float32 master weights of a bfloat16 LLM; the artifacts
+    hold the LLM in bfloat16, as the checkpoint it came from."""
+    from dpa.engine.hooks import DPAHook
+    model = LlavaDPAModel(llm={**qwen2_cfg(), 'torch_dtype': 'bfloat16'}, tokenizer=TINY_TOKENIZER,
+                          vision_tower=clip_cfg(), trainable=['llm', 'projector'],
+                          trainable_dtype='float32')
+    assert model.llm.dtype == torch.float32
+    hook = DPAHook(stage='finetune', artifact='model', work_dir=str(tmp_path), made_from={},
+                   tokenizer=TINY_TOKENIZER, image_processor=CLIP.image_processor.to_dict(),
+                   llm_dtype='bfloat16')
+    hook._write(model, str(tmp_path / 'final'), [])
+    native = load_file(str(tmp_path / 'final' / 'llm' / 'model.safetensors'))
+    exported = load_file(str(tmp_path / 'final' / 'hf_llava' / 'model.safetensors'))
+    assert {v.dtype for v in native.values()} == {torch.bfloat16}
+    assert {v.dtype for k, v in exported.items() if k.startswith('language_model')} == {
+        torch.bfloat16}
+    with open(tmp_path / 'final' / NATIVE_CONFIG) as f:
+        assert json.load(f)['llm']['torch_dtype'] == 'bfloat16'

@@ -1,9 +1,12 @@
 """Deterministic synthetic LLaVA-format data for the tiny embedded default.
 
 Pictures of one or two coloured shapes on a plain background, with truthful
-captions (pretraining format) and question/answer conversations (instruction
-format). All text comes from the templates below, so ``VOCABULARY`` can list
-every word a word-level tokenizer needs.
+captions (pretraining format), question/answer conversations (instruction
+format) and a held-out evaluation split of multiple-choice questions about
+colour, shape and position (rows ``{"id", "image", "question", "answer",
+"options", "type"}``, read by :mod:`dpa.evaluation`). All text comes from the
+templates below, so ``VOCABULARY`` can list every word a word-level tokenizer
+needs.
 """
 import json
 import os
@@ -16,7 +19,7 @@ from PIL import Image, ImageDraw
 IMAGE_TOKEN = '<image>'
 CAPTION_PROMPT = IMAGE_TOKEN + '\nDescribe the image briefly.'
 # Bump when the generator changes so cached roots are regenerated.
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
 # No colour, size or shape starts with a vowel, so "a {colour} {shape}" is always grammatical.
 SHAPES = ('circle', 'square', 'triangle', 'diamond')
@@ -79,6 +82,15 @@ _QA_SCENE = (
     ('What colour is the background?', 'The background is {bg}.'),
     ('Describe the image.', '{caption}'),
 )
+# The evaluation questions, by type: (one-shape template, two-shape template or
+# None, the field asked about). Their answers are the instruction answers, so
+# the options differ from the right answer in one word only.
+EVAL_QUESTIONS = {
+    'colour': (_QA_ONE[1], _QA_EACH[0], 'colour'),
+    'shape': (_QA_ONE[2], None, 'shape'),
+    'position': (_QA_ONE[4], _QA_EACH[1], 'where'),
+}
+EVAL_OPTIONS = 4
 _QA_PRESENT = ('Is there a {shape} in the image?', 'Yes, there is a {shape} {where}.')
 _QA_ABSENT = ('Is there a {shape} in the image?', 'No, there is no {shape} in the image.')
 _QA_TEXT = (
@@ -122,12 +134,16 @@ def _sample_scene(rng):
     return dict(shapes=shapes, bg=rng.choice(list(BACKGROUNDS)))
 
 
-def _draw(scene, size):
+def draw_scene(scene, size):
+    """The picture of a scene: ``bg`` and ``shapes``, each with ``shape``,
+    ``colour``, ``size``, ``position`` and optionally ``offset``, a (dx, dy)
+    shift from the position's centre as a fraction of the side."""
     image = Image.new('RGB', (size, size), BACKGROUNDS[scene['bg']])
     draw = ImageDraw.Draw(image)
     for s in scene['shapes']:
         fx, fy = POSITIONS[s['position']][1]
-        x, y, r = fx * size, fy * size, SIZES[s['size']] * size
+        dx, dy = s.get('offset', (0.0, 0.0))
+        x, y, r = (fx + dx) * size, (fy + dy) * size, SIZES[s['size']] * size
         fill = COLOURS[s['colour']]
         if s['shape'] == 'circle':
             draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
@@ -196,16 +212,56 @@ def _conversation(qa_pairs):
     return turns
 
 
-def _generate(out_dir, num_captions, num_instructions, image_size, seed):
+def _scene_key(scene):
+    return json.dumps(scene, sort_keys=True)
+
+
+def _eval_row(rng, scene, kind):
+    """One multiple-choice question about ``scene``, or None if the scene
+    cannot ask it (e.g. "What shape is it?" of two shapes)."""
+    one_template, each_template, field = EVAL_QUESTIONS[kind]
+    shapes = scene['shapes']
+    if len(shapes) == 2 and each_template is None:
+        return None
+    question, answer = one_template if len(shapes) == 1 else each_template
+    subject = rng.choice(shapes)
+    pool = {'colour': list(COLOURS), 'shape': list(SHAPES),
+            'where': [phrase for phrase, _ in POSITIONS.values()]}[field]
+    wrong = rng.sample([v for v in pool if v != subject[field]], EVAL_OPTIONS - 1)
+    values = [subject[field]] + wrong
+    rng.shuffle(values)
+    options = [answer.format(**dict(subject, **{field: v})) for v in values]
+    return dict(question=question.format(**subject), answer=answer.format(**subject),
+                options=options, type=kind)
+
+
+def _generate_eval(rng, out_dir, num_eval, image_size, train_scenes):
+    """Held-out rows: their pictures are new files of scenes no training image shows."""
+    kinds = list(EVAL_QUESTIONS)
+    with open(os.path.join(out_dir, 'eval.jsonl'), 'w') as f:
+        for i in range(num_eval):
+            while True:
+                scene = _sample_scene(rng)
+                row = None if _scene_key(scene) in train_scenes else _eval_row(
+                    rng, scene, kinds[i % len(kinds)])
+                if row is not None:
+                    break
+            name = f'eval_{i:06d}'
+            draw_scene(scene, image_size).save(os.path.join(out_dir, 'images', name + '.png'))
+            f.write(json.dumps(dict(id=name, image=name + '.png', **row)) + '\n')
+
+
+def _generate(out_dir, num_captions, num_instructions, num_eval, image_size, seed):
     rng = random.Random(seed)
     image_dir = os.path.join(out_dir, 'images')
     os.makedirs(image_dir)
 
-    captions = []
+    captions, train_scenes = [], set()
     for i in range(num_captions):
         scene = _sample_scene(rng)
+        train_scenes.add(_scene_key(scene))
         name = f'cap_{i:06d}'
-        _draw(scene, image_size).save(os.path.join(image_dir, name + '.png'))
+        draw_scene(scene, image_size).save(os.path.join(image_dir, name + '.png'))
         conversation = _conversation([(CAPTION_PROMPT, _caption(rng, scene))])
         captions.append(dict(id=name, image=name + '.png', conversations=conversation))
     with open(os.path.join(out_dir, 'captions.json'), 'w') as f:
@@ -220,11 +276,14 @@ def _generate(out_dir, num_captions, num_instructions, image_size, seed):
                 row = dict(id=name, conversations=_conversation(_text_qa(rng, k) for k in rng.sample(range(len(_QA_TEXT)), turns)))
             else:
                 scene = _sample_scene(rng)
-                _draw(scene, image_size).save(os.path.join(image_dir, name + '.png'))
+                train_scenes.add(_scene_key(scene))
+                draw_scene(scene, image_size).save(os.path.join(image_dir, name + '.png'))
                 conversation = _conversation(rng.sample(_image_qa(rng, scene), turns))
                 conversation[0]['value'] = IMAGE_TOKEN + '\n' + conversation[0]['value']
                 row = dict(id=name, image=name + '.png', conversations=conversation)
             f.write(json.dumps(row) + '\n')
+    # Drawn after the training rows, from the same generator: those stay as they were.
+    _generate_eval(rng, out_dir, num_eval, image_size, train_scenes)
 
 
 def _is_complete(root, params):
@@ -235,18 +294,22 @@ def _is_complete(root, params):
         return False
 
 
-def make_synthetic_data(root, num_captions=64, num_instructions=48, image_size=64, seed=0):
-    """Generate (once) the synthetic data set under ``root``; return its paths."""
+def make_synthetic_data(root, num_captions=64, num_instructions=48, image_size=64, seed=0,
+                        num_eval=48):
+    """Generate (once) the synthetic data set under ``root``; return its paths
+    (``image_folder``, ``captions``, ``instructions``, ``eval``)."""
     root = os.path.abspath(os.fspath(root))
     paths = dict(
         image_folder=os.path.join(root, 'images'),
         captions=os.path.join(root, 'captions.json'),
         instructions=os.path.join(root, 'instructions.jsonl'),
+        eval=os.path.join(root, 'eval.jsonl'),
     )
     params = dict(
         version=_FORMAT_VERSION,
         num_captions=num_captions,
         num_instructions=num_instructions,
+        num_eval=num_eval,
         image_size=image_size,
         seed=seed,
     )
@@ -257,7 +320,7 @@ def make_synthetic_data(root, num_captions=64, num_instructions=48, image_size=6
     tmp = f'{root}.tmp-{os.getpid()}'
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    _generate(tmp, num_captions, num_instructions, image_size, seed)
+    _generate(tmp, num_captions, num_instructions, num_eval, image_size, seed)
     with open(os.path.join(tmp, '.complete'), 'w') as f:
         json.dump(params, f)
     if _is_complete(root, params):

@@ -1,7 +1,11 @@
-# Images of coloured shapes with captions, and instruction conversations (30%
-# text-only), generated deterministically under `synthetic_data.root` on first
-# use; the pipeline points `caption_data` and `instruct_data` at them.
+# Images of coloured shapes with captions, instruction conversations (30%
+# text-only) and a held-out evaluation split (multiple-choice questions about
+# colour, shape and position, on images no training row shows), generated
+# deterministically under `synthetic_data.root` on first use; the pipeline
+# points `caption_data`, `instruct_data` and `eval` at them.
 synthetic_data = dict(root='data/dpa_tiny', num_captions=64, num_instructions=48,
-                      image_size=64, seed=0)
+                      num_eval=48, image_size=64, seed=0)
 caption_data = dict(data_files=[], image_folder='')
 instruct_data = dict(data_files=[], image_folder='')
+# Read by the `eval` stage when a config lists it (empty data: the synthetic split).
+eval = dict(data='', image_folder='', batch_size=16)

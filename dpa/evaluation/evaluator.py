@@ -1,0 +1,233 @@
+"""Scoring evaluation rows with a model, and the files a run writes.
+
+Multiple choice (a row with ``options``): each option's score is the sum of
+the log-probabilities of its tokens (tokenised alone, without special tokens)
+appended to the prompt's tokens; the prediction is the best option, the first
+one on ties. Open questions: greedy generation until an end-of-turn token (at
+most ``MAX_NEW_TOKENS``), correct when it equals the answer once both are
+lower-cased and stripped of surrounding whitespace and punctuation.
+"""
+import json
+import os
+import os.path as osp
+import sys
+from collections import defaultdict
+from typing import List, Optional
+
+import torch
+from tqdm import tqdm
+
+from dpa.engine.artifacts import atomic_write
+from dpa.evaluation.data import normalize_answer, read_eval_rows
+from dpa.evaluation.models import default_device, load_eval_model, load_image
+
+MAX_NEW_TOKENS = 64
+METRICS_FILE = 'metrics.json'
+PREDICTIONS_FILE = 'predictions.jsonl'
+BAD_ROWS_FILE = 'bad_rows.jsonl'
+
+
+class BadRowsError(ValueError):
+    """The data has bad rows and the run was not told to skip them.
+
+    Args:
+        problems: one record per bad row (file, row, id, reason, detail).
+        report: where they were written.
+    """
+
+    def __init__(self, problems: List[dict], report: Optional[str]):
+        reasons = defaultdict(int)
+        for p in problems:
+            reasons[p['reason']] += 1
+        listing = ', '.join(f'{count} x {reason}' for reason, count in sorted(reasons.items()))
+        first = problems[0]
+        super().__init__(
+            f'{len(problems)} bad row(s) in the evaluation data ({listing}), e.g. '
+            f"{first['file']} row {first['row']}: {first['detail']}"
+            + (f'; every one is listed in {report}' if report else '')
+            + '. Fix them, or pass --skip-bad-rows to score the other rows')
+        self.problems, self.report = problems, report
+
+
+def _batches(items, size):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _option_ids(tokenizer, option: str) -> List[int]:
+    ids = tokenizer(option, add_special_tokens=False).input_ids
+    if not ids:
+        raise ValueError(f'option {option!r} tokenises to nothing')
+    return ids
+
+
+def score_options(model, prompts, rows, batch_size: int, progress=None) -> List[List[float]]:
+    """Each option's summed token log-probability after its row's prompt.
+
+    Args:
+        model: a ``NativeEvalModel`` or ``HFLlavaEvalModel``.
+        prompts: ``(ids, pixel_values)`` of each row.
+        rows: the rows (with ``options``).
+        batch_size: sequences (one per row and option) per forward pass.
+        progress: a tqdm bar advanced by one per sequence.
+    """
+    items = [(r, o, _option_ids(model.tokenizer, option))
+             for r, row in enumerate(rows) for o, option in enumerate(row['options'])]
+    scores = [[0.0] * len(row['options']) for row in rows]
+    for batch in _batches(items, batch_size):
+        sequences = [prompts[r][0] + ids for r, _, ids in batch]
+        pixels = [prompts[r][1] for r, _, _ in batch if prompts[r][1] is not None]
+        keep = max(len(ids) for _, _, ids in batch) + 1
+        logps = torch.log_softmax(model.last_logits(sequences, pixels, keep), dim=-1)
+        for b, (r, o, ids) in enumerate(batch):
+            # Left padding puts the option at the end: position keep-n-1+j predicts token j.
+            n = len(ids)
+            positions = torch.arange(keep - n - 1, keep - 1)
+            targets = torch.as_tensor(ids, device=logps.device)
+            scores[r][o] = float(logps[b, positions, targets].sum())
+        if progress is not None:
+            progress.update(len(batch))
+    return scores
+
+
+def generate_answers(model, prompts, batch_size: int, max_new_tokens: int = MAX_NEW_TOKENS,
+                     progress=None) -> List[str]:
+    """Greedy answers, cut at the first end-of-turn token, special tokens dropped."""
+    answers = []
+    stops = set(model.end_of_turn_ids)
+    for batch in _batches(prompts, batch_size):
+        pixels = [p for _, p in batch if p is not None]
+        for new in model.generate([ids for ids, _ in batch], pixels, max_new_tokens):
+            cut = next((i for i, token in enumerate(new) if token in stops), len(new))
+            answers.append(model.tokenizer.decode(new[:cut], skip_special_tokens=True).strip())
+        if progress is not None:
+            progress.update(len(batch))
+    return answers
+
+
+def predict(model, rows: List[dict], batch_size: int = 8, show_progress: bool = True,
+            max_new_tokens: int = MAX_NEW_TOKENS) -> List[dict]:
+    """One prediction record per row: id, type, prediction, answer, correct,
+    and ``option_scores`` for multiple choice."""
+    if batch_size < 1:
+        raise ValueError(f'batch size must be at least 1, got {batch_size}')
+    choice = [r for r in rows if r['options'] is not None]
+    open_rows = [r for r in rows if r['options'] is None]
+    total = sum(len(r['options']) for r in choice) + len(open_rows)
+    bar = tqdm(total=total, desc='evaluating', unit='seq',
+               disable=not (show_progress and sys.stderr.isatty()))
+    with bar:
+        choice_prompts = [model.prompt(r['question'], load_image(r['image_path']))
+                          for r in choice]
+        scores = score_options(model, choice_prompts, choice, batch_size, bar)
+        del choice_prompts
+        open_prompts = [model.prompt(r['question'], load_image(r['image_path']))
+                        for r in open_rows]
+        answers = generate_answers(model, open_prompts, batch_size, max_new_tokens, bar)
+    records = {}
+    for row, option_scores in zip(choice, scores):
+        best = max(range(len(option_scores)), key=option_scores.__getitem__)  # first on ties
+        prediction = row['options'][best]
+        records[id(row)] = dict(prediction=prediction, correct=prediction == row['answer'],
+                                option_scores=dict(zip(row['options'], option_scores)))
+    for row, answer in zip(open_rows, answers):
+        records[id(row)] = dict(
+            prediction=answer, correct=normalize_answer(answer) == normalize_answer(row['answer']))
+    return [dict(id=row['id'], type=row['type'], answer=row['answer'], **records[id(row)])
+            for row in rows]
+
+
+def _accuracy(records) -> dict:
+    n = len(records)
+    summary = dict(n=n, accuracy=sum(r['correct'] for r in records) / n if n else None)
+    choice = [r for r in records if 'option_scores' in r]
+    if choice:
+        summary['chance'] = sum(1 / len(r['option_scores']) for r in choice) / len(choice)
+    return summary
+
+
+def compute_metrics(predictions: List[dict]) -> dict:
+    """``accuracy`` and ``n`` over all rows; ``chance`` (mean of 1/number of
+    options over the multiple-choice rows); the same per ``type`` and for
+    ``multiple_choice`` / ``open`` rows."""
+    metrics = _accuracy(predictions)
+    by_type = defaultdict(list)
+    for record in predictions:
+        if record['type'] is not None:
+            by_type[record['type']].append(record)
+    if by_type:
+        metrics['per_type'] = {t: _accuracy(rs) for t, rs in sorted(by_type.items())}
+    metrics['multiple_choice'] = _accuracy([r for r in predictions if 'option_scores' in r])
+    metrics['open'] = _accuracy([r for r in predictions if 'option_scores' not in r])
+    return metrics
+
+
+def _percent(value) -> str:
+    return '-' if value is None else f'{value:.1%}'
+
+
+def format_table(metrics: dict) -> str:
+    """A short table: rows per type and overall, accuracy and chance."""
+    lines = [f"{'':<16}{'n':>6}{'accuracy':>10}{'chance':>9}"]
+    groups = list(metrics.get('per_type', {}).items()) + [('all', metrics)]
+    for name, m in groups:
+        lines.append(f"{name:<16}{m['n']:>6}{_percent(m['accuracy']):>10}"
+                     f"{_percent(m.get('chance')):>9}")
+    for task, values in metrics.get('lmms_eval', {}).get('results', {}).items():
+        for metric, value in values.items():
+            if isinstance(value, (int, float)):
+                lines.append(f'lmms-eval {task} {metric}: {value:.4f}')
+    return '\n'.join(lines)
+
+
+def evaluate(model_path: str, data: str, image_folder: str = '', out_dir: Optional[str] = None,
+             batch_size: int = 8, device: Optional[str] = None, skip_bad_rows: bool = False,
+             pad_to_square: Optional[bool] = None, show_progress: bool = True) -> dict:
+    """Score the model at ``model_path`` on ``data``; write ``metrics.json``
+    and ``predictions.jsonl`` (and ``bad_rows.jsonl`` when rows are bad) to
+    ``out_dir``; return the metrics.
+
+    Args:
+        model_path: a work dir, native model dir or ``hf_llava`` dir.
+        data: json/jsonl evaluation rows (see :mod:`dpa.evaluation.data`).
+        image_folder: what the rows' image paths are relative to.
+        out_dir: where the files go; None writes nothing.
+        batch_size: sequences per forward pass.
+        device: default ``cuda`` when available, else ``cpu``.
+        skip_bad_rows: score the good rows when some are bad (they are listed
+            and counted in ``skipped_rows``) instead of raising.
+        pad_to_square: native models: override the recorded preprocessing.
+
+    Raises:
+        EvalDataError: the data file cannot be read.
+        BadRowsError: bad rows, without ``skip_bad_rows``.
+        ModelLoadError: ``model_path`` is no model the evaluator knows.
+    """
+    rows, problems = read_eval_rows(data, image_folder)
+    report = osp.join(out_dir, BAD_ROWS_FILE) if out_dir else None
+    if report and problems:
+        atomic_write(''.join(json.dumps(p) + '\n' for p in problems), report)
+    elif report and osp.exists(report):  # from an earlier run on other data
+        os.remove(report)
+    report = report if problems else None
+    if problems and not skip_bad_rows:
+        raise BadRowsError(problems, report)
+    if not rows:
+        raise BadRowsError(problems, report) if problems else ValueError(f'{data} has no rows')
+    model = load_eval_model(model_path, device or default_device(), pad_to_square)
+    predictions = predict(model, rows, batch_size, show_progress)
+    metrics = dict(compute_metrics(predictions), skipped_rows=len(problems),
+                   model=osp.abspath(model.name), model_format=model.kind,
+                   data=osp.abspath(data))
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        atomic_write(''.join(json.dumps(p) + '\n' for p in predictions),
+                     osp.join(out_dir, PREDICTIONS_FILE))
+        write_metrics(metrics, out_dir)
+    return metrics
+
+
+def write_metrics(metrics: dict, out_dir: str) -> str:
+    path = osp.join(out_dir, METRICS_FILE)
+    atomic_write(json.dumps(metrics, indent=2), path)
+    return path

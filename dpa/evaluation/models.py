@@ -1,0 +1,279 @@
+"""The model under evaluation, fed exactly as training fed it.
+
+Three inputs are accepted: a finished work dir (its ``finetune`` stage's final
+model, in the native format), a native model directory (``dpa_model.json``,
+see :func:`dpa.models.export.save_native`) and a transformers LLaVA export
+(``hf_llava/``). Both kinds of model offer the same small interface to the
+scorer: the prompt of a row as token ids with its image, left-padded forward
+passes that return the logits of the last positions only, and greedy
+generation.
+"""
+import inspect
+import json
+import logging
+import os.path as osp
+from typing import List, Optional, Sequence
+
+import torch
+from mmengine.logging import print_log
+from PIL import Image
+
+from dpa.datasets.llava import open_image
+from dpa.engine.artifacts import read_manifest
+from dpa.models.builders import IMAGE_TOKEN, PROCESSORS, num_image_tokens
+from dpa.models.export import NATIVE_CONFIG, load_native, stop_token_ids
+from dpa.models.image_preprocessing import preprocess_image
+
+FINAL_STAGE = 'finetune'
+# Every shipped base config trains with LLaVA-1.5's padding to a square.
+DEFAULT_PAD_TO_SQUARE = True
+
+
+class ModelLoadError(ValueError):
+    """The path is not a model or work dir the evaluator can load."""
+
+
+def chat_prompt(tokenizer, question: str, has_image: bool) -> str:
+    """The chat template applied to one user turn (the image, then the
+    question), with the generation prompt: the text training's ``chat``
+    template puts before an answer."""
+    content = f'{IMAGE_TOKEN}\n{question}' if has_image else question
+    return tokenizer.apply_chat_template([dict(role='user', content=content)],
+                                         add_generation_prompt=True, tokenize=False)
+
+
+def end_of_turn_ids(tokenizer, generation_config=None) -> List[int]:
+    """Token ids that end an answer (see :func:`dpa.models.export.stop_token_ids`):
+    the chat template's end-of-turn token, the generation config's and the
+    tokenizer's eos."""
+    ids = stop_token_ids(tokenizer, generation_config)
+    if not ids:
+        raise ModelLoadError('the tokenizer has no eos token and its chat template no special '
+                             'end-of-turn token: open questions could not stop')
+    return ids
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int):
+    """``(input_ids, attention_mask, position_ids)`` with every row ending at
+    the last column; real tokens get positions 0..n-1, as without padding."""
+    length = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, seq in enumerate(sequences):
+        if len(seq):
+            input_ids[row, length - len(seq):] = torch.as_tensor(seq)
+            attention_mask[row, length - len(seq):] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids
+
+
+def default_device() -> str:
+    return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
+def _accepts(fn, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
+class NativeEvalModel:
+    """A ``LlavaDPAModel`` with the tokenizer, image processor and image
+    preprocessing (``pad_to_square``) it was trained with.
+
+    Args:
+        model: the model (moved to ``device``, eval mode).
+        tokenizer / image_processor: its processors.
+        image_tokens: ``<image>`` ids per image.
+        pad_to_square: pad images to a square with the mean colour first.
+        device: where the forward passes run.
+        name: the directory it came from, for reports.
+    """
+    kind = 'native'
+
+    def __init__(self, model, tokenizer, image_processor, image_tokens: int,
+                 pad_to_square: bool, device='cpu', name: str = ''):
+        self.model = model.to(device).eval()
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.image_tokens, self.pad_to_square = image_tokens, pad_to_square
+        self.device, self.name = torch.device(device), name
+        self.image_token_id = model.image_token_id
+        self.pad_id = tokenizer.pad_token_id
+        self.end_of_turn_ids = end_of_turn_ids(tokenizer, getattr(model.llm, 'generation_config',
+                                                                  None))
+
+    def prompt(self, question: str, image: Optional[Image.Image]):
+        """``(token ids, pixel values or None)`` of one row, as training builds them."""
+        text = chat_prompt(self.tokenizer, question, image is not None)
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        if image is None:
+            return ids, None
+        at = ids.index(self.image_token_id)
+        ids = ids[:at] + [self.image_token_id] * self.image_tokens + ids[at + 1:]
+        return ids, preprocess_image(image, self.image_processor, self.pad_to_square)
+
+    def _inputs(self, sequences, pixel_values):
+        input_ids, attention_mask, position_ids = (
+            t.to(self.device) for t in left_pad(sequences, self.pad_id))
+        pixels = torch.stack(pixel_values).to(self.device) if pixel_values else None
+        embeds, _ = self.model.embed(input_ids, pixels)
+        return embeds, attention_mask, position_ids
+
+    @torch.no_grad()
+    def last_logits(self, sequences, pixel_values, keep: int) -> torch.Tensor:
+        """Float32 logits of the last ``keep`` positions of each left-padded
+        sequence: (batch, keep, vocab). The LLM is fed as in
+        ``LlavaDPAModel.forward`` (same embeddings, mask and position ids)."""
+        embeds, attention_mask, position_ids = self._inputs(sequences, pixel_values)
+        llm = self.model.llm
+        kwargs = dict(inputs_embeds=embeds, attention_mask=attention_mask,
+                      position_ids=position_ids, use_cache=False)
+        if _accepts(llm.forward, 'logits_to_keep'):
+            kwargs['logits_to_keep'] = keep
+        return llm(**kwargs).logits[:, -keep:].float()
+
+    @torch.no_grad()
+    def generate(self, sequences, pixel_values, max_new_tokens: int) -> List[List[int]]:
+        """Greedy continuations (new ids only) of left-padded sequences."""
+        embeds, attention_mask, _ = self._inputs(sequences, pixel_values)
+        # generate() derives position ids from the mask as forward() does.
+        out = self.model.llm.generate(
+            inputs_embeds=embeds, attention_mask=attention_mask, do_sample=False, num_beams=1,
+            max_new_tokens=max_new_tokens, eos_token_id=self.end_of_turn_ids,
+            pad_token_id=self.pad_id)
+        return out.tolist()
+
+
+class HFLlavaEvalModel:
+    """A transformers ``LlavaForConditionalGeneration`` export with its
+    processor (``AutoProcessor``), fed as any transformers user would.
+
+    Args:
+        model_dir: the ``hf_llava`` directory.
+        device: where the forward passes run.
+    """
+    kind = 'hf_llava'
+
+    def __init__(self, model_dir: str, device='cpu'):
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        self.model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype='auto')
+        self.model.to(device).eval()
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.tokenizer = self.processor.tokenizer
+        self.device, self.name = torch.device(device), model_dir
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
+        self.end_of_turn_ids = end_of_turn_ids(self.tokenizer, self.model.generation_config)
+
+    def prompt(self, question: str, image: Optional[Image.Image]):
+        text = chat_prompt(self.tokenizer, question, image is not None)
+        # The template already holds any bos token; training adds none either.
+        inputs = self.processor(text=text, images=[image] if image is not None else None,
+                                add_special_tokens=False, return_tensors='pt')
+        pixels = inputs['pixel_values'][0] if image is not None else None
+        return inputs['input_ids'][0].tolist(), pixels
+
+    def _inputs(self, sequences, pixel_values):
+        input_ids, attention_mask, position_ids = (
+            t.to(self.device) for t in left_pad(sequences, self.pad_id))
+        pixels = (torch.stack(pixel_values).to(self.device, self.model.dtype)
+                  if pixel_values else None)
+        return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels), \
+            position_ids
+
+    @torch.no_grad()
+    def last_logits(self, sequences, pixel_values, keep: int) -> torch.Tensor:
+        inputs, position_ids = self._inputs(sequences, pixel_values)
+        # Explicit position ids: the model's default (0..T-1) ignores left padding.
+        out = self.model(**inputs, position_ids=position_ids, logits_to_keep=keep,
+                         use_cache=False)
+        return out.logits[:, -keep:].float()
+
+    @torch.no_grad()
+    def generate(self, sequences, pixel_values, max_new_tokens: int) -> List[List[int]]:
+        inputs, _ = self._inputs(sequences, pixel_values)
+        out = self.model.generate(**inputs, do_sample=False, num_beams=1,
+                                  max_new_tokens=max_new_tokens,
+                                  eos_token_id=self.end_of_turn_ids, pad_token_id=self.pad_id)
+        return out[:, inputs['input_ids'].shape[1]:].tolist()
+
+
+def _native_pad_to_square(config: dict, model_dir: str, override: Optional[bool]) -> bool:
+    if override is not None:
+        return override
+    if 'pad_to_square' in config:
+        return bool(config['pad_to_square'])
+    print_log(f'{osp.join(model_dir, NATIVE_CONFIG)} does not record pad_to_square (written by '
+              f'an older version): assuming {DEFAULT_PAD_TO_SQUARE}, as every shipped base '
+              'config trains; pass --pad-to-square / --no-pad-to-square if the model was '
+              'trained otherwise', logger='current', level=logging.WARNING)
+    return DEFAULT_PAD_TO_SQUARE
+
+
+def load_native_for_eval(model_dir: str, device='cpu',
+                         pad_to_square: Optional[bool] = None) -> NativeEvalModel:
+    """A native model directory as a :class:`NativeEvalModel`.
+
+    Args:
+        model_dir: directory written by ``save_native``.
+        device: where to run it.
+        pad_to_square: how training preprocessed images; None reads it from
+            ``dpa_model.json`` (key ``pad_to_square``).
+    """
+    with open(osp.join(model_dir, NATIVE_CONFIG)) as f:
+        config = json.load(f)
+    model = load_native(model_dir)
+    tokenizer = PROCESSORS.build(dict(config['tokenizer'],
+                                      pretrained=osp.join(model_dir, 'llm')))
+    vision = dict(config['vision_tower'],
+                  pretrained=osp.join(model_dir, config['vision_tower']['pretrained']))
+    image_processor = PROCESSORS.build(dict(type='HFImageProcessor',
+                                            pretrained=vision['pretrained']))
+    return NativeEvalModel(model, tokenizer, image_processor, num_image_tokens(vision),
+                           _native_pad_to_square(config, model_dir, pad_to_square), device,
+                           name=model_dir)
+
+
+def resolve_model_dir(path: str) -> str:
+    """The model directory behind ``path``: a work dir's final model, or
+    ``path`` itself when it is a native or ``hf_llava`` directory."""
+    if not osp.isdir(path):
+        raise ModelLoadError(f'{path} is not a directory; give a work dir, a native model dir '
+                             '(with dpa_model.json) or an hf_llava dir (with config.json)')
+    if osp.isfile(osp.join(path, NATIVE_CONFIG)) or osp.isfile(osp.join(path, 'config.json')):
+        return path
+    manifest = read_manifest(path, FINAL_STAGE)
+    if manifest is not None:
+        return manifest['artifact']
+    if osp.isdir(osp.join(path, FINAL_STAGE)):
+        raise ModelLoadError(f'{path}: the {FINAL_STAGE} stage has not finished '
+                             f'({osp.join(path, FINAL_STAGE, "manifest.json")} is missing); '
+                             'finish training (tools/train.py CONFIG --resume) first')
+    raise ModelLoadError(f'{path} is neither a work dir (no {FINAL_STAGE}/manifest.json), a '
+                         f'native model dir (no {NATIVE_CONFIG}) nor an hf_llava dir (no '
+                         'config.json)')
+
+
+def load_eval_model(path: str, device='cpu', pad_to_square: Optional[bool] = None):
+    """The model at ``path`` (work dir, native dir or ``hf_llava`` dir), ready to score.
+
+    Args:
+        path: see :func:`resolve_model_dir`.
+        device: e.g. ``'cpu'``, ``'cuda'``, ``'cuda:1'``.
+        pad_to_square: native models only: override the recorded preprocessing.
+    """
+    model_dir = resolve_model_dir(path)
+    if osp.isfile(osp.join(model_dir, NATIVE_CONFIG)):
+        return load_native_for_eval(model_dir, device, pad_to_square)
+    with open(osp.join(model_dir, 'config.json')) as f:
+        model_type = json.load(f).get('model_type')
+    if model_type != 'llava':
+        raise ModelLoadError(f'{model_dir}/config.json is a {model_type!r} model, not a '
+                             'transformers LLaVA export (model_type "llava")')
+    if pad_to_square is not None:
+        raise ModelLoadError('--pad-to-square applies to native models; an hf_llava export '
+                             'preprocesses images with its own processor')
+    return HFLlavaEvalModel(model_dir, device)
+
+
+def load_image(path: Optional[str]) -> Optional[Image.Image]:
+    return None if path is None else open_image(path)

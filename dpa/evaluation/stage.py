@@ -1,0 +1,132 @@
+"""The optional fourth pipeline stage, ``eval``: the final model scored on an
+evaluation file, its metrics in the stage's manifest and the run summary.
+
+    stages = ['proxy', 'align', 'finetune', 'eval']
+    eval = dict(data='/data/eval.jsonl', image_folder='/data/images', batch_size=8)
+
+With ``synthetic_data`` and no ``eval.data``, the synthetic held-out split is
+used. Like a training stage it is skipped on re-run, unless the final model
+was re-trained since it was scored.
+"""
+import json
+import os.path as osp
+from typing import List, Optional
+
+from mmengine.dist import barrier, is_main_process
+
+from dpa.engine.artifacts import read_manifest, write_artifact_dir, write_manifest
+from dpa.engine.errors import ConfigError
+from dpa.evaluation.data import EvalDataError
+from dpa.evaluation.evaluator import METRICS_FILE, BadRowsError, evaluate
+from dpa.models.export import NATIVE_CONFIG
+
+EVAL_STAGE = 'eval'
+FINAL_STAGE = 'finetune'
+EVAL_KEYS = ('data', 'image_folder', 'batch_size', 'device', 'skip_bad_rows')
+ARTIFACT_KIND = 'metrics'
+
+
+def check_eval_config(cfg, stages: List[str]) -> None:
+    """The ``eval`` settings, checked before any model is loaded.
+
+    Args:
+        cfg: the pipeline config.
+        stages: the training stages this run trains.
+    """
+    spec = cfg.get(EVAL_STAGE)
+    if not isinstance(spec, dict):
+        raise ConfigError(f"stages lists {EVAL_STAGE!r} but the config has no "
+                          "`eval = dict(data=FILE, image_folder=DIR)`")
+    unknown = sorted(set(spec) - set(EVAL_KEYS))
+    if unknown:
+        raise ConfigError(f'eval: unknown key(s) {unknown}; known: {list(EVAL_KEYS)}')
+    batch_size = spec.get('batch_size', 8)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f'eval.batch_size must be a positive integer, got {batch_size!r}')
+    if not spec.get('data') and not cfg.get('synthetic_data'):
+        raise ConfigError('eval.data is not set: point it at a json/jsonl file of evaluation '
+                          'rows (see README "Evaluate")')
+    if spec.get('data') and not osp.isfile(spec['data']):
+        raise ConfigError(f"eval.data: {spec['data']!r} does not exist")
+    folder = spec.get('image_folder')
+    if folder and spec.get('data') and not osp.isdir(folder):
+        raise ConfigError(f'eval.image_folder: {folder!r} is not a directory')
+    if FINAL_STAGE not in stages and read_manifest(cfg.work_dir, FINAL_STAGE) is None:
+        raise ConfigError(f'stage {EVAL_STAGE!r} scores the final model of stage '
+                          f"{FINAL_STAGE!r}, but {osp.join(cfg.work_dir, FINAL_STAGE)} has no "
+                          f'manifest: run `--stage {FINAL_STAGE}` first (same --work-dir)')
+
+
+def point_at_synthetic_split(cfg, paths: dict) -> None:
+    """Without its own ``eval.data``, the eval stage reads the synthetic split."""
+    spec = cfg.get(EVAL_STAGE)
+    if isinstance(spec, dict) and not spec.get('data'):
+        spec.update(data=paths['eval'], image_folder=paths['image_folder'])
+
+
+def run_eval_stage(cfg) -> dict:
+    """Score the final model (rank 0) and write the stage's manifest; return
+    it, with ``skipped`` True when an up-to-date one existed."""
+    work_dir = cfg.work_dir
+    final = read_manifest(work_dir, FINAL_STAGE)
+    manifest = read_manifest(work_dir, EVAL_STAGE)
+    if manifest is not None and manifest.get('model_finished_at') == final['finished_at']:
+        return dict(manifest, skipped=True)
+    if is_main_process():
+        spec = cfg[EVAL_STAGE]
+        target = osp.join(work_dir, EVAL_STAGE, 'artifact')
+        results = {}
+
+        def write(tmp_dir):
+            results.update(evaluate(
+                final['artifact'], spec['data'], spec.get('image_folder') or '', tmp_dir,
+                batch_size=spec.get('batch_size', 8), device=spec.get('device'),
+                skip_bad_rows=spec.get('skip_bad_rows', False),
+                pad_to_square=_pad_to_square(cfg, final['artifact']), show_progress=False))
+
+        try:
+            write_artifact_dir(target, write)
+        except (BadRowsError, EvalDataError) as err:
+            raise ConfigError(f'eval.data: {err}') from None
+        # The manifest keys every stage has; no training happens here.
+        write_manifest(work_dir, EVAL_STAGE, dict(
+            artifact_kind=ARTIFACT_KIND, artifact=osp.abspath(target),
+            made_from=dict(model=final['artifact'], data=osp.abspath(spec['data'])),
+            model_finished_at=final['finished_at'], iterations=0, first_loss=None,
+            last_loss=None, metrics=summary_metrics(results)))
+    barrier()
+    return dict(read_manifest(work_dir, EVAL_STAGE), skipped=False)
+
+
+def _pad_to_square(cfg, model_dir: str) -> Optional[bool]:
+    """None (what the final model's dpa_model.json records, written from the
+    finetune stage's own preprocessing) when it records it; else the config's."""
+    with open(osp.join(model_dir, NATIVE_CONFIG)) as f:
+        recorded = 'pad_to_square' in json.load(f)
+    return None if recorded else cfg.get('pad_to_square', False)
+
+
+def summary_metrics(metrics: dict) -> dict:
+    keys = ('accuracy', 'n', 'chance', 'per_type', 'skipped_rows')
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
+def _percent(value) -> str:
+    return '-' if value is None else f'{value:.1%}'
+
+
+def eval_summary_lines(manifest: dict) -> List[str]:
+    """The eval stage's lines of the run summary, the accuracy last."""
+    m = manifest['metrics']
+    status = 'skipped (scores exist)' if manifest.get('skipped') else 'evaluated'
+    lines = [f"  {EVAL_STAGE:<8} {status}: {m['n']} rows of {manifest['made_from']['data']}",
+             f"           {ARTIFACT_KIND}: {osp.join(manifest['artifact'], METRICS_FILE)}"]
+    if m.get('skipped_rows'):
+        lines.append(f"           {m['skipped_rows']} bad rows skipped")
+    if m.get('per_type'):
+        lines.append('           per type: ' + ', '.join(
+            f"{t} {_percent(v['accuracy'])}" for t, v in m['per_type'].items()))
+    accuracy = f"           final model accuracy {_percent(m['accuracy'])}"
+    if m.get('chance') is not None:
+        accuracy += f" (chance {_percent(m['chance'])})"
+    return lines + [accuracy]

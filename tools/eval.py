@@ -1,0 +1,75 @@
+"""Score a trained model on evaluation rows.
+
+    python tools/eval.py WORK_DIR_OR_MODEL_DIR --data FILE.jsonl [--image-folder DIR]
+        [--out DIR] [--batch-size N] [--device cpu|cuda|cuda:1] [--skip-bad-rows]
+        [--lmms-eval TASKS [--lmms-eval-python PYTHON]]
+
+WORK_DIR_OR_MODEL_DIR is a finished work dir (its final model), a native model
+dir (``dpa_model.json``) or an ``hf_llava`` export. Rows are
+``{"id", "image", "question", "answer", "options", "type"}`` (image, options
+and type optional). Writes metrics.json and predictions.jsonl to --out
+(default: WORK_DIR_OR_MODEL_DIR/evaluation/<data file name>) and prints a
+table. Exits 1 when the data cannot be read or has bad rows (listed in
+bad_rows.jsonl; --skip-bad-rows scores the others), 2 on a usage error.
+"""
+import argparse
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+import dpa  # noqa: E402,F401
+from dpa.evaluation import (BadRowsError, EvalDataError, ModelLoadError, evaluate,  # noqa: E402
+                            format_table, read_eval_rows)
+from dpa.evaluation.evaluator import write_metrics  # noqa: E402
+from dpa.evaluation.lmms_eval import LmmsEvalError, run_lmms_eval  # noqa: E402
+from dpa.evaluation.models import default_device, resolve_model_dir  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Evaluate a trained multimodal LLM')
+    parser.add_argument('model', help='work dir, native model dir or hf_llava dir')
+    parser.add_argument('--data', required=True, help='json/jsonl evaluation rows')
+    parser.add_argument('--image-folder', default='',
+                        help="folder the rows' image paths are relative to")
+    parser.add_argument('--out', help='output folder (default: MODEL/evaluation/DATA_NAME)')
+    parser.add_argument('--batch-size', type=int, default=8,
+                        help='sequences per forward pass (one per row and option)')
+    parser.add_argument('--device', help='cpu, cuda, cuda:1, ... (default: cuda if available)')
+    parser.add_argument('--skip-bad-rows', action='store_true',
+                        help='score the good rows when some are bad (they are still listed)')
+    parser.add_argument('--pad-to-square', action=argparse.BooleanOptionalAction, default=None,
+                        help='native models: override the recorded image preprocessing')
+    parser.add_argument('--lmms-eval', metavar='TASKS',
+                        help='also run these lmms-eval tasks (comma-separated; dpa_synthetic '
+                        'reads --data) on the hf_llava export')
+    parser.add_argument('--lmms-eval-python',
+                        help='python of the lmms-eval environment (default: $LMMS_EVAL_PYTHON, '
+                        'else this one)')
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.batch_size < 1:
+        sys.exit(f'--batch-size must be at least 1, got {args.batch_size}')
+    # Not MODEL/eval: in a work dir that is the eval stage's folder.
+    out = args.out or osp.join(args.model, 'evaluation',
+                               osp.splitext(osp.basename(args.data))[0])
+    try:
+        metrics = evaluate(args.model, args.data, args.image_folder, out, args.batch_size,
+                           args.device, args.skip_bad_rows, args.pad_to_square)
+        if args.lmms_eval:
+            rows, _ = read_eval_rows(args.data, args.image_folder)
+            tasks = [t for t in args.lmms_eval.split(',') if t]
+            metrics['lmms_eval'] = run_lmms_eval(
+                resolve_model_dir(args.model), tasks, rows, out, args.lmms_eval_python,
+                args.device or default_device())
+            write_metrics(metrics, out)
+    except (EvalDataError, BadRowsError, ModelLoadError, LmmsEvalError) as err:
+        sys.exit(f'eval error: {err}')
+    print(format_table(metrics))
+    print(f'metrics: {osp.join(out, "metrics.json")}')
+
+
+if __name__ == '__main__':
+    main()
