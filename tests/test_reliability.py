@@ -15,12 +15,13 @@ from safetensors.torch import load_file
 import dpa  # noqa: F401
 from dpa.datasets.synthetic import make_synthetic_data
 from dpa.engine import hooks as dpa_hooks
-from dpa.engine.artifacts import read_manifest
-from dpa.engine.checkpoint import latest_complete_checkpoint
+from dpa.engine.artifacts import ArtifactError, read_manifest
+from dpa.engine.checkpoint import CHECKSUM_SUFFIX, checkpoint_problem, latest_complete_checkpoint
 from dpa.engine.hooks import TooManyBadSamples
 from dpa.engine.interrupts import TrainingInterrupted
 from dpa.engine.optim import NonFiniteLossError
-from dpa.engine.pipeline import STAGES, ConfigError, run_pipeline
+from dpa.engine.pipeline import (STAGES, ConfigError, check_config, run_pipeline,
+                                 stage_runner_config)
 from dpa.registry import HOOKS
 from tiny import REPO, TINY, tiny_config
 
@@ -138,6 +139,7 @@ def test_bad_images_are_skipped_and_reported(tmp_path, data_root, broken_data):
     assert manifest['iterations'] == 16 and manifest['skipped_rows'] == 3
     with open(tmp_path / 'work' / 'align' / 'skipped_samples.jsonl') as f:
         skipped = sorted((r['id'], r['reason']) for r in map(json.loads, f))
+    assert len(skipped) == manifest['skipped_rows']
     assert skipped == [('cap_000003', 'unreadable_image'), ('cap_000010', 'zero_size_image'),
                        ('cap_000020', 'missing_image')]
     [log] = [osp.join(d, f) for d, _, fs in os.walk(tmp_path / 'work' / 'align')
@@ -308,3 +310,118 @@ def test_artifacts_made_from_other_models_are_refused(finished, data_root, tmp_p
     stage = 'finetune' if 'vision_tower.config.hidden_size' in overrides else 'align'
     with pytest.raises(ConfigError, match=message):
         run_pipeline(tiny_config(tmp_path, data_root, **overrides), stage=stage)
+
+
+# ---------------------------------------------------------------- integrity
+
+def flip_bytes(path, at=0.5, count=16):
+    data = bytearray(open(path, 'rb').read())
+    start = int(len(data) * at)
+    for i in range(start, start + count):
+        data[i] ^= 0xFF
+    open(path, 'wb').write(bytes(data))
+
+
+def current_log_lines():
+    """What mmengine's current logger logs from now on."""
+    import logging
+    from mmengine.logging import MMLogger
+    lines = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    MMLogger.get_current_instance().addHandler(Collect())
+    return lines
+
+
+def test_a_corrupt_newest_checkpoint_is_skipped_with_a_log_line(finished, data_root, tmp_path):
+    copy_finished_stages(finished, 'align', tmp_path)
+    cfg = tiny_config(tmp_path, data_root, custom_hooks=[dict(type='SignalAt', at=13)])
+    with pytest.raises(TrainingInterrupted) as err:
+        run_pipeline(cfg, stage='align')
+    newest = err.value.checkpoint
+    assert newest.endswith('iter_14.pth') and osp.isfile(newest + CHECKSUM_SUFFIX)
+    # torch.load does not check the zip CRCs: this loaded silently before.
+    flip_bytes(newest)
+    lines = current_log_lines()
+    assert latest_complete_checkpoint(str(tmp_path / 'align')).endswith('iter_8.pth')
+    assert any(f'skipping checkpoint {newest}' in line and 'sha256' in line for line in lines)
+
+    [resumed] = run_pipeline(tiny_config(tmp_path, data_root), stage='align', resume=True)
+    assert_same_artifact('align', resumed, {m['stage']: m for m in finished[1]}['align'])
+
+
+def test_a_checkpoint_without_sidecar_is_checked_by_its_zip_crcs(tmp_path):
+    path = str(tmp_path / 'iter_4.pth')
+    torch.save({'weight': torch.arange(4096, dtype=torch.float32)}, path)
+    assert checkpoint_problem(path) is None
+    flip_bytes(path, at=0.4)
+    assert 'CRC' in checkpoint_problem(path) or 'zip' in checkpoint_problem(path)
+
+
+def test_corrupt_manifests_and_artifacts_name_the_file_and_the_rerun(finished, data_root,
+                                                                     tmp_path):
+    copy_finished_stages(finished, 'align', tmp_path)
+    manifest = tmp_path / 'proxy' / 'manifest.json'
+    good = manifest.read_text()
+    sys.path.insert(0, osp.join(REPO, 'tools'))
+    import train
+    for content, problem in (('{"artifact": "proxy/arti', 'is not a readable manifest'),
+                             ('{}', 'is not a complete manifest (missing')):
+        manifest.write_text(content)
+        with pytest.raises(ArtifactError) as err:
+            run_pipeline(tiny_config(tmp_path, data_root), stage='align')
+        assert f'{manifest} {problem}' in str(err.value)
+        with pytest.raises(SystemExit) as exit_:
+            train.main([TINY, '--stage', 'align', '--work-dir', str(tmp_path), '--cfg-options',
+                        f'synthetic_data.root={data_root}'])
+        assert problem in str(exit_.value)
+        assert (f'python tools/train.py {TINY} --stage proxy --work-dir {tmp_path}'
+                in str(exit_.value))
+    manifest.write_text(good)
+    flip_bytes(tmp_path / 'proxy' / 'artifact' / 'adapter_model.safetensors', count=1)
+    with pytest.raises(ArtifactError, match='adapter_model.safetensors does not match the sha256'):
+        run_pipeline(tiny_config(tmp_path, data_root), stage='align')
+
+
+def test_manifests_hold_paths_relative_to_the_work_dir(finished, data_root, tmp_path):
+    work_dir, _ = finished
+    raw = json.load(open(osp.join(work_dir, 'finetune', 'manifest.json')))
+    assert raw['artifact'] == osp.join('finetune', 'artifact')
+    assert raw['made_from']['projector'] == osp.join('align', 'artifact')
+    assert set(raw['checksums']) >= {'projector.safetensors', 'llm/model.safetensors'}
+
+    # A moved copy: the next stage uses the copy's own artifacts.
+    copy = tmp_path / 'copy'
+    shutil.copytree(work_dir, copy)
+    moved = tmp_path / 'moved'
+    os.rename(copy, moved)
+    cfg = tiny_config(moved, data_root)
+    check_config(cfg, ['finetune'])
+    runner_cfg = stage_runner_config(cfg, 'finetune')
+    assert runner_cfg.model.projector_weights == str(moved / 'align' / 'artifact' /
+                                                     'projector.safetensors')
+    assert read_manifest(str(moved), 'proxy')['artifact'] == str(moved / 'proxy' / 'artifact')
+
+    # A manifest of an older version, with absolute paths to the original.
+    old = json.load(open(moved / 'align' / 'manifest.json'))
+    old['artifact'] = osp.join(work_dir, 'align', 'artifact')
+    (moved / 'align' / 'manifest.json').write_text(json.dumps(old))
+    assert read_manifest(str(moved), 'align')['artifact'] == str(moved / 'align' / 'artifact')
+    assert read_manifest(str(work_dir), 'align')['artifact'] == osp.join(work_dir, 'align',
+                                                                         'artifact')
+
+
+def test_a_row_skipped_twice_in_one_batch_is_listed_once(tmp_path):
+    hook = dpa_hooks.DPAHook('finetune', 'model', str(tmp_path), {}, max_bad_fraction=1.0)
+    hook.skipped_path, hook.dataset_size = str(tmp_path / 'skipped_samples.jsonl'), 10
+    record = dict(file='rows.jsonl', row=3, id='x', reason='missing_image', detail='gone')
+    # Rows 2 and 3 are bad: the sample at 2 skipped both, the one at 3 skipped 3 again.
+    other = dict(record, row=2)
+    hook.before_train_iter(None, 0, dict(skipped=[other, record, record]))
+    hook.before_train_iter(None, 1, dict(skipped=[record]))
+    lines = open(hook.skipped_path).read().splitlines()
+    assert [json.loads(line)['row'] for line in lines] == [2, 3]
+    assert hook.stage_summary()['skipped_rows'] == len(lines)

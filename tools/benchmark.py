@@ -38,6 +38,7 @@ sampler's padding fraction (random vs grouped by modality and length).
 import argparse
 import ctypes
 import json
+import os
 import os.path as osp
 import statistics
 import sys
@@ -426,6 +427,53 @@ def markdown(records: List[dict], args) -> str:
     return '\n'.join(lines)
 
 
+DTYPES = ('float32', 'bfloat16', 'float16', 'float64')
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'{value} is not at least 1')
+    return value
+
+
+def vocab_size(text: str) -> int:
+    """argparse type: a vocabulary with room for the tiny tokenizer's special ids."""
+    value = positive_int(text)
+    if value <= FIRST_TEXT_ID:
+        raise argparse.ArgumentTypeError(f'{value}: the vocabulary needs more than '
+                                         f'{FIRST_TEXT_ID} ids (special tokens come first)')
+    return value
+
+
+def check_args(parser: argparse.ArgumentParser, args) -> None:
+    """What the model configs and the run need, refused before anything runs."""
+    if args.hidden_size % args.heads:
+        parser.error(f'--hidden-size {args.hidden_size} is not a multiple of --heads '
+                     f'{args.heads}')
+    if args.heads % args.kv_heads:
+        parser.error(f'--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}')
+    if (args.hidden_size // args.heads) % 2:
+        parser.error(f'--hidden-size / --heads = {args.hidden_size // args.heads}: rotary '
+                     'embeddings need an even head size')
+    low, high = args.caption_tokens
+    if low > high:
+        parser.error(f'--caption-tokens {low} {high}: the first is the minimum')
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        parser.error(f'--device {args.device}: no GPU is visible')
+    if args.device != 'cpu' and not args.device.startswith('cuda'):
+        parser.error(f'--device {args.device}: use cpu or cuda[:N]')
+    if args.json:
+        folder = osp.dirname(osp.abspath(args.json))
+        if not osp.isdir(folder) or not os.access(folder, os.W_OK):
+            parser.error(f'--json {args.json}: the folder {folder} does not exist or is not '
+                         'writable (checked now, not after the run)')
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Benchmark DPA training steps')
     parser.add_argument('--shapes', nargs='+', default=list(SHAPES), choices=list(SHAPES))
@@ -433,33 +481,35 @@ def parse_args(argv=None):
                         choices=['align', 'finetune'])
     parser.add_argument('--variants', nargs='+', default=list(DEFAULT_VARIANTS),
                         choices=VARIANTS, help='vanilla, the baseline of the ratios, always runs')
-    parser.add_argument('--vocab-sizes', nargs='+', type=int, default=[32000, 151936])
-    parser.add_argument('--hidden-size', type=int, default=256)
-    parser.add_argument('--intermediate-size', type=int, default=704)
-    parser.add_argument('--layers', type=int, default=2)
-    parser.add_argument('--heads', type=int, default=4)
-    parser.add_argument('--kv-heads', type=int, default=2)
-    parser.add_argument('--batch-size', type=int, default=1)
-    parser.add_argument('--chunk-size', type=int, default=512, help='model.loss_chunk_size')
-    parser.add_argument('--warmup', type=int, default=1,
+    parser.add_argument('--vocab-sizes', nargs='+', type=vocab_size, default=[32000, 151936])
+    parser.add_argument('--hidden-size', type=positive_int, default=256)
+    parser.add_argument('--intermediate-size', type=positive_int, default=704)
+    parser.add_argument('--layers', type=positive_int, default=2)
+    parser.add_argument('--heads', type=positive_int, default=4)
+    parser.add_argument('--kv-heads', type=positive_int, default=2)
+    parser.add_argument('--batch-size', type=positive_int, default=1)
+    parser.add_argument('--chunk-size', type=positive_int, default=512,
+                        help='model.loss_chunk_size')
+    parser.add_argument('--warmup', type=positive_int, default=1,
                         help='vanilla steps before measuring (at least 1); a round measuring '
                         'the peak memory follows, then the timed rounds')
-    parser.add_argument('--steps', type=int, default=4, help='timed steps per variant')
-    parser.add_argument('--reference-steps', type=int, default=1,
+    parser.add_argument('--steps', type=positive_int, default=4, help='timed steps per variant')
+    parser.add_argument('--reference-steps', type=positive_int, default=1,
                         help='timed steps of cmo_reference')
-    parser.add_argument('--threads', type=int, default=1,
+    parser.add_argument('--threads', type=positive_int, default=1,
                         help="torch's CPU threads; 1 keeps timings steady on a machine that "
                         'other jobs share')
     parser.add_argument('--device', default='cpu')
-    parser.add_argument('--dtype', default='float32')
-    parser.add_argument('--caption-batch-size', type=int, default=16)
-    parser.add_argument('--caption-tokens', nargs=2, type=int, default=[8, 48])
-    parser.add_argument('--lora-rank', type=int, default=16)
-    parser.add_argument('--sampler-rows', type=int, default=20000)
-    parser.add_argument('--sampler-batch-size', type=int, default=16)
+    parser.add_argument('--dtype', default='float32', choices=DTYPES)
+    parser.add_argument('--caption-batch-size', type=positive_int, default=16)
+    parser.add_argument('--caption-tokens', nargs=2, type=positive_int, default=[8, 48])
+    parser.add_argument('--lora-rank', type=positive_int, default=16)
+    parser.add_argument('--sampler-rows', type=positive_int, default=20000)
+    parser.add_argument('--sampler-batch-size', type=positive_int, default=16)
     parser.add_argument('--no-packing', action='store_true', help='skip the stage-1 table')
     parser.add_argument('--json', help='also write the records to this JSON file')
     args = parser.parse_args(argv)
+    check_args(parser, args)
     args.variants = ['vanilla'] + [v for v in args.variants if v != 'vanilla']
     return args
 

@@ -19,7 +19,10 @@ from mmengine.config import Config, DictAction
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import dpa  # noqa: E402,F401
-from dpa.datasets.validation import check_dataset, check_files  # noqa: E402
+from dpa.datasets.validation import (check_dataset, check_files,  # noqa: E402
+                                     tokenizer_round_trip)
+from dpa.engine.config_guard import apply_cfg_options  # noqa: E402
+from dpa.engine.errors import ConfigError  # noqa: E402
 from dpa.engine.pipeline import (prepare_synthetic_data, selected_stages,  # noqa: E402
                                  stage_dataset_config)
 from dpa.registry import DATASETS  # noqa: E402
@@ -38,11 +41,11 @@ def parse_args(argv=None):
 
 def check_config_data(cfg: Config):
     prepare_synthetic_data(cfg)
-    problems = []
+    problems, datasets = [], []
     for stage in selected_stages(cfg):
-        dataset = DATASETS.build(stage_dataset_config(cfg, stage))
-        problems += [dict(record, stage=stage) for record in check_dataset(dataset)]
-    return problems
+        datasets.append(DATASETS.build(stage_dataset_config(cfg, stage)))
+        problems += [dict(record, stage=stage) for record in check_dataset(datasets[-1])]
+    return problems + tokenizer_round_trip(cfg.llm, cfg.tokenizer, datasets)
 
 
 def summarise(problems) -> str:
@@ -62,8 +65,10 @@ def main(argv=None):
     args = parse_args(argv)
     if len(args.inputs) == 1 and args.inputs[0].endswith('.py'):
         cfg = Config.fromfile(args.inputs[0])
-        if args.cfg_options:
-            cfg.merge_from_dict(args.cfg_options)
+        try:
+            apply_cfg_options(cfg, args.cfg_options)
+        except ConfigError as err:
+            sys.exit(f'config error: {err}')
         problems = check_config_data(cfg)
     else:
         problems = check_files(args.inputs, args.image_folder)

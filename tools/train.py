@@ -3,6 +3,9 @@
     python tools/train.py configs/dpa_tiny.py
     python tools/train.py CONFIG --stage align --work-dir work_dirs/exp1
     python tools/train.py CONFIG --resume        # continue an interrupted stage
+
+Exit status: 0 done, 1 a config, data or work-dir problem (the message names it),
+128 + N stopped by signal N after saving a checkpoint (resume command printed).
 """
 import argparse
 import os.path as osp
@@ -13,11 +16,14 @@ from mmengine.config import Config, DictAction
 from mmengine.dist import is_main_process
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+from dpa.engine.artifacts import ArtifactError  # noqa: E402
+from dpa.engine.config_guard import apply_cfg_options  # noqa: E402
 from dpa.engine.distributed import close_process_group  # noqa: E402
 from dpa.engine.hooks import TooManyBadSamples  # noqa: E402
 from dpa.engine.interrupts import TrainingInterrupted  # noqa: E402
 from dpa.engine.optim import NonFiniteLossError  # noqa: E402
 from dpa.engine.pipeline import STAGES, ConfigError, format_summary, run_pipeline  # noqa: E402
+from dpa.engine.workdir import WorkDirBusy  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -27,7 +33,12 @@ def parse_args(argv=None):
     parser.add_argument('--work-dir', help='where stages write checkpoints, logs and artifacts '
                         '(default: work_dirs/<config name>)')
     parser.add_argument('--resume', action='store_true',
-                        help="continue an interrupted stage from its work dir's last checkpoint")
+                        help="continue an interrupted stage from its work dir's newest intact "
+                        'checkpoint (an error when there is none); refused when the config '
+                        'changed since the stage started')
+    parser.add_argument('--allow-config-change', action='store_true',
+                        help='with --resume: resume even though the config changed (the '
+                        "stage's manifest records the change)")
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config keys, e.g. align.batch_size=8 '
                         'llm.pretrained=/ckpt/llm')
@@ -38,16 +49,25 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.allow_config_change and not args.resume:
+        sys.exit('--allow-config-change only applies with --resume')
     cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    try:
+        apply_cfg_options(cfg, args.cfg_options)
+    except ConfigError as err:
+        sys.exit(f'config error: {err}')
     cfg.launcher = args.launcher
     cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
         'work_dirs', osp.splitext(osp.basename(args.config))[0])
     try:
-        manifests = run_pipeline(cfg, stage=args.stage, resume=args.resume)
+        manifests = run_pipeline(cfg, stage=args.stage, resume=args.resume,
+                                 allow_config_change=args.allow_config_change)
     except ConfigError as err:
         sys.exit(f'config error: {err}')
+    except ArtifactError as err:
+        sys.exit(f'error: {err.explain(args.config)}')
+    except WorkDirBusy as err:
+        sys.exit(f'error: {err}')
     except (NonFiniteLossError, TooManyBadSamples) as err:
         sys.exit(f'training stopped: {err}')
     except TrainingInterrupted as err:

@@ -1,19 +1,28 @@
 """LLaVA-format datasets: json or jsonl rows with an optional ``image`` (relative
 to an image folder) and ``conversations`` of human/gpt turns."""
 import json
+import math
 import os.path as osp
+import warnings
 from typing import List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from jinja2 import TemplateError
 from mmengine.dataset import BaseDataset
 from PIL import Image
 
+from dpa.datasets.reference_chat import (ReferenceFormatError, reference_chat_tokens,
+                                         reference_family)
 from dpa.models.builders import IMAGE_TOKEN, PROCESSORS
+from dpa.models.image_preprocessing import expand_to_square, preprocess_image  # noqa: F401
 from dpa.models.losses import IGNORE_INDEX
 from dpa.registry import DATASETS, FUNCTIONS
 
 TEMPLATES = ('caption_text', 'plain', 'chat')
+# 'eos': the project's caption ending; '\n': the reference's (LLaVA's plain separator).
+CAPTION_SUFFIXES = ('eos', '\n')
+LABEL_MODES = ('assistant', 'reference')
 ROLES = {'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assistant': 'assistant',
          'system': 'system'}
 
@@ -39,46 +48,110 @@ def bad_row_record(source: str, row_index: int, row, err: BadSampleError) -> dic
 
 def read_rows(path: str, problems: Optional[List[dict]] = None) -> List[Tuple[int, dict]]:
     """(row index, row) pairs of a LLaVA json (a list) or jsonl (one object a
-    line) file. Invalid jsonl lines are appended to ``problems`` and skipped;
-    without ``problems`` they raise."""
-    with open(path, encoding='utf-8') as f:
-        if not path.endswith('.jsonl'):
-            try:
+    line) file, with or without a UTF-8 byte-order mark. Invalid jsonl lines are
+    appended to ``problems`` and skipped; without ``problems`` they raise.
+
+    Raises:
+        ValueError: a json file that is not a json list (the whole file is unusable).
+    """
+    if not path.endswith('.jsonl'):
+        try:
+            # utf-8-sig: editors on Windows start files with a BOM, which json rejects.
+            with open(path, encoding='utf-8-sig') as f:
                 rows = json.load(f)
-            except json.JSONDecodeError as err:
-                raise ValueError(f'{path} is not valid json ({err}); a LLaVA json file holds '
-                                 'a list of rows, use .jsonl for one row a line') from None
-            if not isinstance(rows, list):
-                raise ValueError(f'{path}: a LLaVA json file holds a list of rows')
-            return list(enumerate(rows))
-        rows = []
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f'{path} is not valid json ({err}); a LLaVA json file holds '
+                             'a list of rows, use .jsonl for one row a line') from None
+        if not isinstance(rows, list):
+            raise ValueError(f'{path}: a LLaVA json file holds a list of rows, got '
+                             f'{type(rows).__name__}')
+        return list(enumerate(rows))
+    rows = []
+    with open(path, 'rb') as f:
         for index, line in enumerate(f):
-            if not line.strip():
-                continue
             try:
-                rows.append((index, json.loads(line)))
-            except json.JSONDecodeError as err:
+                # A line at a time, so one line of other bytes is one bad row.
+                text = line.decode('utf-8-sig' if index == 0 else 'utf-8')
+                if not text.strip():
+                    continue
+                rows.append((index, json.loads(text)))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 bad = BadSampleError('invalid_json', f'line {index + 1}: {err}')
                 if problems is None:
                     raise bad from None
                 problems.append(bad_row_record(path, index, None, bad))
-        return rows
+    return rows
+
+
+def _describe(value) -> str:
+    """A JSON value for a message: its type and a short excerpt."""
+    text = repr(value)
+    return f'{type(value).__name__} {text[:60]}{"..." if len(text) > 60 else ""}'
+
+
+def _check_text(text: str, where: str) -> None:
+    try:
+        text.encode('utf-8')
+    except UnicodeEncodeError as err:  # e.g. a lone surrogate escaped in the json
+        raise BadSampleError('bad_text', f'{where} is not valid unicode text ({err.reason} at '
+                             f'character {err.start})') from None
+
+
+def validate_row(row) -> Tuple[List[dict], Optional[str]]:
+    """The schema check of one LLaVA row, shared by ``check_data`` and training:
+    every field's JSON type and shape, before anything uses it.
+
+    Returns:
+        ``(messages, image)``: the turns as chat messages and the image path
+        (None for a text-only row, which leaves the ``image`` key out).
+
+    Raises:
+        BadSampleError: ``not_an_object``, ``bad_id``, ``bad_image_field``,
+            ``no_conversations``, ``bad_turn``, ``unknown_role``, ``empty_text``,
+            ``bad_text`` or ``image_tag_misplaced``.
+    """
+    if not isinstance(row, dict):
+        raise BadSampleError('not_an_object', f'a row is a json object, got {_describe(row)}')
+    row_id = row.get('id')
+    if row_id is not None and (isinstance(row_id, bool) or not isinstance(row_id, (str, int))):
+        raise BadSampleError('bad_id', f'id must be a string or an integer, got '
+                             f'{_describe(row_id)}')
+    image = row.get('image')
+    if 'image' in row:
+        if not isinstance(image, str) or not image.strip():
+            raise BadSampleError('bad_image_field', 'image must be a non-empty path string (leave '
+                                 f'the key out for a text-only row), got {_describe(image)}')
+        _check_text(image, 'image')
+    messages = conversation_messages(row)
+    for message in messages:
+        if message['role'] != 'user' and IMAGE_TOKEN in message['content']:
+            raise BadSampleError('image_tag_misplaced', f'{IMAGE_TOKEN} in a {message["role"]} '
+                                 'turn; it belongs in a human turn')
+    return messages, image
 
 
 def conversation_messages(row) -> List[dict]:
     """The row's turns as chat messages, checked for what every template needs."""
     turns = row.get('conversations') if isinstance(row, dict) else None
     if not turns or not isinstance(turns, list):
-        raise BadSampleError('no_conversations', 'row has no conversations')
+        raise BadSampleError('no_conversations', 'row has no conversations (a list of turns), '
+                             f'got {_describe(turns)}')
     messages = []
-    for turn in turns:
-        name = turn.get('from') if isinstance(turn, dict) else turn
+    for position, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise BadSampleError('bad_turn', f'turn {position} must be an object with "from" and '
+                                 f'"value", got {_describe(turn)}')
+        name = turn.get('from')
         role = ROLES.get(name) if isinstance(name, str) else None
         if role is None:
             raise BadSampleError('unknown_role', f'unknown role {name!r} (use human/gpt/system)')
         content = turn.get('value')
-        if not isinstance(content, str):
+        if content is not None and not isinstance(content, str):
+            raise BadSampleError('bad_turn', f'turn {position}: value must be a string, got '
+                                 f'{_describe(content)}')
+        if content is None:
             raise BadSampleError('empty_text', f'{role} turn has no text value')
+        _check_text(content, f'turn {position}')
         if role == 'assistant' and not content.strip():
             raise BadSampleError('empty_text', 'empty gpt turn (caption or answer)')
         messages.append(dict(role=role, content=content))
@@ -87,26 +160,105 @@ def conversation_messages(row) -> List[dict]:
     return messages
 
 
-def check_image_tags(row: dict, messages: List[dict]) -> None:
+def check_image_tags(image: Optional[str], messages: List[dict]) -> None:
+    """One ``<image>`` tag for a row with an image, none without."""
     tags = sum(m['content'].count(IMAGE_TOKEN) for m in messages)
-    if 'image' in row and tags != 1:
+    if image is not None and tags != 1:
         raise BadSampleError('image_tag_mismatch',
                              f'row has an image but {tags} {IMAGE_TOKEN} tags (needs 1)')
-    if 'image' not in row and tags:
+    if image is None and tags:
         raise BadSampleError('image_tag_mismatch', f'row has {IMAGE_TOKEN} tags but no image')
 
 
-def open_image(path: str) -> Image.Image:
-    """The image at ``path`` as RGB, fully decoded (so truncation shows here)."""
-    if not osp.exists(path):
+# Past this many pixels, as the image processor would receive them (after
+# pad_to_square), an image is first down-scaled: a 10000 x 50 strip would
+# otherwise be padded to 10^8 pixels. 4096^2 leaves every common dataset
+# image untouched. None: no cap (the reference implementation).
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB, with the values of modes PIL's ``convert`` would clip.
+
+    ``convert('RGB')`` clips 16-bit and 32-bit integer grey to 255 (a 16-bit
+    PNG becomes all white); those are rescaled from their 16-bit range. Modes
+    with transparency keep their colour channels (as LLaVA's ``convert('RGB')``)
+    without PIL's palette warning.
+    """
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == 'I':
+        values = np.asarray(image).astype(np.int64)
+        # 32-bit 'I' images of 8-bit data (max <= 255) are kept as they are.
+        if image.mode in SIXTEEN_BIT_MODES or values.max(initial=0) > 255:
+            values = (np.clip(values, 0, 65535) * 255 + 32767) // 65535
+        return Image.fromarray(values.astype(np.uint8), 'L').convert('RGB')
+    if image.mode == 'F':
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        if values.max(initial=0) <= 1.0:  # floating-point images are usually 0..1
+            values = values * 255
+        values = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        return Image.fromarray(values, 'L').convert('RGB')
+    if image.mode == 'P' and 'transparency' in image.info:
+        image = image.convert('RGBA')
+    return image.convert('RGB')
+
+
+def open_image(path: str, max_pixels: Optional[int] = None, square: bool = False) -> Image.Image:
+    """The image at ``path`` as 8-bit RGB, fully decoded (so truncation shows here).
+
+    Args:
+        path: the image file.
+        max_pixels: down-scale (aspect ratio kept) images with more pixels than
+            this (counted after padding to a square when ``square``); None: never.
+        square: the image will be padded to a square.
+
+    Raises:
+        BadSampleError: ``missing_image``, ``zero_size_image``, ``too_large_image``
+            (over PIL's decompression-bomb limit ``Image.MAX_IMAGE_PIXELS``) or
+            ``unreadable_image``.
+    """
+    if not osp.isfile(path):
         raise BadSampleError('missing_image', f'{path} does not exist')
     if osp.getsize(path) == 0:
         raise BadSampleError('zero_size_image', f'{path} is empty')
     try:
-        with Image.open(path) as image:
-            return image.convert('RGB')
-    except (OSError, ValueError, SyntaxError) as err:
-        raise BadSampleError('unreadable_image', f'{path}: {err}') from None
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that; the limit
+            # below turns both into a reported row.
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                limit = Image.MAX_IMAGE_PIXELS
+                if limit is not None and width * height > limit:
+                    raise Image.DecompressionBombError(
+                        f'{width} x {height} pixels, over PIL\'s decompression-bomb limit '
+                        f'Image.MAX_IMAGE_PIXELS={limit}')
+                scale = _downscale(width, height, max_pixels, square)
+                if scale < 1 and image.format == 'JPEG':
+                    # The decoder itself reduces by up to 8x: cheaper than a full decode.
+                    image.draft('RGB', (int(width * scale) + 1, int(height * scale) + 1))
+                image.load()
+                rgb = to_rgb(image)
+    except Image.DecompressionBombError as err:
+        if 'MAX_IMAGE_PIXELS' not in str(err):
+            err = f"{err} (PIL's Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS})"
+        raise BadSampleError('too_large_image', f'{path}: {err}') from None
+    except Exception as err:  # noqa: BLE001 - any decoder failure on an untrusted file
+        raise BadSampleError('unreadable_image',
+                             f'{path}: {type(err).__name__}: {err}') from None
+    scale = _downscale(rgb.width, rgb.height, max_pixels, square)
+    if scale < 1:
+        size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
+        rgb = rgb.resize(size, Image.BICUBIC, reducing_gap=3.0)
+    return rgb
+
+
+def _downscale(width: int, height: int, max_pixels: Optional[int], square: bool) -> float:
+    """The factor that brings an image within ``max_pixels`` (1: none needed)."""
+    pixels = max(width, height) ** 2 if square else width * height
+    if max_pixels is None or pixels <= max_pixels:
+        return 1.0
+    return math.sqrt(max_pixels / pixels)
 
 
 @DATASETS.register_module()
@@ -127,6 +279,20 @@ class LLaVADataset(BaseDataset):
             tokens never.
         pad_to_square: pad images to a square with the processor's mean colour
             before processing (LLaVA-1.5's ``image_aspect_ratio='pad'``).
+        max_image_pixels: images with more pixels than this (after padding to
+            a square) are first down-scaled, aspect ratio kept; None: never
+            (the reference implementation). Images over PIL's
+            ``Image.MAX_IMAGE_PIXELS`` are bad rows (``too_large_image``).
+        caption_suffix: how a caption ends in the ``caption_text`` and
+            ``plain`` templates: ``'eos'``, the stripped caption then the
+            tokenizer's EOS token; ``'\n'``, the caption as written then a
+            newline, tokenized together (the reference's LLaVA ``plain``
+            template). See docs/fidelity.md.
+        labels: what the ``chat`` template labels: ``'assistant'``, the
+            tokenizer's own chat template with the assistant contents and
+            their end-of-turn token labelled; ``'reference'``, fnlp-vision/DPA's
+            conversation templates, system prompts and label masking
+            (:mod:`dpa.datasets.reference_chat`; Qwen, Llama-3 and Gemma).
 
     A bad row never stops training: ``dataset[i]`` replaces it by the next good
     row (deterministically) and lists what it skipped under the sample's
@@ -143,19 +309,31 @@ class LLaVADataset(BaseDataset):
                  num_image_tokens: int = 0,
                  max_length: int = 2048,
                  pad_to_square: bool = False,
+                 max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+                 caption_suffix: str = 'eos',
+                 labels: str = 'assistant',
                  **kwargs):
         if template not in TEMPLATES:
             raise ValueError(f'dataset template must be one of {TEMPLATES}, got {template!r}')
+        if caption_suffix not in CAPTION_SUFFIXES:
+            raise ValueError(f'caption_suffix must be one of {CAPTION_SUFFIXES}, got '
+                             f'{caption_suffix!r}')
+        if labels not in LABEL_MODES:
+            raise ValueError(f'labels must be one of {LABEL_MODES}, got {labels!r}')
+        self.caption_suffix, self.labels = caption_suffix, labels
         self.data_files = [data_files] if isinstance(data_files, str) else list(data_files)
         self.template = template
         self.image_folder = image_folder
         self.tokenizer = PROCESSORS.build(tokenizer)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.reference_family = (reference_family(self.tokenizer)
+                                 if template == 'chat' and labels == 'reference' else None)
         uses_images = template != 'caption_text'
         self.image_processor = PROCESSORS.build(image_processor) if uses_images else None
         self.num_image_tokens = num_image_tokens
         self.max_length = max_length
         self.pad_to_square = pad_to_square
+        self.max_image_pixels = max_image_pixels
         if uses_images and num_image_tokens <= 0:
             raise ValueError('num_image_tokens must be positive for an image template')
         super().__init__(**kwargs)
@@ -190,21 +368,21 @@ class LLaVADataset(BaseDataset):
 
     def tokenize(self, row: dict) -> dict:
         """The training sample of one row; raises :class:`BadSampleError`."""
-        messages = conversation_messages(row)
+        messages, image = validate_row(row)
         if self.template == 'chat':
             ids, labels = self._chat_tokens(messages)
         else:
             caption = next(m['content'] for m in messages if m['role'] == 'assistant')
-            ids, labels = self._caption_tokens(caption.strip())
+            ids, labels = self._caption_tokens(caption)
 
         pixel_values = None
         if self.template != 'caption_text':
-            if self.template == 'plain' and 'image' not in row:
+            if self.template == 'plain' and image is None:
                 raise BadSampleError('image_tag_mismatch', 'an image-caption row has no image')
             if self.template == 'chat':
-                check_image_tags(row, messages)
-            if 'image' in row:
-                pixel_values = self._load_image(row['image'])
+                check_image_tags(image, messages)
+            if image is not None:
+                pixel_values = self._load_image(image)
                 ids, labels = self._expand_image(ids, labels)
         ids, labels = self._truncate(ids, labels)
         return dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels),
@@ -212,13 +390,21 @@ class LLaVADataset(BaseDataset):
 
     def _caption_tokens(self, caption: str):
         tok = self.tokenizer
-        text = tok(caption, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        if self.caption_suffix == 'eos':
+            text = tok(caption.strip(), add_special_tokens=False).input_ids + [tok.eos_token_id]
+        else:  # the reference tokenizes the caption and its separator as one string
+            text = tok(caption + self.caption_suffix, add_special_tokens=False).input_ids
         prefix = [] if tok.bos_token_id is None else [tok.bos_token_id]
         if self.template == 'plain':
             prefix = prefix + [self.image_token_id]
         return prefix + text, [IGNORE_INDEX] * len(prefix) + text
 
     def _chat_tokens(self, messages: List[dict]):
+        if self.reference_family is not None:
+            try:
+                return reference_chat_tokens(self.tokenizer, messages, self.reference_family)
+            except ReferenceFormatError as err:
+                raise BadSampleError('template_mismatch', str(err)) from None
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False)
         except TemplateError as err:
@@ -271,21 +457,9 @@ class LLaVADataset(BaseDataset):
         return ids, labels
 
     def _load_image(self, relative_path: str) -> torch.Tensor:
-        image = open_image(osp.join(self.image_folder, relative_path))
-        if self.pad_to_square:
-            image = expand_to_square(image, self.image_processor.image_mean)
-        return self.image_processor(images=image, return_tensors='pt').pixel_values[0]
-
-
-def expand_to_square(image: Image.Image, mean: Sequence[float]) -> Image.Image:
-    """Pad to a square, centred, with the mean colour (LLaVA's ``expand2square``)."""
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    square = Image.new(image.mode, (side, side), tuple(int(c * 255) for c in mean))
-    square.paste(image, ((side - width) // 2, (side - height) // 2))
-    return square
+        image = open_image(osp.join(self.image_folder, relative_path), self.max_image_pixels,
+                           square=self.pad_to_square)
+        return preprocess_image(image, self.image_processor, self.pad_to_square)
 
 
 @FUNCTIONS.register_module()

@@ -1,15 +1,45 @@
 """Stage artifacts and manifests, written atomically: a reader sees either the
 previous state or the complete new one, never a half-written directory. A stage
-is finished exactly when its manifest exists; the manifest is written last."""
+is finished exactly when its manifest exists; the manifest is written last.
+
+A manifest stores paths relative to the work dir, so a copied or moved work
+dir is self-contained, and the sha256 of every artifact file, which the next
+stage verifies before it uses the artifact."""
+import contextlib
+import hashlib
 import json
 import os
 import os.path as osp
 import shutil
 import time
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 MANIFEST = 'manifest.json'
 ARTIFACT_DIR = 'artifact'
+# What the pipeline reads from a manifest: without them it is not one.
+MANIFEST_KEYS = ('artifact', 'artifact_kind', 'made_from', 'iterations', 'first_loss',
+                 'last_loss')
+
+
+class ArtifactError(RuntimeError):
+    """A finished stage's manifest or artifact cannot be trusted.
+
+    Args:
+        problem: what is wrong, naming the file.
+        work_dir: the pipeline's work dir.
+        stage: the stage that wrote it.
+    """
+
+    def __init__(self, problem: str, work_dir: str, stage: str):
+        self.problem, self.work_dir, self.stage = problem, work_dir, stage
+        super().__init__(self.explain())
+
+    def explain(self, config: str = 'CONFIG') -> str:
+        """The problem and the commands that re-run the stage."""
+        folder = stage_dir(self.work_dir, self.stage)
+        return (f'{self.problem}. Re-run stage {self.stage!r}: move {folder} aside, then\n'
+                f'  python tools/train.py {config} --stage {self.stage} '
+                f'--work-dir {self.work_dir}')
 
 
 def stage_dir(work_dir: str, stage: str) -> str:
@@ -20,12 +50,102 @@ def manifest_path(work_dir: str, stage: str) -> str:
     return osp.join(stage_dir(work_dir, stage), MANIFEST)
 
 
-def read_manifest(work_dir: str, stage: str) -> Optional[dict]:
+def read_manifest(work_dir: str, stage: str, verify: bool = False) -> Optional[dict]:
+    """The manifest of a finished stage (None: not finished), its paths absolute.
+
+    Args:
+        work_dir: the pipeline's work dir.
+        stage: the stage's name.
+        verify: also check every artifact file against its recorded sha256
+            (before a later stage uses the artifact).
+
+    Raises:
+        ArtifactError: the manifest is not valid json, lacks keys, or its
+            artifact is missing or (``verify``) changed since it was written.
+    """
     path = manifest_path(work_dir, stage)
     if not osp.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding='utf-8') as f:
+            manifest = json.load(f)
+    except (ValueError, OSError) as err:
+        raise ArtifactError(f'{path} is not a readable manifest ({err})', work_dir,
+                            stage) from None
+    missing = [key for key in MANIFEST_KEYS
+               if not isinstance(manifest, dict) or key not in manifest]
+    if missing or not isinstance(manifest.get('artifact'), str):
+        raise ArtifactError(f'{path} is not a complete manifest (missing {missing or "artifact"})',
+                            work_dir, stage)
+    manifest = dict(manifest, artifact=resolve_path(work_dir, manifest['artifact']))
+    if isinstance(manifest['made_from'], dict):
+        manifest['made_from'] = {
+            key: resolve_path(work_dir, value) if key in ARTIFACT_ROLES else value
+            for key, value in manifest['made_from'].items()}
+    if not osp.isdir(manifest['artifact']):
+        raise ArtifactError(f'the artifact {manifest["artifact"]} named by {path} does not exist',
+                            work_dir, stage)
+    if verify:
+        for name, digest in (manifest.get('checksums') or {}).items():
+            file = osp.join(manifest['artifact'], name)
+            if not osp.isfile(file):
+                raise ArtifactError(f'{file}, listed in {path}, is missing', work_dir, stage)
+            if sha256_of(file) != digest:
+                raise ArtifactError(f'{file} does not match the sha256 recorded in {path} '
+                                    '(changed or corrupted since the stage wrote it)', work_dir,
+                                    stage)
+    return manifest
+
+
+# made_from keys that hold paths of earlier stages' artifacts.
+ARTIFACT_ROLES = ('llm_adapter', 'projector', 'model')
+
+
+def resolve_path(work_dir: str, path):
+    """A manifest's path as an absolute one.
+
+    Relative paths are relative to the work dir. Absolute ones (manifests
+    written before paths were relative) are taken as they are, except that a
+    ``<stage>/artifact`` that this work dir holds itself wins: a copied work
+    dir must not use the original's artifacts, nor a moved one fail.
+    """
+    if not isinstance(path, str):
+        return path
+    work_dir = osp.abspath(work_dir)
+    if not osp.isabs(path):
+        return osp.normpath(osp.join(work_dir, path))
+    parts = osp.normpath(path).split(os.sep)
+    if len(parts) >= 2 and parts[-1] == ARTIFACT_DIR:
+        own = osp.join(work_dir, parts[-2], ARTIFACT_DIR)
+        if osp.isdir(own):
+            return own
+    return path
+
+
+def relative_path(work_dir: str, path):
+    """``path`` relative to the work dir when it lies inside it."""
+    if not isinstance(path, str) or not osp.isabs(path):
+        return path
+    relative = osp.relpath(path, osp.abspath(work_dir))
+    return path if relative.startswith(os.pardir) else relative
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def directory_checksums(folder: str) -> Dict[str, str]:
+    """sha256 of every file under ``folder``, by path relative to it."""
+    checksums = {}
+    for root, _, files in os.walk(folder):
+        for name in sorted(files):
+            path = osp.join(root, name)
+            checksums[osp.relpath(path, folder)] = sha256_of(path)
+    return dict(sorted(checksums.items()))
 
 
 def write_artifact_dir(final_dir: str, write: Callable[[str], None]) -> str:
@@ -33,7 +153,11 @@ def write_artifact_dir(final_dir: str, write: Callable[[str], None]) -> str:
     tmp_dir = f'{final_dir}.tmp-{os.getpid()}'
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
-    write(tmp_dir)
+    try:
+        write(tmp_dir)
+    except Exception:  # e.g. a full disk: leave nothing behind on it
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
     # A leftover from a run killed between this rename and its manifest.
     shutil.rmtree(final_dir, ignore_errors=True)
     os.replace(tmp_dir, final_dir)
@@ -44,15 +168,30 @@ def atomic_write(data, path: str) -> None:
     """Write bytes or text to ``path`` through a temporary file and a rename."""
     os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
     tmp = f'{path}.tmp-{os.getpid()}'
-    with open(tmp, 'wb' if isinstance(data, bytes) else 'w') as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, 'wb' if isinstance(data, bytes) else 'w') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except Exception:  # e.g. a full disk: leave nothing behind on it
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 
 def write_manifest(work_dir: str, stage: str, manifest: dict) -> str:
+    """Write the stage's manifest last, atomically: paths inside the work dir
+    become relative to it, and the artifact's files get their sha256."""
     path = manifest_path(work_dir, stage)
-    manifest = dict(manifest, stage=stage, finished_at=time.strftime('%Y-%m-%d %H:%M:%S'))
+    artifact = manifest.get('artifact')
+    if isinstance(artifact, str) and osp.isdir(artifact) and 'checksums' not in manifest:
+        manifest = dict(manifest, checksums=directory_checksums(artifact))
+    manifest = dict(manifest, stage=stage, finished_at=time.strftime('%Y-%m-%d %H:%M:%S'),
+                    artifact=relative_path(work_dir, artifact))
+    if isinstance(manifest.get('made_from'), dict):
+        manifest['made_from'] = {
+            key: relative_path(work_dir, value) if key in ARTIFACT_ROLES else value
+            for key, value in manifest['made_from'].items()}
     atomic_write(json.dumps(manifest, indent=2), path)
     return path

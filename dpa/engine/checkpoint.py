@@ -8,8 +8,16 @@
   the HistoryBuffer and numpy objects mmengine stores in checkpoints. The runner
   only loads checkpoints this project wrote into its own work directory, so
   they are loaded in full.
+- ``torch.load`` does not check the CRCs of the zip archive it reads: a
+  checkpoint with flipped bytes loads silently with wrong weights. Each
+  checkpoint gets a ``.sha256`` sidecar, written after it; resume verifies it
+  (or, without a sidecar, the archive's CRCs) and falls back to the previous
+  checkpoint, with a logged message.
 """
 import glob
+import hashlib
+import logging
+import os
 import os.path as osp
 import re
 import zipfile
@@ -17,19 +25,32 @@ from typing import Optional
 
 import torch
 from mmengine.fileio import LocalBackend, register_backend
+from mmengine.logging import print_log
 from mmengine.runner import CheckpointLoader
 
-from dpa.engine.artifacts import atomic_write
+from dpa.engine.artifacts import atomic_write, sha256_of
+
+CHECKSUM_SUFFIX = '.sha256'
 
 
 class AtomicLocalBackend(LocalBackend):
-    """mmengine's local backend with writes that are all-or-nothing."""
+    """mmengine's local backend with writes that are all-or-nothing, and a
+    sha256 sidecar beside every checkpoint."""
 
     def put(self, obj: bytes, filepath) -> None:
         atomic_write(obj, str(filepath))
+        if str(filepath).endswith('.pth'):
+            # Written after the checkpoint: a kill in between leaves a
+            # checkpoint without sidecar, checked by its zip CRCs instead.
+            atomic_write(hashlib.sha256(obj).hexdigest() + '\n', str(filepath) + CHECKSUM_SUFFIX)
 
     def put_text(self, obj: str, filepath, encoding: str = 'utf-8') -> None:
         atomic_write(obj.encode(encoding), str(filepath))
+
+    def remove(self, filepath) -> None:
+        super().remove(filepath)
+        if osp.exists(str(filepath) + CHECKSUM_SUFFIX):
+            os.remove(str(filepath) + CHECKSUM_SUFFIX)
 
 
 def _load_local(filename, map_location=None):
@@ -41,19 +62,58 @@ def register_checkpoint_io():
     CheckpointLoader.register_scheme(prefixes='', loader=_load_local, force=True)
 
 
+# Verdicts by (path, size, mtime): a checkpoint of many GB is hashed once a run.
+_verdicts = {}
+
+
+def _file_key(path: str):
+    stat = os.stat(path)
+    sidecar = path + CHECKSUM_SUFFIX
+    return (path, stat.st_size, stat.st_mtime_ns,
+            os.stat(sidecar).st_mtime_ns if osp.exists(sidecar) else None)
+
+
+def checkpoint_problem(path: str) -> Optional[str]:
+    """Why the checkpoint at ``path`` cannot be trusted, or None when it can."""
+    if not zipfile.is_zipfile(path):
+        return 'not a complete zip archive (truncated?)'
+    sidecar = path + CHECKSUM_SUFFIX
+    if osp.exists(sidecar):
+        with open(sidecar) as f:
+            expected = f.read().strip()
+        if sha256_of(path) != expected:
+            return f'its sha256 differs from the one in {osp.basename(sidecar)}'
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad_member = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        return f'unreadable zip archive ({err})'
+    return None if bad_member is None else f'CRC error in {bad_member}'
+
+
 def latest_complete_checkpoint(stage_dir: str) -> Optional[str]:
-    """The newest ``iter_N.pth`` in ``stage_dir`` that is a complete file.
+    """The newest ``iter_N.pth`` in ``stage_dir`` that is complete and intact.
 
     mmengine's ``last_checkpoint`` pointer is not used: it is written in place
     after the checkpoint, so a kill can leave it empty or pointing at a file a
-    non-atomic writer had not finished. torch checkpoints are zip archives whose
-    directory sits at the end, so a truncated one fails ``is_zipfile``.
+    non-atomic writer had not finished. Each newer checkpoint that fails its
+    check (truncated, or bytes changed: see :func:`checkpoint_problem`) is
+    skipped with a logged warning.
     """
     def iteration(path):
         return int(re.search(r'iter_(\d+)\.pth$', path).group(1))
 
     for path in sorted(glob.glob(osp.join(stage_dir, 'iter_*.pth')), key=iteration,
                        reverse=True):
-        if zipfile.is_zipfile(path):
+        key = _file_key(path)
+        known = key in _verdicts
+        if not known:
+            _verdicts[key] = checkpoint_problem(path)
+        problem = _verdicts[key]
+        if problem is None:
             return path
+        if not known:
+            print_log(f'skipping checkpoint {path}: {problem}; trying the previous one',
+                      logger='current', level=logging.WARNING)
     return None

@@ -1,0 +1,276 @@
+"""What a command line may change, checked before any model loads.
+
+- ``--cfg-options``: mmengine's ``Config.merge_from_dict`` accepts any key, so
+  a typo (``proxy.batchsize=2``) would be silently ignored. Keys must exist in
+  the resolved config, or be one a user may legitimately add (see
+  :data:`ADDABLE`), and values must have the type of the value they replace.
+- ``--resume``: the stage's resolved config (the parts that change the
+  result) is saved when the stage starts; a resumed stage compares and refuses
+  any difference unless the change is allowed explicitly, which the manifest
+  then records.
+"""
+import difflib
+import fnmatch
+import inspect
+import json
+import logging
+import os.path as osp
+from typing import Dict, List, Optional
+
+from mmengine.dist import is_main_process
+from mmengine.logging import print_log
+
+from dpa.engine.artifacts import atomic_write, read_manifest, write_manifest
+from dpa.engine.checkpoint import latest_complete_checkpoint
+from dpa.engine.errors import ConfigError
+from dpa.engine.paths import PLACEHOLDER
+from dpa.models.builders import PROCESSORS
+from dpa.registry import MODELS
+
+STAGE_NAMES = ('proxy', 'align', 'finetune')
+# Keys the code reads with ``cfg.get`` / ``recipe.get`` and a default, so a
+# config may lack them and a command line may add them.
+ADDABLE = (
+    'tiny_standin', 'standin_data_root', 'standin_data', 'standin_data.*', 'llm_standin',
+    'llm_standin.*', 'vision_standin', 'vision_standin.*', 'skip_nonfinite_steps',
+    'max_bad_fraction', 'pad_to_square', 'max_image_pixels', 'strategy', 'strategy.*',
+    'mixed_precision', 'work_dir', 'launcher', 'seed', 'synthetic_data', 'synthetic_data.*',
+    'custom_hooks', 'stages', 'trainable_dtype', 'randomness.*', 'eval', 'eval.*',
+    # Hugging Face config fields of a model built from a config (rope scaling, ...).
+    '*.config.*',
+    # Mixture sources and their settings.
+    '*.sources.*',
+) + tuple(f'{stage}.{key}' for stage in STAGE_NAMES for key in (
+    'num_workers', 'group_by_modality_length', 'pack', 'trainable', 'use_proxy',
+    'init_from_proxy', 'checkpoint_interval', 'caption_suffix', 'image_mode', 'labels', 'lora',
+    'from_work_dir',
+    'lora.*', 'loss.*', 'optim_wrapper.*'))
+# Parts built from ``type=`` whose builder's other arguments may be added.
+BUILT_PARTS = ('llm', 'vision_tower', 'tokenizer', 'image_processor', 'model')
+STAGE_CONFIG = 'stage_config.json'
+
+
+def _dotted_keys(node, prefix: str = '') -> List[str]:
+    keys = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f'{prefix}{key}'
+            keys.append(path)
+            keys += _dotted_keys(value, path + '.')
+    return keys
+
+
+def _placeholders(node) -> set:
+    """Names used as ``{name}`` path variables anywhere in the config."""
+    if isinstance(node, str):
+        return set(PLACEHOLDER.findall(node))
+    if isinstance(node, dict):
+        node = list(node.values())
+    if isinstance(node, (list, tuple)):
+        return set().union(*(_placeholders(v) for v in node)) if node else set()
+    return set()
+
+
+def _builder_accepts(node: dict, key: str) -> bool:
+    """Whether the registered builder of ``node['type']`` takes ``key``
+    (unknown builders are given the benefit of the doubt)."""
+    for registry in (MODELS, PROCESSORS):
+        builder = registry.get(node['type']) if isinstance(node.get('type'), str) else None
+        if builder is not None:
+            parameters = inspect.signature(builder).parameters
+            return key in parameters or any(p.kind == p.VAR_KEYWORD
+                                            for p in parameters.values())
+    return True
+
+
+def _suggestion(cfg, key: str) -> str:
+    keys = _dotted_keys(cfg)
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    if close:
+        return f'; did you mean `{close[0]}`?'
+    last = key.rsplit('.', 1)[-1]
+    same_name = [k for k in keys if k.rsplit('.', 1)[-1] == last]
+    if same_name:
+        return f'; did you mean one of {", ".join(f"`{k}`" for k in same_name[:4])}?'
+    return ''
+
+
+def _type_problem(key: str, value, default) -> Optional[str]:
+    if default is None:
+        return None
+    if value is None:
+        if isinstance(default, (bool, int, float)) and key.split('.')[0] in STAGE_NAMES:
+            return 'a number is required'
+        return None
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    elif isinstance(default, (list, tuple)):
+        ok = isinstance(value, (list, tuple))
+    elif isinstance(default, dict):
+        ok = isinstance(value, dict)
+    else:
+        return None
+    return None if ok else f'expected {type(default).__name__} (the default is {default!r})'
+
+
+def check_cfg_options(cfg, options: Optional[dict]) -> None:
+    """Refuse ``--cfg-options`` keys the config does not have and values of
+    another type than the ones they replace.
+
+    Args:
+        cfg: the config as loaded from its file.
+        options: the parsed ``--cfg-options`` (dotted key -> value).
+
+    Raises:
+        ConfigError: naming the key, with the closest existing key or the
+            expected type.
+    """
+    cfg = cfg.to_dict() if hasattr(cfg, 'to_dict') else cfg
+    variables = _placeholders(cfg)
+    for key, value in (options or {}).items():
+        parts, node = key.split('.'), cfg
+        for depth, part in enumerate(parts):
+            path = '.'.join(parts[:depth + 1])
+            if isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+                continue
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+                continue
+            if depth == 0 and part in variables:
+                if not isinstance(value, str):
+                    raise ConfigError(f'--cfg-options {key}={value!r}: a path variable is a '
+                                      'string')
+                break
+            addable = any(fnmatch.fnmatchcase(path, pattern) for pattern in ADDABLE)
+            if (not addable and depth == 1 and parts[0] in BUILT_PARTS
+                    and isinstance(node, dict) and 'type' in node):
+                # An argument of the part's builder that the config leaves at its default.
+                addable = _builder_accepts(node, part)
+            if addable:
+                break
+            raise ConfigError(f'--cfg-options {key}: the config has no `{path}`'
+                              f'{_suggestion(cfg, key)}')
+        else:
+            problem = _type_problem(key, value, node)
+            if problem:
+                raise ConfigError(f'--cfg-options {key}={value!r}: {problem}')
+
+
+def apply_cfg_options(cfg, options: Optional[dict]) -> None:
+    """Check then merge ``--cfg-options`` into ``cfg``."""
+    if options:
+        check_cfg_options(cfg, options)
+        cfg.merge_from_dict(options)
+
+
+# ---------------------------------------------------------------- resume drift
+
+def _plain(value):
+    return json.loads(json.dumps(value.to_dict() if hasattr(value, 'to_dict') else value))
+
+
+def result_config(cfg, stage: str, processes: int) -> dict:
+    """The parts of the resolved config that change a stage's result: its
+    recipe (optimizer, schedule, batch arithmetic, loss), its data, the model
+    parts, and the number of processes. Logging, checkpoint cadence, workers
+    and hooks are left out."""
+    recipe = _plain(cfg[stage])
+    for key in ('num_workers', 'checkpoint_interval'):
+        recipe.pop(key, None)
+    parts = {stage: recipe, 'processes': processes}
+    if isinstance(recipe.get('data'), str):
+        parts[recipe['data']] = _plain(cfg.get(recipe['data']))
+    keys = ['model', 'llm', 'tokenizer', 'seed', 'synthetic_data', 'skip_nonfinite_steps',
+            'strategy', 'mixed_precision']
+    if stage != 'proxy':
+        keys += ['vision_tower', 'image_processor', 'pad_to_square', 'max_image_pixels']
+    for key in keys:
+        parts[key] = _plain(cfg.get(key))
+    return parts
+
+
+def _flatten(node, prefix: str = '') -> Dict[str, object]:
+    if isinstance(node, dict) and node:
+        flat = {}
+        for key, value in node.items():
+            flat.update(_flatten(value, f'{prefix}{key}.'))
+        return flat
+    return {prefix[:-1]: node}
+
+
+def config_differences(saved: dict, current: dict) -> Dict[str, list]:
+    """``key -> [saved, current]`` for every dotted key whose value differs."""
+    before, after = _flatten(saved), _flatten(current)
+    return {key: [before.get(key), after.get(key)] for key in sorted(set(before) | set(after))
+            if before.get(key) != after.get(key)}
+
+
+def prepare_stage_start(cfg, stage: str, resume: bool, first_unfinished: bool,
+                        processes: int, allow_config_change: bool = False):
+    """Decide how an unfinished stage starts, before any model loads.
+
+    Without a checkpoint to resume, the stage starts fresh and its resolved
+    config is saved. With one, the saved config is compared with this one.
+
+    Args:
+        cfg: the pipeline config.
+        stage: the stage's name.
+        resume: ``--resume`` was given.
+        first_unfinished: this is the first stage of the run that is not
+            finished, the one ``--resume`` is about.
+        processes: the number of training processes.
+        allow_config_change: resume even when the config changed.
+
+    Returns:
+        ``(resume, changes)``: whether the stage resumes, and the allowed
+        differences (``key -> [saved, current]``).
+
+    Raises:
+        ConfigError: ``--resume`` finds no checkpoint of the stage to resume,
+            or the config changed since the stage started.
+    """
+    stage_dir = osp.join(osp.abspath(cfg.work_dir), stage)
+    saved_path = osp.join(stage_dir, STAGE_CONFIG)
+    current = result_config(cfg, stage, processes)
+    checkpoint = latest_complete_checkpoint(stage_dir) if resume else None
+    if resume and checkpoint is None and first_unfinished:
+        raise ConfigError(f'--resume: stage {stage!r} has no intact checkpoint in {stage_dir} to '
+                          'resume from; run without --resume to start it from the beginning')
+    if checkpoint is None:
+        if is_main_process():
+            atomic_write(json.dumps(current, indent=2), saved_path)
+        return False, {}
+    if not osp.exists(saved_path):
+        print_log(f'[{stage}] {saved_path} is missing (a work dir from an older version): the '
+                  'config cannot be compared with the one the stage started with',
+                  logger='current', level=logging.WARNING)
+        return True, {}
+    with open(saved_path, encoding='utf-8') as f:
+        changes = config_differences(json.load(f), current)
+    if changes and not allow_config_change:
+        listing = '\n'.join(f'  {key}: {old!r} -> {new!r}' for key, (old, new) in changes.items())
+        raise ConfigError(
+            f'--resume: the config of stage {stage!r} differs from the one it started with '
+            f'({saved_path}), which changes the result of a resumed run:\n{listing}\nUndo the '
+            'change, start the stage again without --resume, or pass --allow-config-change to '
+            'resume anyway (the manifest records the change)')
+    if changes:
+        print_log(f'[{stage}] resuming with a changed config (--allow-config-change): '
+                  + ', '.join(changes), logger='current', level=logging.WARNING)
+    return True, changes
+
+
+def record_config_changes(work_dir: str, stage: str, changes: Dict[str, list]) -> None:
+    """Add the changes a resumed stage was allowed to its manifest."""
+    if not changes or not is_main_process():
+        return
+    manifest = read_manifest(work_dir, stage)
+    if manifest is not None:
+        write_manifest(work_dir, stage, dict(manifest, config_changed_on_resume=changes))
