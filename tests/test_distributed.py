@@ -1,15 +1,19 @@
 """Scale: the launch scripts, the world size each launcher announces, the
 strategies' runner configs, and a real two-process run (torchrun, gloo) of
 the three stages on CPU."""
+import glob
 import json
 import os
 import os.path as osp
+import shutil
 import socket
 import subprocess
 import sys
 
 import pytest
+import torch
 from mmengine.config import Config
+from safetensors.torch import load_file
 
 import dpa  # noqa: F401
 from dpa.datasets.synthetic import make_synthetic_data
@@ -32,36 +36,47 @@ def free_port():
 # Two processes on CPU
 # --------------------------------------------------------------------------- #
 
+def dist_train(config, work_dir, data_root, *args, **env):
+    """tools/dist_train.sh CONFIG 2 on the CPU (gloo)."""
+    env = dict(os.environ, PYTHON=sys.executable, MASTER_PORT=str(free_port()),
+               PYTHONPATH=os.pathsep.join([FIXTURES, os.environ.get('PYTHONPATH', '')]),
+               OMP_NUM_THREADS='1', **env)
+    return subprocess.run(
+        ['bash', osp.join(REPO, 'tools', 'dist_train.sh'), osp.join(FIXTURES, config), '2',
+         '--work-dir', str(work_dir), '--cfg-options', f'synthetic_data.root={data_root}',
+         *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+
+
 @pytest.fixture(scope='module')
-def two_process_run(tmp_path_factory):
+def data_dir(tmp_path_factory):
+    # Made beforehand: ranks making it at the same time can remove each
+    # other's finished copy (make_synthetic_data replaces the whole root).
+    root = tmp_path_factory.mktemp('dist') / 'data'
+    spec = Config.fromfile(osp.join(FIXTURES, 'dist_tiny.py'),
+                           import_custom_modules=False).synthetic_data
+    make_synthetic_data(**dict(spec, root=str(root)))
+    return root
+
+
+@pytest.fixture(scope='module')
+def two_process_run(tmp_path_factory, data_dir):
     """tools/dist_train.sh on the tiny default with 2 processes; every rank
     writes what it saw (tests/fixtures/dist_probe.py)."""
     work_dir = tmp_path_factory.mktemp('dist')
-    # Made beforehand: ranks making it at the same time can remove each
-    # other's finished copy (make_synthetic_data replaces the whole root).
-    spec = Config.fromfile(osp.join(FIXTURES, 'dist_tiny.py'),
-                           import_custom_modules=False).synthetic_data
-    make_synthetic_data(**dict(spec, root=str(work_dir / 'data')))
-    env = dict(os.environ, PYTHON=sys.executable, MASTER_PORT=str(free_port()),
-               PYTHONPATH=FIXTURES, OMP_NUM_THREADS='1')
-    result = subprocess.run(
-        ['bash', osp.join(REPO, 'tools', 'dist_train.sh'),
-         osp.join(FIXTURES, 'dist_tiny.py'), '2', '--work-dir', str(work_dir / 'work'),
-         '--cfg-options', f'synthetic_data.root={work_dir}/data'],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    result = dist_train('dist_tiny.py', work_dir / 'work', data_dir)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     probes = {}
     for stage in ('proxy', 'align', 'finetune'):
         for rank in (0, 1):
             with open(work_dir / 'work' / 'probe' / f'{stage}_rank{rank}.json') as f:
                 probes[stage, rank] = json.load(f)
-    return result, probes
+    return result, probes, work_dir / 'work'
 
 
 @pytest.mark.parametrize('stage, batch, accumulation', [
     ('proxy', 2, 2), ('align', 2, 2), ('finetune', 1, 1)])
 def test_two_processes_keep_the_global_batch(two_process_run, stage, batch, accumulation):
-    result, probes = two_process_run
+    result, probes, _ = two_process_run
     cfg = Config.fromfile(osp.join(FIXTURES, 'dist_tiny.py'), import_custom_modules=False)
     global_batch = cfg[stage].global_batch_size
     assert global_batch == batch * 2 * accumulation
@@ -86,7 +101,7 @@ def test_two_processes_keep_the_global_batch(two_process_run, stage, batch, accu
 
 @pytest.mark.parametrize('stage', ['proxy', 'align', 'finetune'])
 def test_two_processes_train_one_model(two_process_run, stage):
-    _, probes = two_process_run
+    _, probes, _ = two_process_run
     rank0, rank1 = probes[stage, 0], probes[stage, 1]
     assert rank0['before'] == rank1['before']  # the same initial weights
     assert rank0['after'] != rank0['before']  # the weights moved
@@ -98,10 +113,102 @@ def test_two_processes_train_one_model(two_process_run, stage):
 def test_image_free_batches_do_not_stall_the_projector(two_process_run):
     """A stage-3 micro-batch without images leaves the projector out of that
     process's graph; DDP must not wait for its gradients (find_unused_parameters)."""
-    _, probes = two_process_run
+    _, probes, _ = two_process_run
     without_image = [not with_image for rank in (0, 1)
                      for with_image in probes['finetune', rank]['with_image'][:-1]]
     assert any(without_image), 'the fixture data no longer has an image-free micro-batch'
+
+
+# --------------------------------------------------------------------------- #
+# FSDP2 on two processes (configs/_base_/strategies/fsdp.py)
+# --------------------------------------------------------------------------- #
+
+@pytest.fixture(scope='module')
+def fsdp_run(tmp_path_factory, data_dir):
+    """The same stages as ``two_process_run``, sharded with FSDP2 and with
+    activation checkpointing (tests/fixtures/dist_tiny_fsdp.py)."""
+    work_dir = tmp_path_factory.mktemp('fsdp') / 'work'
+    result = dist_train('dist_tiny_fsdp.py', work_dir, data_dir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result, work_dir
+
+
+def artifact_tensors(work_dir, stage):
+    """Every tensor of a stage's artifact, by file and key."""
+    root = osp.join(work_dir, stage, 'artifact')
+    files = sorted(glob.glob(osp.join(root, '**', '*.safetensors'), recursive=True))
+    assert files, f'no safetensors in {root}'
+    return {(osp.relpath(f, root), key): value for f in files
+            for key, value in load_file(f).items()}
+
+
+@pytest.mark.parametrize('stage', ['proxy', 'align', 'finetune'])
+def test_fsdp_artifacts_equal_the_ddp_ones(two_process_run, fsdp_run, stage):
+    """Gathered from shards on rank 0, the adapter, the projector, the native
+    model and the hf_llava export are what DDP writes."""
+    ddp = artifact_tensors(two_process_run[2], stage)
+    fsdp = artifact_tensors(fsdp_run[1], stage)
+    assert fsdp.keys() == ddp.keys()
+    for key, value in fsdp.items():
+        assert value.dtype == ddp[key].dtype and value.shape == ddp[key].shape, key
+        torch.testing.assert_close(value, ddp[key], rtol=0, atol=1e-5, msg=str(key))
+    if stage == 'finetune':
+        assert any(f.startswith('hf_llava') for f, _ in fsdp)
+
+
+def test_the_fsdp_comparison_has_steps_where_one_rank_alone_has_an_image(two_process_run):
+    """Such a step, under FSDP2, must not desynchronise the ranks' collectives
+    (the vision tower runs on one rank only; the projector has a gradient on
+    one only) and must give the projector DDP's update."""
+    _, probes, _ = two_process_run
+    steps = list(zip(probes['finetune', 0]['with_image'], probes['finetune', 1]['with_image']))
+    assert any(a != b for a, b in steps), steps
+
+
+@pytest.mark.parametrize('stage, batch, accumulation', [
+    ('proxy', 2, 2), ('align', 2, 2), ('finetune', 1, 1)])
+def test_fsdp_keeps_the_global_batch(fsdp_run, stage, batch, accumulation):
+    result, _ = fsdp_run
+    global_batch = batch * 2 * accumulation
+    assert (f'[{stage}] {"8" if stage == "finetune" else "16"} samples, batch {batch} x 2 '
+            f'processes x {accumulation} accumulation = global batch {global_batch}'
+            ) in result.stdout + result.stderr
+
+
+def test_fsdp_checkpoints_are_sharded(fsdp_run):
+    """iter_N.dcp holds each rank's shard of the weights and optimizer state;
+    iter_N.pth (written last) holds the rest, without weights."""
+    stage_dir = fsdp_run[1] / 'finetune'
+    for iteration in (2, 4):
+        shards = stage_dir / f'iter_{iteration}.dcp'
+        assert sorted(os.listdir(shards)) == ['.metadata', '__0_0.distcp', '__1_0.distcp']
+        checkpoint = torch.load(stage_dir / f'iter_{iteration}.pth', weights_only=False)
+        assert not checkpoint['state_dict'] and 'optimizer' not in checkpoint
+        assert checkpoint['meta']['iter'] == iteration
+
+
+def test_fsdp_resume_after_sigterm_is_exact(fsdp_run, data_dir, tmp_path):
+    """Stage 3 (the whole LLM trains) stopped by SIGTERM after its first
+    optimizer step and resumed from the sharded checkpoint ends bit-identical
+    to the uninterrupted run."""
+    _, finished = fsdp_run
+    work_dir = tmp_path / 'work'
+    for stage in ('proxy', 'align'):
+        shutil.copytree(finished / stage, work_dir / stage)
+    args = ('--stage', 'finetune')
+    stopped = dist_train('dist_tiny_fsdp.py', work_dir, data_dir, *args,
+                         DPA_TEST_SIGTERM_AT='finetune:1')
+    assert stopped.returncode != 0
+    assert "stage 'finetune' interrupted by SIGTERM after iteration 1" in stopped.stderr
+    assert (work_dir / 'finetune' / 'iter_1.pth').exists()
+    assert not (work_dir / 'finetune' / 'manifest.json').exists()
+    resumed = dist_train('dist_tiny_fsdp.py', work_dir, data_dir, *args, '--resume')
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert 'resumed epoch: 0, iter: 1' in resumed.stdout + resumed.stderr
+    expected = artifact_tensors(finished, 'finetune')
+    got = artifact_tensors(work_dir, 'finetune')
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[key], expected[key]) for key in expected)
 
 
 def test_dist_train_passes_the_multinode_settings(tmp_path):
@@ -164,7 +271,7 @@ def test_slurm_world_size_sets_the_accumulation(monkeypatch, tmp_path):
 
 
 def runner_cfg():
-    return dict(optim_wrapper=dict(
+    return dict(model=dict(type='LlavaDPAModel'), optim_wrapper=dict(
         type='OptimWrapper', accumulative_counts=4,
         optimizer=dict(type='AdamW', lr=4e-5), clip_grad=dict(max_norm=1.0)))
 
@@ -178,7 +285,8 @@ def strategy_config(name):
 def test_ddp_default_trains_under_bf16_autocast():
     out = apply_strategy(runner_cfg(), strategy_config('ddp.py'), 'align', accumulation=4)
     assert 'runner_type' not in out and 'strategy' not in out
-    assert out['optim_wrapper']['type'] == 'AmpOptimWrapper'
+    # bf16 autocast without loss scaling, on any device, with the guard.
+    assert out['optim_wrapper']['type'] == 'GuardedAutocastOptimWrapper'
     assert out['optim_wrapper']['dtype'] == 'bfloat16'
     assert out['optim_wrapper']['accumulative_counts'] == 4
     assert out['find_unused_parameters'] is False
@@ -203,27 +311,67 @@ def test_deepspeed_gets_the_stage_accumulation_clipping_and_precision(name, zero
                                         optimizer=dict(type='AdamW', lr=4e-5))
 
 
-def test_fsdp_gets_mixed_precision_and_keeps_accumulation():
-    out = apply_strategy(runner_cfg(), strategy_config('fsdp.py'), 'finetune', accumulation=4)
-    assert out['runner_type'] == 'FlexibleRunner'
-    wrapper = out['strategy']['model_wrapper']
-    assert wrapper['mixed_precision'] == dict(param_dtype='bfloat16', reduce_dtype='float32',
-                                              buffer_dtype='bfloat16')
-    assert wrapper['auto_wrap_policy']['min_num_params'] == 10000000
+def test_fsdp2_gets_mixed_precision_and_keeps_the_optimizer_wrapper():
+    cfg = strategy_config('fsdp.py')
+    cfg.trainable_dtype = 'float32'
+    out = apply_strategy(runner_cfg(), cfg, 'finetune', accumulation=4)
+    assert out['runner_type'] == 'FSDPRunner' and 'strategy' not in out
+    assert out['model_wrapper_cfg'] == dict(type='FullyShardedModel', param_dtype='bfloat16',
+                                            reduce_dtype='float32', reshard_after_forward=True)
+    # Accumulation, clipping and the guard are the DDP ones; no autocast.
+    assert out['optim_wrapper']['type'] == 'OptimWrapper'
     assert out['optim_wrapper']['accumulative_counts'] == 4
+    assert out['optim_wrapper']['clip_grad'] == dict(max_norm=1.0)
+    assert out['model']['trainable_dtype'] == 'float32'
+    cfg.mixed_precision = None  # the CPU: float32 compute
+    assert apply_strategy(runner_cfg(), cfg, 'finetune', 4)['model_wrapper_cfg'][
+        'param_dtype'] is None
 
 
-@pytest.mark.parametrize('name', ['deepspeed_zero3.py', 'fsdp.py'])
-def test_sharded_parameters_are_refused_before_loading(tmp_path, name):
-    """Stage artifacts are written from rank 0's parameters: under ZeRO-3 or
-    FSDP they would be incomplete, so the run stops before it starts."""
+def test_fsdp2_in_one_process_trains_unsharded():
+    cfg = strategy_config('fsdp.py')
+    cfg.launcher = 'none'
+    out = apply_strategy(runner_cfg(), cfg, 'finetune', accumulation=4)
+    assert 'runner_type' not in out and 'model_wrapper_cfg' not in out
+    assert out['optim_wrapper']['type'] == 'GuardedAutocastOptimWrapper'
+
+
+def test_tiny_fsdp_config_selects_fsdp2():
+    cfg = Config.fromfile(osp.join(REPO, 'configs', 'dpa_tiny_fsdp.py'))
+    assert cfg.strategy == dict(type='FSDP2Strategy', reshard_after_forward=True)
+    assert cfg.get('mixed_precision') is None and cfg.llm.torch_dtype == 'float32'
+
+
+def tiny_with_strategy(tmp_path, name, **keys):
     cfg = Config.fromfile(osp.join(REPO, 'configs', 'dpa_tiny.py'))
     cfg.merge_from_dict(dict(work_dir=str(tmp_path)))
     cfg.merge_from_dict(Config.fromfile(osp.join(STRATEGIES, name)).to_dict())
-    with pytest.raises(ConfigError, match='gathering sharded ones is not implemented'):
+    cfg.merge_from_dict(keys)
+    return cfg
+
+
+def test_zero3_is_refused_before_loading(tmp_path):
+    """Stage artifacts are written from rank 0's parameters: under ZeRO-3
+    they would be incomplete (the gather needs a GPU to be built), so the run
+    stops before it starts and names FSDP2."""
+    cfg = tiny_with_strategy(tmp_path, 'deepspeed_zero3.py')
+    with pytest.raises(ConfigError, match='GatheredParameters.*strategies/fsdp.py'):
         check_config(cfg, ['proxy'])
     cfg.strategy = Config.fromfile(osp.join(STRATEGIES, 'deepspeed_zero2.py')).strategy
     check_config(cfg, ['proxy'])
+
+
+@pytest.mark.parametrize('keys, message', [
+    (dict(mixed_precision='float16'), "mixed_precision='float16' under FSDP2Strategy"),
+    (dict(strategy=dict(min_num_params=10)), r"FSDP2Strategy has no key\(s\) \['min_num_params'\]"),
+    (dict(strategy=dict(type='FSDPStrategy')), "'FSDPStrategy' \\(mmengine's FSDP1\\)"),
+])
+def test_fsdp2_settings_are_checked(tmp_path, monkeypatch, keys, message):
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    cfg = tiny_with_strategy(tmp_path, 'fsdp.py', **{'launcher': 'pytorch', **keys})
+    with pytest.raises(ConfigError, match=message):
+        check_config(cfg, ['proxy'])
+    check_config(tiny_with_strategy(tmp_path, 'fsdp.py', launcher='pytorch'), ['proxy'])
 
 
 @pytest.mark.parametrize('keys, message', [

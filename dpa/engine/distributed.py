@@ -6,12 +6,16 @@ Strategies (``_base_/strategies/``):
 
 - no ``strategy`` key (default): mmengine's ``Runner``; under a launcher the
   model is wrapped in DDP. ``mixed_precision='bfloat16'`` trains under bf16
-  autocast (``AmpOptimWrapper``).
+  autocast (``GuardedAutocastOptimWrapper``, any device).
+- ``strategy=dict(type='FSDP2Strategy', ...)``: PyTorch FSDP2
+  (:mod:`dpa.engine.fsdp`): ``FSDPRunner`` with ``FullyShardedModel``;
+  ``mixed_precision='bfloat16'`` becomes FSDP2's ``MixedPrecisionPolicy``.
 - ``strategy=dict(type='DeepSpeedStrategy', ...)``: mmengine's
   ``FlexibleRunner``; the stage's gradient accumulation, gradient clipping
   and mixed precision move into the DeepSpeed config.
-- ``strategy=dict(type='FSDPStrategy', ...)``: ``FlexibleRunner``; mixed
-  precision becomes FSDP's ``MixedPrecision``.
+
+Every strategy gets the config's ``trainable_dtype`` for the model
+(:mod:`dpa.engine.precision`).
 """
 import copy
 import os
@@ -21,12 +25,17 @@ import torch.distributed as dist
 from mmengine.registry import RUNNERS
 
 from dpa.engine.errors import ConfigError
+from dpa.engine.fsdp import FSDPRunner
 
 # Where each launcher announces the number of processes before init.
 WORLD_SIZE_VARIABLES = {'pytorch': 'WORLD_SIZE', 'slurm': 'SLURM_NTASKS',
                         'mpi': 'OMPI_COMM_WORLD_SIZE'}
-STRATEGIES = ('DeepSpeedStrategy', 'FSDPStrategy')
+STRATEGIES = ('DeepSpeedStrategy', 'FSDP2Strategy')
+FSDP2_KEYS = ('type', 'reshard_after_forward')
 PRECISIONS = (None, 'bfloat16', 'float16')
+# The optimizer wrapper of each mixed precision under DDP or one process: bf16
+# needs no loss scaling and runs on any device; fp16's scaler needs a GPU.
+AUTOCAST = {'bfloat16': 'GuardedAutocastOptimWrapper', 'float16': 'GuardedAmpOptimWrapper'}
 
 
 def world_size(launcher: str) -> int:
@@ -42,26 +51,37 @@ def world_size(launcher: str) -> int:
 
 def check_strategy(cfg) -> None:
     strategy, precision = cfg.get('strategy'), cfg.get('mixed_precision')
+    if strategy is not None and strategy.get('type') == 'FSDPStrategy':
+        raise ConfigError("strategy.type='FSDPStrategy' (mmengine's FSDP1) is replaced by "
+                          "'FSDP2Strategy': inherit configs/_base_/strategies/fsdp.py")
     if strategy is not None and strategy.get('type') not in STRATEGIES:
         raise ConfigError(f"strategy.type={strategy.get('type')!r}: choose among {STRATEGIES}, "
                           'or leave `strategy` out for DDP')
     if precision not in PRECISIONS:
         raise ConfigError(f'mixed_precision={precision!r}: choose among {PRECISIONS}')
+    if strategy is not None and strategy['type'] == 'FSDP2Strategy':
+        unknown = sorted(set(strategy) - set(FSDP2_KEYS))
+        if unknown:
+            raise ConfigError(f'strategy: FSDP2Strategy has no key(s) {unknown}; '
+                              f'it takes {FSDP2_KEYS}')
+        if precision == 'float16':
+            raise ConfigError("mixed_precision='float16' under FSDP2Strategy needs a sharded "
+                              "gradient scaler, which is not wired in: use 'bfloat16'")
     if strategy is not None and shards_parameters(strategy):
         # Refused up front: training would run to the end and then write
         # incomplete artifacts.
         raise ConfigError(
-            f"strategy={strategy.get('type')} with sharded parameters (ZeRO-3 or FSDP): each "
-            "stage writes its artifact (LoRA adapter, projector, final model) from rank 0's "
-            'parameters, and gathering sharded ones is not implemented yet (docs/distributed.md, '
-            "'Known gaps'). Use configs/_base_/strategies/deepspeed_zero2.py, or DDP (no "
-            '`strategy`)')
+            'strategy=DeepSpeedStrategy with zero_optimization.stage=3: each stage writes its '
+            "artifact (LoRA adapter, projector, final model) from rank 0's parameters, and "
+            "gathering ZeRO-3's sharded ones (deepspeed.zero.GatheredParameters) is not "
+            "implemented: it needs a GPU to be tested (docs/distributed.md, 'Known gaps'). "
+            'Use configs/_base_/strategies/fsdp.py (FSDP2, sharded parameters, gathered '
+            'artifacts) or deepspeed_zero2.py')
 
 
 def shards_parameters(strategy) -> bool:
-    """Whether the strategy splits the parameters themselves across ranks."""
-    if strategy.get('type') == 'FSDPStrategy':
-        return True
+    """Whether a DeepSpeed strategy splits the parameters themselves across
+    ranks (ZeRO-3); FSDP2 does too, and gathers them for the artifacts."""
     return (strategy.get('zero_optimization') or {}).get('stage', 0) == 3
 
 
@@ -100,6 +120,10 @@ def apply_strategy(runner_cfg: dict, cfg, stage: str, accumulation: int) -> dict
     strategy = copy.deepcopy(cfg.get('strategy'))
     precision = cfg.get('mixed_precision')
     optim_wrapper = runner_cfg['optim_wrapper']
+    runner_cfg['model']['trainable_dtype'] = cfg.get('trainable_dtype')
+    if (strategy is not None and strategy['type'] == 'FSDP2Strategy'
+            and cfg.get('launcher', 'none') == 'none'):
+        strategy = None  # one process: nothing to shard across, it trains as without
     if strategy is None:
         # A text-only batch leaves the projector out of stage 3's graph.
         runner_cfg['find_unused_parameters'] = stage == 'finetune'
@@ -108,28 +132,34 @@ def apply_strategy(runner_cfg: dict, cfg, stage: str, accumulation: int) -> dict
                 type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False,
                 find_unused_parameters=runner_cfg['find_unused_parameters'])
         if precision is not None:
-            optim_wrapper.update(type='AmpOptimWrapper', dtype=precision)
+            optim_wrapper.update(type=AUTOCAST[precision], dtype=precision)
+        return runner_cfg
+
+    if strategy['type'] == 'FSDP2Strategy':
+        # The optimizer wrapper (accumulation, clipping, guard) is DDP's; the
+        # precision is FSDP2's, not autocast.
+        runner_cfg['runner_type'] = 'FSDPRunner'
+        runner_cfg['model_wrapper_cfg'] = dict(
+            type='FullyShardedModel', param_dtype=precision, reduce_dtype='float32',
+            reshard_after_forward=strategy.get('reshard_after_forward', True))
         return runner_cfg
 
     runner_cfg['runner_type'] = 'FlexibleRunner'
-    if strategy['type'] == 'DeepSpeedStrategy':
-        strategy['gradient_accumulation_steps'] = accumulation
-        clip_grad = optim_wrapper.get('clip_grad')
-        if clip_grad:
-            strategy['gradient_clipping'] = clip_grad['max_norm']
-        if precision is not None:
-            strategy['bf16' if precision == 'bfloat16' else 'fp16'] = dict(enabled=True)
-        # DeepSpeed owns accumulation, clipping and precision.
-        runner_cfg['optim_wrapper'] = dict(type='DeepSpeedOptimWrapper',
-                                           optimizer=optim_wrapper['optimizer'])
-    else:
-        if precision is not None:
-            strategy.setdefault('model_wrapper', {})['mixed_precision'] = dict(
-                param_dtype=precision, reduce_dtype='float32', buffer_dtype=precision)
+    strategy['gradient_accumulation_steps'] = accumulation
+    clip_grad = optim_wrapper.get('clip_grad')
+    if clip_grad:
+        strategy['gradient_clipping'] = clip_grad['max_norm']
+    if precision is not None:
+        strategy['bf16' if precision == 'bfloat16' else 'fp16'] = dict(enabled=True)
+    # DeepSpeed owns accumulation, clipping and precision.
+    runner_cfg['optim_wrapper'] = dict(type='DeepSpeedOptimWrapper',
+                                       optimizer=optim_wrapper['optimizer'])
     runner_cfg['strategy'] = strategy
     return runner_cfg
 
 
 def build_runner(runner_cfg):
-    """A ``Runner`` or, for the strategies that need one, a ``FlexibleRunner``."""
+    """A ``Runner`` or the strategy's: ``FSDPRunner``, ``FlexibleRunner``."""
+    if runner_cfg.get('runner_type') == 'FSDPRunner':
+        return FSDPRunner.from_cfg(runner_cfg)
     return RUNNERS.build(runner_cfg)

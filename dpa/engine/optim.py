@@ -1,5 +1,7 @@
 """Optimizer wrappers that refuse to step on a non-finite loss: a NaN that
 reaches the weights poisons every later step, and the run looks alive."""
+import contextlib
+
 import torch
 from mmengine.dist import all_reduce, get_world_size
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
@@ -46,6 +48,35 @@ class GuardedOptimWrapper(NonFiniteGuard, OptimWrapper):
 @OPTIM_WRAPPERS.register_module()
 class GuardedAmpOptimWrapper(NonFiniteGuard, AmpOptimWrapper):
     """mmengine's ``AmpOptimWrapper`` (GPU mixed precision) with the guard."""
+
+
+@OPTIM_WRAPPERS.register_module()
+class GuardedAutocastOptimWrapper(NonFiniteGuard, OptimWrapper):
+    """bf16 compute by ``torch.autocast`` over the parameters as they are held
+    (float32 master weights when the pipeline holds trainable ones in float32,
+    :mod:`dpa.engine.precision`), with the guard.
+
+    mmengine's ``AmpOptimWrapper`` asserts a GPU; bf16 needs no loss scaling,
+    so this wrapper runs the same path on a GPU and on a CPU, where the tests
+    run it.
+
+    Args:
+        dtype: the autocast dtype; only ``'bfloat16'`` (float16 needs the loss
+            scaling of ``AmpOptimWrapper``).
+    """
+
+    def __init__(self, *args, dtype: str = 'bfloat16', **kwargs):
+        if dtype != 'bfloat16':
+            raise ValueError(f'GuardedAutocastOptimWrapper: dtype={dtype!r}; only bfloat16 runs '
+                             'without loss scaling (float16: GuardedAmpOptimWrapper)')
+        super().__init__(*args, **kwargs)
+        self.cast_dtype = torch.bfloat16
+
+    @contextlib.contextmanager
+    def optim_context(self, model):
+        device = next(model.parameters()).device.type
+        with super().optim_context(model), torch.autocast(device, dtype=self.cast_dtype):
+            yield
 
 
 GUARDED = {'OptimWrapper': 'GuardedOptimWrapper', 'AmpOptimWrapper': 'GuardedAmpOptimWrapper'}

@@ -1,7 +1,6 @@
 # The default: one model replica per process (DDP when launched with
 # tools/dist_train.sh or tools/slurm_train.sh, a single process otherwise).
-# Stages 1 and 2 train LoRA / the projector in float32 under bf16 autocast;
-# stage 3 trains the LLM in the dtype it is loaded in (`llm.torch_dtype`), so
-# bfloat16 weights get pure-bf16 updates: a DeepSpeed strategy keeps float32
-# master weights.
+# With `trainable_dtype='float32'` (_base_/runtime_gpu.py) the trainable
+# weights, their gradients and AdamW's two states are float32 on every GPU:
+# 16 bytes per trained parameter, unsharded (tools/plan_memory.py).
 strategy = None

@@ -1,9 +1,9 @@
 # DeepSpeed ZeRO-3 through mmengine's FlexibleRunner (`pip install deepspeed`):
-# parameters too are sharded, for LLMs whose bf16 weights do not fit one GPU
-# next to their activations (Qwen2.5-32B). Accumulation, clipping and mixed
-# precision are filled in by the pipeline (dpa/engine/distributed.py).
-# Known gap: the stage artifacts are written from rank 0's parameters, which
-# ZeRO-3 shards; see docs/distributed.md.
+# parameters too are sharded. Accumulation, clipping and mixed precision are
+# filled in by the pipeline (dpa/engine/distributed.py).
+# Refused by the config check: the stage artifacts would be written from rank
+# 0's shards; the gather (deepspeed.zero.GatheredParameters) needs a GPU to be
+# built and tested. Sharded parameters with gathered artifacts: fsdp.py.
 strategy = dict(
     type='DeepSpeedStrategy',
     zero_optimization=dict(

@@ -1,13 +1,12 @@
-# PyTorch FSDP through mmengine's FlexibleRunner: parameters, gradients and
-# optimizer states sharded in units of at least 10M parameters; mixed precision is
-# filled in by the pipeline (dpa/engine/distributed.py). FSDP needs a GPU.
-# Known gap: the stage artifacts are written from rank 0's parameters, which
-# FSDP shards; see docs/distributed.md.
+# PyTorch FSDP2 (torch.distributed.fsdp.fully_shard, dpa/engine/fsdp.py):
+# parameters, gradients and optimizer states sharded across processes, one
+# unit per decoder layer plus the root; float32 master weights
+# (`trainable_dtype`), bf16 compute when `mixed_precision='bfloat16'`. The
+# stage artifacts are gathered to rank 0's CPU; checkpoints are sharded
+# (iter_N.dcp/ beside iter_N.pth). Runs on CPU with gloo too (the tests); in
+# one process (no launcher) a stage trains unsharded.
 strategy = dict(
-    type='FSDPStrategy',
-    model_wrapper=dict(
-        auto_wrap_policy=dict(
-            type='torch.distributed.fsdp.wrap.size_based_auto_wrap_policy',
-            min_num_params=10000000),
-        use_orig_params=True),
-    state_dict_cfg='full')
+    type='FSDP2Strategy',
+    # Free each layer's gathered weights after its forward (ZeRO-3 memory);
+    # False keeps them until the backward (ZeRO-2-like, more memory, less traffic).
+    reshard_after_forward=True)
