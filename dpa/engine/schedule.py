@@ -26,20 +26,37 @@ class EpochsAsItersTrainLoop(IterBasedTrainLoop):
 
 @PARAM_SCHEDULERS.register_module()
 class WarmupCosineLR(LRSchedulerMixin, _ParamScheduler):
-    """Linear warm-up over ``warmup_ratio`` of the steps, then cosine decay to
-    ``eta_min_ratio`` of the base lr: transformers'
-    ``get_cosine_schedule_with_warmup`` (the reference recipe), with the
-    warm-up length derived from the run's length so it holds for any data size.
+    """Linear warm-up over ``warmup_ratio`` of the optimizer steps, then cosine
+    decay to ``eta_min_ratio`` of the base lr: exactly transformers'
+    ``get_cosine_schedule_with_warmup`` as its ``Trainer`` drives it (the
+    reference recipe), with the warm-up length derived from the run's length
+    so it holds for any data size.
+
+    At optimizer step ``k`` of ``T`` (``T = ceil(iterations / accumulation)``,
+    the steps mmengine's accumulating optimizer wrapper takes) the factor is
+    ``k / W`` during the ``W = ceil(warmup_ratio * T)`` warm-up steps (the
+    first step has lr 0, as in transformers), then
+    ``0.5 * (1 + cos(pi * (k - W) / (T - W)))``. The scheduler steps every
+    micro-iteration; micro-iteration ``i`` belongs to optimizer step
+    ``i // accumulation``, so the lr is constant within a step.
 
     Use with ``by_epoch=True, begin=0, end=<epochs>, convert_to_iter_based=True``.
+
+    Args:
+        warmup_ratio: fraction of the optimizer steps spent warming up.
+        eta_min_ratio: the lr at the end, as a fraction of the base lr.
+        accumulation: micro-iterations per optimizer step (gradient accumulation).
     """
 
     def __init__(self, optimizer, warmup_ratio: float = 0.03, eta_min_ratio: float = 0.0,
-                 begin: int = 0, end: int = INF, last_step: int = -1, by_epoch: bool = True,
-                 verbose: bool = False):
+                 accumulation: int = 1, begin: int = 0, end: int = INF, last_step: int = -1,
+                 by_epoch: bool = True, verbose: bool = False):
         if not 0 <= warmup_ratio < 1:
             raise ValueError(f'warmup_ratio must be in [0, 1), got {warmup_ratio}')
-        self.total = end - begin
+        if not isinstance(accumulation, int) or accumulation < 1:
+            raise ValueError(f'accumulation must be a positive integer, got {accumulation!r}')
+        self.accumulation = accumulation
+        self.total = math.ceil((end - begin) / accumulation)
         self.warmup = math.ceil(warmup_ratio * self.total)
         self.eta_min_ratio = eta_min_ratio
         super().__init__(optimizer, begin=begin, end=end, last_step=last_step,
@@ -51,9 +68,11 @@ class WarmupCosineLR(LRSchedulerMixin, _ParamScheduler):
         return cls(*args, begin=int(begin * epoch_length), end=int(end * epoch_length),
                    by_epoch=False, **kwargs)
 
-    def factor(self, step: int) -> float:
+    def factor(self, iteration: int) -> float:
+        """The lr factor of micro-iteration ``iteration``."""
+        step = iteration // self.accumulation
         if step < self.warmup:
-            return (step + 1) / (self.warmup + 1)
+            return step / max(1, self.warmup)
         progress = (step - self.warmup) / max(1, self.total - self.warmup)
         cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
         return self.eta_min_ratio + (1 - self.eta_min_ratio) * cosine

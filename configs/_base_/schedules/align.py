@@ -4,7 +4,12 @@ align = dict(
     data='caption_data',
     use_proxy=True,
     loss=dict(mode='cmo', clamp=(0.05, 0.5), window=3, scope='sequence'),
-    max_length=2048,
+    caption_suffix='eos',
+    # 'pad' or 'square' (the processor's resize and centre crop, the reference's
+    # stage 2); None: as `pad_to_square`.
+    image_mode=None,
+    # Per device: the reference's scripts/pretrain_lvlm.sh.
+    max_length=8192,
     batch_size=32,
     global_batch_size=256,
     max_epochs=1,

@@ -7,8 +7,15 @@ finetune = dict(
     # LLaVA's group_by_modality_length: batches of image rows or of text-only
     # rows, of similar lengths.
     group_by_modality_length=True,
+    # 'assistant' (the tokenizer's chat template, answers and their end-of-turn
+    # token learnt) or 'reference' (fnlp-vision/DPA's templates and masking).
+    labels='assistant',
+    # 'pad' or 'square'; None: as `pad_to_square` (which the export and the
+    # eval stage follow, so a set value must agree with it).
+    image_mode=None,
+    # Per device: the reference's scripts/finetune_lvlm.sh.
     max_length=2048,
-    batch_size=16,
+    batch_size=8,
     global_batch_size=256,
     max_epochs=1,
     warmup_ratio=0.03,

@@ -6,7 +6,11 @@ proxy = dict(
     # Several captions per row, attention kept inside each: the losses of
     # padded batches, with fewer padding tokens.
     pack=True,
-    max_length=2048,
+    # The caption's ending: 'eos' (the tokenizer's EOS) or '\n' (the reference's
+    # LLaVA plain template); see docs/fidelity.md.
+    caption_suffix='eos',
+    # Per device: the reference's scripts/pretrain.sh (model_max_length 8192).
+    max_length=8192,
     batch_size=16,
     global_batch_size=256,
     max_epochs=1,
