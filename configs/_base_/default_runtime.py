@@ -16,6 +16,9 @@ env_cfg = dict(
 )
 log_processor = dict(by_epoch=False, window_size=10)
 log_level = 'INFO'
+# Add TensorBoard (`pip install tensorboard`) for curves and, in CMO/CAL
+# stages, the histogram of the token weights:
+#   dict(type='TensorboardVisBackend')
 visualizer = dict(type='Visualizer', vis_backends=[dict(type='LocalVisBackend')])
 launcher = 'none'
 # Bad data rows are skipped (and listed in <stage>/skipped_samples.jsonl) until

@@ -13,7 +13,8 @@ import re
 
 from dpa.engine.errors import ConfigError
 
-PATH_KEYS = ('pretrained', 'data_files', 'image_folder', 'root')
+# `data` is the eval stage's file (a stage recipe's `data` names a config key, without braces).
+PATH_KEYS = ('pretrained', 'data_files', 'image_folder', 'root', 'data')
 PLACEHOLDER = re.compile(r'\{(\w+)\}')
 
 

@@ -115,6 +115,11 @@ class VisualRelevanceLoss(nn.Module):
         if scope not in SCOPES:
             raise ValueError(f'loss.scope must be one of {SCOPES}, got {scope!r}')
         self.mode, self.clamp, self.window, self.scope, self.eps = mode, clamp, window, scope, eps
+        # Set by the model (see dpa.models.token_classes): the statistics are
+        # then also split into content and template tokens.
+        self.register_buffer('content_tokens', None, persistent=False)
+        # The weights of the last batch, for the weight histogram in TensorBoard.
+        self.last_weights = None
 
     @property
     def needs_text_pass(self) -> bool:
@@ -146,15 +151,60 @@ class VisualRelevanceLoss(nn.Module):
         Returns:
             dict with ``loss`` and, for weighted modes, ``cmo_w_mean``,
             ``cmo_at_min``, ``cmo_at_max``, ``cmo_delta_mean`` (names without
-            'loss' so mmengine logs and does not sum them).
+            'loss' so mmengine logs and does not sum them) and, with
+            ``content_tokens`` set, ``cmo_{w,delta}_mean_{content,template}``.
         """
         supervised = targets != IGNORE_INDEX
         if self.mode == 'vanilla':
             _, logp = score_fn(outputs[supervised], targets[supervised])
             return {'loss': -logp.mean()}
+        scores = self.token_scores(outputs, targets, text_outputs, text_index, score_fn)
+        w = scores['weight'][supervised]
+        loss = (w * -scores['logp']).sum() / (w.sum() + self.eps)
+        delta = scores['delta'][supervised]
+        delta_min, delta_max = self.clamp
+        self.last_weights = w.detach()
+        stats = {
+            'loss': loss,
+            'cmo_w_mean': w.mean().detach(),
+            'cmo_at_min': (delta <= delta_min).float().mean(),
+            'cmo_at_max': (delta >= delta_max).float().mean(),
+            'cmo_delta_mean': delta.mean(),
+        }
+        if self.content_tokens is not None:
+            stats.update(self._class_stats(targets[supervised], w.detach(), delta))
+        return stats
+
+    def _class_stats(self, targets, weights, delta) -> dict:
+        """Mean weight and delta of content and of template tokens (a class
+        absent from the batch has no entry: no NaN in the logs)."""
+        content = self.content_tokens[targets.clamp(max=self.content_tokens.numel() - 1)]
+        stats = {}
+        for name, members in (('content', content), ('template', ~content)):
+            if members.any():
+                stats[f'cmo_w_mean_{name}'] = weights[members].mean()
+                stats[f'cmo_delta_mean_{name}'] = delta[members].mean()
+        return stats
+
+    def token_scores(self,
+                     outputs: torch.Tensor,
+                     targets: torch.Tensor,
+                     text_outputs: torch.Tensor,
+                     text_index: torch.Tensor,
+                     score_fn: ScoreFn = target_scores) -> dict:
+        """What the weighted loss computes per target token (arguments as in
+        :meth:`forward`; the mode must not be vanilla).
+
+        Returns:
+            dict with ``score_img``, ``score_txt``, ``delta`` (their
+            difference, unclamped), ``weight`` (clamped and smoothed, exactly
+            what the loss multiplies by), all dense (B, T) and detached, and
+            ``logp``: the log-probabilities of the supervised targets, in
+            ``targets != IGNORE_INDEX`` order, with gradient.
+        """
         if text_outputs is None or text_index is None:
             raise ValueError(f'loss.mode={self.mode!r} needs the no-image pass outputs')
-
+        supervised = targets != IGNORE_INDEX
         # The reference scores every position (ignored ones with token id 0).
         scored = torch.ones_like(supervised) if self.scope == 'reference' else supervised
         score_targets = targets.clamp(min=0)[scored]
@@ -175,19 +225,8 @@ class VisualRelevanceLoss(nn.Module):
         dense_txt[scored] = score_txt
         weights = relevance_weights(dense_img, dense_txt, supervised, self.clamp,
                                     self.window, self.scope)
-
-        ce = -logp[supervised[scored]]
-        w = weights[supervised]
-        loss = (w * ce).sum() / (w.sum() + self.eps)
-        delta = (dense_img - dense_txt)[supervised]
-        delta_min, delta_max = self.clamp
-        return {
-            'loss': loss,
-            'cmo_w_mean': w.mean().detach(),
-            'cmo_at_min': (delta <= delta_min).float().mean(),
-            'cmo_at_max': (delta >= delta_max).float().mean(),
-            'cmo_delta_mean': delta.mean(),
-        }
+        return dict(score_img=dense_img, score_txt=dense_txt, delta=dense_img - dense_txt,
+                    weight=weights, logp=logp[supervised[scored]])
 
 
 def check_clamp(clamp, key: str) -> None:

@@ -1,0 +1,175 @@
+"""Runs the variants of the prior-conflict benchmark over seeds and tables
+the result: per-attribute and mean accuracy, mean +- std over seeds, the
+paired difference to vanilla, chance, the no-image control, and the align
+stage's CMO weights on content and on style (template) tokens."""
+import json
+import os
+import os.path as osp
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, List, Sequence
+
+from dpa.analysis.prior_conflict.data import make_benchmark_data
+from dpa.analysis.prior_conflict.language import ATTRIBUTES
+from dpa.analysis.prior_conflict.prior_llm import pretrain_prior
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+VARIANTS = ('vanilla', 'cal', 'pmo_only', 'cmo_only', 'dpa')
+USES_PROXY = ('pmo_only', 'dpa')
+CHANCE = statistics.mean(1 / len(values) for values in ATTRIBUTES.values())
+# A comparison counts only when vanilla learnt something from the image and
+# the questions cannot be answered without it.
+GATE_VANILLA_MEAN, GATE_NO_IMAGE = 0.30, 0.24
+
+
+def variant_config(variant: str) -> str:
+    return osp.join(REPO, 'configs', 'prior_conflict', f'{variant}.py')
+
+
+def _run(command: List[str], log_path: str) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    with open(log_path, 'w') as log:
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    if done.returncode:
+        raise RuntimeError(f'{" ".join(command)} failed (exit {done.returncode}); see {log_path}')
+
+
+def _train(config: str, work_dir: str, options: Sequence[str], *args: str) -> None:
+    os.makedirs(work_dir, exist_ok=True)
+    _run([sys.executable, osp.join(REPO, 'tools', 'train.py'), config, '--work-dir', work_dir,
+          *args, '--cfg-options', *options], osp.join(work_dir, 'train.log'))
+
+
+def proxy_dir(out_dir: str, seed: int) -> str:
+    return osp.join(out_dir, f'proxy_seed{seed}')
+
+
+def run_variant(variant: str, seed: int, data_root: str, out_dir: str,
+                paths: dict) -> dict:
+    """Train one variant at one seed (its eval stage scores it; a variant with
+    a proxy reuses the seed's, see :func:`run_benchmark`), score the no-image
+    control, and collect the numbers."""
+    work_dir = osp.join(out_dir, f'{variant}_seed{seed}')
+    start = time.time()
+    options = [f'seed={seed}', f'data_root={data_root}']
+    if variant in USES_PROXY:
+        options.append(f'proxy.from_work_dir={proxy_dir(out_dir, seed)}')
+    _train(variant_config(variant), work_dir, options)
+    control_dir = osp.join(work_dir, 'no_image')
+    _run([sys.executable, osp.join(REPO, 'tools', 'eval.py'), work_dir, '--data',
+          paths['eval_no_image'], '--image-folder', paths['image_folder'], '--out', control_dir,
+          '--batch-size', '64', '--device', 'cpu'], osp.join(work_dir, 'no_image.log'))
+    with open(osp.join(work_dir, 'eval', 'manifest.json')) as f:
+        metrics = json.load(f)['metrics']
+    with open(osp.join(control_dir, 'metrics.json')) as f:
+        control = json.load(f)
+    with open(osp.join(work_dir, 'align', 'manifest.json')) as f:
+        cmo = json.load(f).get('cmo', {})
+    return dict(variant=variant, seed=seed, seconds=round(time.time() - start),
+                accuracy={name: metrics['per_type'][name]['accuracy'] for name in ATTRIBUTES},
+                mean=statistics.mean(metrics['per_type'][name]['accuracy']
+                                     for name in ATTRIBUTES),
+                no_image=control['accuracy'],
+                align_weight_content=cmo.get('w_mean_content'),
+                align_weight_style=cmo.get('w_mean_template'),
+                align_at_min=cmo.get('at_min'))
+
+
+def run_benchmark(variants: Sequence[str], seeds: Sequence[int], data_root: str, out_dir: str,
+                  parallel: int = 2, log: Callable[[str], None] = print) -> dict:
+    """Prior LLM and data (cached under ``data_root/prior_conflict``), then
+    every (variant, seed), ``parallel`` at a time; writes ``results.json`` and
+    ``results.md`` to ``out_dir``."""
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f'unknown variants {sorted(unknown)}; choose among {VARIANTS}')
+    root = osp.join(data_root, 'prior_conflict')
+    prior = pretrain_prior(osp.join(root, 'prior_llm'), log=log)
+    paths = make_benchmark_data(osp.join(root, 'data'))
+    os.makedirs(out_dir, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        # One proxy per seed, shared by the variants that use it.
+        proxies = [pool.submit(_train, variant_config('dpa'), proxy_dir(out_dir, seed),
+                               [f'seed={seed}', f'data_root={data_root}'], '--stage', 'proxy')
+                   for seed in seeds if set(variants) & set(USES_PROXY)]
+        for future in proxies:
+            future.result()
+    jobs = [(v, s) for s in seeds for v in variants]
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        futures = {job: pool.submit(run_variant, job[0], job[1], data_root, out_dir, paths)
+                   for job in jobs}
+        runs = []
+        for job, future in futures.items():
+            runs.append(future.result())
+            log(f"{job[0]} seed {job[1]}: mean {runs[-1]['mean']:.3f} "
+                f"({runs[-1]['seconds']} s)")
+    result = dict(prior=prior, runs=runs, chance=CHANCE, table=summarise(runs))
+    with open(osp.join(out_dir, 'results.json'), 'w') as f:
+        json.dump(result, f, indent=2)
+    with open(osp.join(out_dir, 'results.md'), 'w') as f:
+        f.write(format_table(result['table']) + '\n')
+    return result
+
+
+def _mean_std(values: List[float]) -> str:
+    if len(values) == 1:
+        return f'{values[0]:.3f}'
+    return f'{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}'
+
+
+def summarise(runs: List[dict]) -> dict:
+    """Per variant: accuracies over seeds, the paired difference to vanilla,
+    the no-image control, CMO weights; and whether the gates passed."""
+    by_variant: Dict[str, List[dict]] = {}
+    for run in runs:
+        by_variant.setdefault(run['variant'], []).append(run)
+    vanilla = {r['seed']: r for r in by_variant.get('vanilla', [])}
+    table = {}
+    for variant, rows in by_variant.items():
+        rows = sorted(rows, key=lambda r: r['seed'])
+        entry = dict(seeds=[r['seed'] for r in rows],
+                     mean=[r['mean'] for r in rows],
+                     no_image=[r['no_image'] for r in rows],
+                     **{name: [r['accuracy'][name] for r in rows] for name in ATTRIBUTES})
+        if vanilla and variant != 'vanilla':
+            entry['paired_vs_vanilla'] = [r['mean'] - vanilla[r['seed']]['mean']
+                                          for r in rows if r['seed'] in vanilla]
+        weights = [(r['align_weight_content'], r['align_weight_style']) for r in rows
+                   if r['align_weight_content'] is not None]
+        if weights:
+            entry['align_weight_content'] = statistics.mean(w[0] for w in weights)
+            entry['align_weight_style'] = statistics.mean(w[1] for w in weights)
+            entry['align_at_min'] = statistics.mean(r['align_at_min'] for r in rows)
+        table[variant] = entry
+    gates = {}
+    if 'vanilla' in table:
+        gates['vanilla_mean'] = statistics.mean(table['vanilla']['mean'])
+    gates['no_image_max'] = max(x for e in table.values() for x in e['no_image'])
+    gates['passed'] = (gates.get('vanilla_mean', 0) >= GATE_VANILLA_MEAN
+                       and gates['no_image_max'] <= GATE_NO_IMAGE)
+    return dict(variants=table, gates=gates, chance=CHANCE)
+
+
+def format_table(table: dict) -> str:
+    names = list(ATTRIBUTES)
+    lines = ['| variant | ' + ' | '.join(names) + ' | mean | vs vanilla (paired, per seed) '
+             '| no image | CMO weight content / style (align) |',
+             '|---' * (len(names) + 5) + '|']
+    for variant in [v for v in VARIANTS if v in table['variants']]:
+        e = table['variants'][variant]
+        paired = ', '.join(f'{d:+.3f}' for d in e.get('paired_vs_vanilla', [])) or '-'
+        weights = (f"{e['align_weight_content']:.3f} / {e['align_weight_style']:.3f}"
+                   if 'align_weight_content' in e else '- (vanilla loss)')
+        lines.append(f'| {variant} | ' + ' | '.join(_mean_std(e[n]) for n in names)
+                     + f" | {_mean_std(e['mean'])} | {paired} | {_mean_std(e['no_image'])} | "
+                     f'{weights} |')
+    g = table['gates']
+    lines.append('')
+    lines.append(f"chance {table['chance']:.3f}; gates (vanilla mean >= {GATE_VANILLA_MEAN}, "
+                 f'no-image control <= {GATE_NO_IMAGE}): '
+                 + ('passed' if g['passed'] else f'NOT passed ({g}): the comparison does not '
+                    'count'))
+    return '\n'.join(lines)

@@ -1,0 +1,81 @@
+"""The prior-conflict benchmark's parts: its two styles, data, gates and the
+result table (the full benchmark runs from tools/prior_conflict.py)."""
+import json
+import random
+
+import pytest
+import torch
+
+from dpa.analysis.prior_conflict import benchmark
+from dpa.analysis.prior_conflict.data import make_benchmark_data
+from dpa.analysis.prior_conflict.language import (ATTRIBUTES, STYLE_B_TOKENS, build_tokenizer,
+                                                  corpus_document, random_scene,
+                                                  style_a_sentence, style_b_caption)
+from dpa.analysis.prior_conflict.prior_llm import RECIPE, gates, new_model, passed
+from dpa.evaluation.data import read_eval_rows
+
+
+def test_styles_share_content_words_and_the_corpus_never_shows_style_b():
+    tokenizer = build_tokenizer()
+    rng = random.Random(0)
+    scene = random_scene(rng)
+    a, b = style_a_sentence(rng, scene), style_b_caption(scene)
+    assert set(scene.values()) <= set(a.split()) & set(b.split())
+    assert not set(STYLE_B_TOKENS) & set(a.split())
+    documents = [corpus_document(rng, tokenizer) for _ in range(400)]
+    ids = [i for d in documents for i in tokenizer(d, add_special_tokens=False).input_ids]
+    assert tokenizer.unk_token_id not in ids
+    assert not set(tokenizer.convert_tokens_to_ids(list(STYLE_B_TOKENS))) & set(ids)
+    # Both context forms and context-free chats occur.
+    assert any('shows' in d for d in documents) and any('<|im_start|>' not in d for d in documents)
+    assert any(d.startswith('<|im_start|>user\nwhat') for d in documents)
+
+
+def test_benchmark_data(tmp_path):
+    paths = make_benchmark_data(str(tmp_path / 'data'), num_captions=6, num_instructions=5,
+                                num_eval=4)
+    rows, problems = read_eval_rows(paths['eval'], paths['image_folder'])
+    assert not problems and len(rows) == 4 * len(ATTRIBUTES)
+    assert {r['type'] for r in rows} == set(ATTRIBUTES)
+    assert all(r['answer'] in r['options'] for r in rows)
+    control, _ = read_eval_rows(paths['eval_no_image'], paths['image_folder'])
+    assert {r['image_path'] for r in control} == {str(tmp_path / 'data' / 'images' / 'blank.png')}
+    with open(paths['captions']) as f:
+        caption = json.loads(f.readline())['conversations'][1]['value']
+    assert caption.startswith('[ ') and ' / ' in caption
+    # Cached: a second call with the same parameters does not rewrite.
+    stamp = (tmp_path / 'data' / 'params.json').stat().st_mtime_ns
+    make_benchmark_data(str(tmp_path / 'data'), num_captions=6, num_instructions=5, num_eval=4)
+    assert (tmp_path / 'data' / 'params.json').stat().st_mtime_ns == stamp
+
+
+def test_gates_of_an_untrained_prior_fail():
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    model = new_model(len(tokenizer), RECIPE)
+    result = gates(model, tokenizer, dict(RECIPE, gate_samples=6))
+    assert set(result) == {f'copy_{a}_{f}' for a in ATTRIBUTES for f in ('sentence', 'bag')} | {
+        'style_b_probability'}
+    assert all(0 <= v <= 1 for v in result.values())
+    assert not passed(result, RECIPE)
+    assert passed({**{k: 1.0 for k in result}, 'style_b_probability': 1e-4}, RECIPE)
+
+
+def _run(variant, seed, mean, no_image=0.2):
+    return dict(variant=variant, seed=seed, mean=mean, no_image=no_image,
+                accuracy={a: mean for a in ATTRIBUTES}, align_weight_content=0.06,
+                align_weight_style=0.05, align_at_min=0.97)
+
+
+def test_table_pairs_seeds_and_applies_the_gates():
+    runs = [_run('vanilla', 0, 0.40), _run('vanilla', 1, 0.30), _run('dpa', 0, 0.50),
+            _run('dpa', 1, 0.45)]
+    table = benchmark.summarise(runs)
+    assert table['variants']['dpa']['paired_vs_vanilla'] == pytest.approx([0.10, 0.15])
+    assert table['gates']['passed']
+    text = benchmark.format_table(table)
+    assert '| dpa |' in text and '+0.150' in text and 'passed' in text
+    failing = benchmark.summarise(runs + [_run('cal', 0, 0.3, no_image=0.3)])
+    assert not failing['gates']['passed']
+    assert 'does not count' in benchmark.format_table(failing)
+    assert benchmark.CHANCE == pytest.approx((1 / 6 + 1 / 4 + 1 / 5) / 3)

@@ -1,0 +1,46 @@
+"""The controlled language-prior-conflict benchmark (docs/prior_conflict.md):
+pre-trains (once, cached) a tiny prior LLM on style A, makes the data, trains
+each variant at each seed (two runs at a time), scores them and prints the
+table.
+
+    python tools/prior_conflict.py                              # all variants, 3 seeds
+    python tools/prior_conflict.py --variants vanilla dpa --seeds 0
+"""
+import argparse
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+import dpa  # noqa: E402,F401
+from dpa.analysis.prior_conflict.benchmark import (VARIANTS, format_table,  # noqa: E402
+                                                   run_benchmark)
+from dpa.analysis.prior_conflict.prior_llm import PriorGateError  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Language-prior-conflict benchmark')
+    parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
+    parser.add_argument('--data-root', default='data',
+                        help='the prior LLM and the data are cached under DATA_ROOT/prior_conflict')
+    parser.add_argument('--out', default='work_dirs/prior_conflict', help='runs and results')
+    parser.add_argument('--parallel', type=int, default=2, help='runs at a time')
+    args = parser.parse_args(argv)
+    if args.parallel < 1:
+        parser.error('--parallel must be at least 1')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        result = run_benchmark(args.variants, args.seeds, osp.abspath(args.data_root),
+                               osp.abspath(args.out), args.parallel)
+    except PriorGateError as err:
+        sys.exit(f'benchmark stopped: {err}')
+    print(format_table(result['table']))
+    print(f'written to {args.out}/results.json and results.md')
+
+
+if __name__ == '__main__':
+    main()
