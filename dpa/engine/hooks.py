@@ -6,18 +6,23 @@ from collections import Counter
 from typing import Optional
 
 import torch
-from mmengine.dist import barrier, is_main_process
+from mmengine.dist import all_gather_object, barrier, get_world_size, is_main_process
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import build_from_cfg
 from safetensors.torch import save_file
 
 from dpa.engine.artifacts import ARTIFACT_DIR, write_artifact_dir, write_manifest
+from dpa.engine.fsdp import gather_full_weights
 from dpa.models.builders import PROCESSORS
 from dpa.models.export import ExportUnsupported, export_llava, save_native
 from dpa.registry import HOOKS
 
-STAT_KEYS = ('cmo_w_mean', 'cmo_at_min', 'cmo_at_max', 'cmo_delta_mean')
+STAT_KEYS = ('cmo_w_mean', 'cmo_at_min', 'cmo_at_max', 'cmo_delta_mean',
+             # By token class (dpa.models.token_classes); absent when a batch
+             # has no token of the class, so averaged over the batches that have.
+             'cmo_w_mean_content', 'cmo_w_mean_template', 'cmo_delta_mean_content',
+             'cmo_delta_mean_template')
 ARTIFACT_KINDS = ('adapter', 'projector', 'model')
 SKIPPED_FILE = 'skipped_samples.jsonl'
 
@@ -45,6 +50,11 @@ class DPAHook(Hook):
         tokenizer / image_processor: configs, for the final model's export.
         max_bad_fraction: largest tolerated share of bad rows in the dataset;
             past it the stage stops, naming the files and reasons.
+        pad_to_square: whether the stage's images were padded to a square;
+            the final model's saved image processors then pad too.
+        llm_dtype: the dtype the final model's LLM is written in (the
+            configured ``llm.torch_dtype``): weights trained in float32 master
+            copies are not written at twice the checkpoint's size.
 
     Bad rows are replaced by the dataset and listed in the batch; this hook
     appends each (once) to ``skipped_samples.jsonl`` in the stage's work dir and
@@ -54,15 +64,18 @@ class DPAHook(Hook):
 
     def __init__(self, stage: str, artifact: str, work_dir: str, made_from: dict,
                  tokenizer: Optional[dict] = None, image_processor: Optional[dict] = None,
-                 max_bad_fraction: float = 0.01):
+                 max_bad_fraction: float = 0.01, pad_to_square: bool = False,
+                 llm_dtype: Optional[str] = None):
         if artifact not in ARTIFACT_KINDS:
             raise ValueError(f'DPAHook.artifact must be one of {ARTIFACT_KINDS}, got {artifact!r}')
         self.stage, self.artifact, self.work_dir = stage, artifact, work_dir
         self.made_from = made_from
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.max_bad_fraction = max_bad_fraction
+        self.pad_to_square = pad_to_square
+        self.llm_dtype = llm_dtype
         self.stats = dict(first_loss=None, last_loss=None, iterations=0,
-                          sums={key: 0.0 for key in STAT_KEYS})
+                          sums={}, counts={})
         self.skipped = {}
         self.nonfinite_before_resume = 0
 
@@ -77,17 +90,27 @@ class DPAHook(Hook):
         self._record_skipped(getattr(runner.train_dataloader.dataset, 'load_problems', []))
 
     def before_train_iter(self, runner, batch_idx, data_batch=None):
+        records = []
         if isinstance(data_batch, dict) and 'skipped' in data_batch:
-            self._record_skipped(data_batch.pop('skipped'))
+            records = data_batch.pop('skipped')
+        if get_world_size() > 1:
+            # Every process learns every skipped row: one file, one count, and
+            # all processes stop together at max_bad_fraction.
+            records = [r for gathered in all_gather_object(records) for r in gathered]
+        self._record_skipped(records)
 
     def _record_skipped(self, records):
-        new = [r for r in records if (r['file'], r['row']) not in self.skipped]
+        new = {}
+        for record in records:  # two samples of a batch may have skipped the same row
+            key = (record['file'], record['row'])
+            if key not in self.skipped:
+                new.setdefault(key, record)
         if not new:
             return
-        with open(self.skipped_path, 'a') as f:
-            for record in new:
-                self.skipped[(record['file'], record['row'])] = record
-                f.write(json.dumps(record) + '\n')
+        self.skipped.update(new)
+        if is_main_process():
+            with open(self.skipped_path, 'a') as f:
+                f.writelines(json.dumps(record) + '\n' for record in new.values())
         if len(self.skipped) > self.max_bad_fraction * self.dataset_size:
             reasons = Counter((r['file'], r['reason']) for r in self.skipped.values())
             listing = '; '.join(f'{file}: {count} x {reason}'
@@ -110,9 +133,12 @@ class DPAHook(Hook):
             self.stats['first_loss'] = loss
         self.stats['last_loss'] = loss
         self.stats['iterations'] += 1
+        counts = self.stats.setdefault('counts', {})
         for key in STAT_KEYS:
             if key in outputs:
-                self.stats['sums'][key] += float(outputs[key].detach())
+                self.stats['sums'][key] = self.stats['sums'].get(key, 0.0) + float(
+                    outputs[key].detach())
+                counts[key] = counts.get(key, 0) + 1
 
     # The statistics travel with checkpoints so a resumed stage reports the
     # whole stage, not only its tail.
@@ -128,12 +154,17 @@ class DPAHook(Hook):
         summary = {k: self.stats[k] for k in ('iterations', 'first_loss', 'last_loss')}
         summary['skipped_rows'] = len(self.skipped)
         summary['nonfinite_skipped'] = self.stats.get('nonfinite_skipped', 0)
+        counts = self.stats.get('counts', {})
         if any(self.stats['sums'].values()):
-            summary['cmo'] = {key.replace('cmo_', ''): value / n
+            # Checkpoints from before per-key counts hold every key once an iteration.
+            summary['cmo'] = {key.replace('cmo_', ''): value / counts.get(key, n)
                               for key, value in self.stats['sums'].items()}
         return summary
 
     def after_train(self, runner):
+        # Sharded training (FSDP2): every rank takes part in the gather, rank
+        # 0's model then holds the full weights the writers below read.
+        gather_full_weights(runner.model)
         if is_main_process():
             model = runner.model.module if is_model_wrapper(runner.model) else runner.model
             target = osp.join(runner.work_dir, ARTIFACT_DIR)
@@ -152,10 +183,13 @@ class DPAHook(Hook):
             state = {k: v.detach().contiguous() for k, v in model.projector.state_dict().items()}
             save_file(state, osp.join(out_dir, 'projector.safetensors'))
         else:
+            if self.llm_dtype:
+                model.llm.to(getattr(torch, self.llm_dtype))  # training is over
             tokenizer = build_from_cfg(self.tokenizer, PROCESSORS)
             image_processor = build_from_cfg(self.image_processor, PROCESSORS)
-            save_native(model, tokenizer, image_processor, out_dir)
+            save_native(model, tokenizer, image_processor, out_dir, self.pad_to_square)
             try:
-                export_llava(model, tokenizer, image_processor, osp.join(out_dir, 'hf_llava'))
+                export_llava(model, tokenizer, image_processor, osp.join(out_dir, 'hf_llava'),
+                             self.pad_to_square)
             except ExportUnsupported as err:
                 notes.append(f'no transformers LLaVA export: {err}')

@@ -16,10 +16,12 @@ from typing import Dict, List, Optional, Sequence
 from mmengine.config import Config, ConfigDict
 from safetensors import safe_open
 
+from dpa.datasets.llava import CAPTION_SUFFIXES, LABEL_MODES
 from dpa.datasets.mixture import data_sources
 from dpa.datasets.synthetic import make_synthetic_data
 from dpa.engine.artifacts import read_manifest
 from dpa.engine.checkpoint import latest_complete_checkpoint
+from dpa.engine.config_guard import prepare_stage_start, record_config_changes
 from dpa.engine.distributed import (apply_strategy, build_runner, check_strategy,
                                     init_cpu_process_group, world_size)
 from dpa.engine.errors import ConfigError
@@ -27,7 +29,11 @@ from dpa.engine.interrupts import (TrainingInterrupted, graceful_interrupts, req
                                    stop_dataloader_workers)
 from dpa.engine.optim import GUARDED, NonFiniteLossError
 from dpa.engine.paths import fill_path_variables
+from dpa.engine.precision import check_precision
 from dpa.engine.standin import make_tiny
+from dpa.engine.workdir import work_dir_lock
+from dpa.evaluation.stage import (EVAL_STAGE, check_eval_config, eval_summary_lines,
+                                  point_at_synthetic_split, run_eval_stage)
 from dpa.models.builders import hf_config, num_image_tokens
 from dpa.models.losses import VisualRelevanceLoss
 from dpa.models.mllm import REFERENCE_NEEDS_MASKED
@@ -37,6 +43,10 @@ STAGES = ('proxy', 'align', 'finetune')
 TEMPLATES = {'proxy': 'caption_text', 'align': 'plain', 'finetune': 'chat'}
 ARTIFACTS = {'proxy': 'adapter', 'align': 'projector', 'finetune': 'model'}
 TRAINABLE = {'proxy': ['lora'], 'align': ['projector'], 'finetune': ['llm', 'projector']}
+# Per-stage data switches of the recipes (docs/fidelity.md).
+DATA_SWITCHES = {'proxy': ('caption_suffix', ), 'align': ('caption_suffix', 'image_mode'),
+                 'finetune': ('labels', 'image_mode')}
+IMAGE_MODES = ('pad', 'square')
 RUNNER_KEYS = ('default_scope', 'default_hooks', 'env_cfg', 'log_processor', 'log_level',
                'visualizer', 'randomness', 'launcher')
 
@@ -47,17 +57,48 @@ def launched_processes(cfg: Config) -> int:
 
 
 def selected_stages(cfg: Config, stage: Optional[str] = None) -> List[str]:
+    """The training stages to run; the optional last stage ``eval`` is
+    validated here and run by :func:`run_pipeline` (see :func:`evaluates`)."""
     stages = list(cfg.get('stages', STAGES))
-    unknown = [s for s in stages if s not in STAGES]
+    known = list(STAGES) + [EVAL_STAGE]
+    unknown = [s for s in stages if s not in known]
     if unknown:
-        raise ConfigError(f'stages: unknown stage(s) {unknown}; choose among {list(STAGES)}')
-    if stages != [s for s in STAGES if s in stages]:
-        raise ConfigError(f'stages: {stages} is out of order; the order is {list(STAGES)}')
+        raise ConfigError(f'stages: unknown stage(s) {unknown}; choose among {known}')
+    if stages != [s for s in known if s in stages]:
+        raise ConfigError(f'stages: {stages} is out of order; the order is {known}')
+    stages = [s for s in stages if s != EVAL_STAGE]
     if stage is None:
         return stages
     if stage not in stages:
         raise ConfigError(f'--stage {stage!r} is not a stage of this config ({stages})')
     return [stage]
+
+
+def evaluates(cfg: Config, stage: Optional[str] = None) -> bool:
+    """Whether this run ends with the ``eval`` stage (not when one training
+    stage is run on its own)."""
+    return stage is None and EVAL_STAGE in cfg.get('stages', STAGES)
+
+
+def stage_work_dir(cfg: Config, stage: str) -> str:
+    """Where ``stage``'s manifest and artifact are: this run's work dir, or
+    ``<stage>.from_work_dir``, a finished stage of another run used as it is
+    (e.g. one proxy shared by several ablations of one seed)."""
+    return (cfg.get(stage) or {}).get('from_work_dir') or cfg.work_dir
+
+
+def _check_reused_stages(cfg: Config, stages: Sequence[str]) -> None:
+    for stage in stages:
+        source = (cfg.get(stage) or {}).get('from_work_dir')
+        if not source:
+            continue
+        manifest = read_manifest(source, stage)
+        if manifest is None:
+            raise ConfigError(f'{stage}.from_work_dir={source!r} holds no finished {stage!r} '
+                              f'stage ({osp.join(source, stage, "manifest.json")} is missing)')
+        if _identity((manifest.get('made_from') or {}).get('llm')) != _identity(cfg.llm):
+            raise ConfigError(f'{stage}.from_work_dir={source!r} was made from another `llm` '
+                              "than this config's: reuse a stage of the same base LLM")
 
 
 def dependencies(cfg: Config, stage: str) -> Dict[str, str]:
@@ -80,6 +121,8 @@ def check_config(cfg: Config, stages: Sequence[str]) -> None:
         if key not in cfg:
             raise ConfigError(f'the config has no `{key}`')
     check_strategy(cfg)
+    _check_reused_stages(cfg, stages)
+    check_precision(cfg, {s: cfg[s].get('trainable', TRAINABLE[s]) for s in stages})
     _check_paths(cfg, stages)
     for stage in stages:
         recipe = cfg[stage]
@@ -93,6 +136,7 @@ def check_config(cfg: Config, stages: Sequence[str]) -> None:
             raise ConfigError(f'{stage}.{err}') from None
         if loss.get('scope') == 'reference' and cfg.model.get('text_pass') != 'masked':
             raise ConfigError(f'{stage}.{REFERENCE_NEEDS_MASKED}')
+        _check_data_switches(cfg, stage)
         if recipe.get('pack') and stage != 'proxy':
             raise ConfigError(f'{stage}.pack=True: packing is for the text-only proxy stage '
                               '(images and the no-image pass need padded batches)')
@@ -117,6 +161,27 @@ def check_config(cfg: Config, stages: Sequence[str]) -> None:
                 f'multiple of the {accumulation} micro-batches of an optimizer step, or a resumed '
                 'run would lose the gradients accumulated before the checkpoint')
         _check_previous_artifacts(cfg, stage, stages)
+
+
+def _check_data_switches(cfg: Config, stage: str) -> None:
+    recipe = cfg[stage]
+    choices = {'caption_suffix': CAPTION_SUFFIXES, 'labels': LABEL_MODES,
+               'image_mode': (None, ) + IMAGE_MODES}
+    for key, allowed in choices.items():
+        if key not in recipe:
+            continue
+        if key not in DATA_SWITCHES[stage]:
+            raise ConfigError(f'{stage}.{key} does not apply to the {stage} stage; it is a key '
+                              f'of {[s for s, keys in DATA_SWITCHES.items() if key in keys]}')
+        if recipe[key] not in allowed:
+            raise ConfigError(f'{stage}.{key}={recipe[key]!r}: choose among {allowed}')
+    mode = recipe.get('image_mode')
+    if stage == 'finetune' and mode is not None and (mode == 'pad') != bool(
+            cfg.get('pad_to_square', False)):
+        raise ConfigError(
+            f"finetune.image_mode={mode!r} disagrees with pad_to_square="
+            f"{cfg.get('pad_to_square', False)}, which the final model's processors and the "
+            'eval stage follow: set pad_to_square to match (or leave finetune.image_mode out)')
 
 
 def _check_sliding_window(cfg: Config, stage: str) -> None:
@@ -146,7 +211,7 @@ def _identity(part) -> dict:
 
 def _check_previous_artifacts(cfg: Config, stage: str, stages: Sequence[str]) -> None:
     for role, previous in dependencies(cfg, stage).items():
-        manifest = read_manifest(cfg.work_dir, previous)
+        manifest = read_manifest(stage_work_dir(cfg, previous), previous, verify=True)
         if manifest is None:
             if previous not in stages:
                 raise ConfigError(
@@ -215,18 +280,37 @@ def prepare_synthetic_data(cfg: Config) -> None:
     for data_key, files in (('caption_data', 'captions'), ('instruct_data', 'instructions')):
         for source in data_sources(cfg[data_key]).values():
             source.update(data_files=[paths[files]], image_folder=paths['image_folder'])
+    point_at_synthetic_split(cfg, paths)
+
+
+def stage_pads_images(cfg: Config, stage: str) -> bool:
+    """Whether ``stage`` pads images to a square: its recipe's ``image_mode``
+    (``'pad'`` or ``'square'``, the processor's own resize and centre crop),
+    else the config's ``pad_to_square``."""
+    mode = cfg[stage].get('image_mode')
+    if mode is None:
+        return bool(cfg.get('pad_to_square', False))
+    return mode == 'pad'
 
 
 def stage_dataset_config(cfg: Config, stage: str) -> dict:
-    """The dataset config of one stage: its data with the stage's template."""
+    """The dataset config of one stage: its data with the stage's template
+    and the recipe's data switches (``caption_suffix``, ``labels``,
+    ``image_mode``; see docs/fidelity.md)."""
     recipe = cfg[stage]
     dataset = dict(type='LLaVADataset', template=TEMPLATES[stage], tokenizer=cfg.tokenizer,
                    max_length=recipe.max_length)
+    if stage == 'finetune':
+        dataset.update(labels=recipe.get('labels', 'assistant'))
+    else:
+        dataset.update(caption_suffix=recipe.get('caption_suffix', 'eos'))
     dataset.update(copy.deepcopy(cfg[recipe.data]))
     if stage != 'proxy':
         dataset.update(image_processor=cfg.image_processor,
                        num_image_tokens=num_image_tokens(cfg.vision_tower),
-                       pad_to_square=cfg.get('pad_to_square', False))
+                       pad_to_square=stage_pads_images(cfg, stage))
+        if 'max_image_pixels' in cfg:
+            dataset.update(max_image_pixels=cfg.max_image_pixels)
     return dataset
 
 
@@ -245,7 +329,8 @@ def stage_runner_config(cfg: Config, stage: str, resume: bool = False) -> Config
     """The mmengine Runner config of one stage."""
     recipe = cfg[stage]
     work_dir = osp.abspath(cfg.work_dir)
-    artifacts = {role: read_manifest(work_dir, previous)['artifact']
+    artifacts = {role: read_manifest(osp.abspath(stage_work_dir(cfg, previous)),
+                                     previous)['artifact']
                  for role, previous in dependencies(cfg, stage).items()}
 
     llm = copy.deepcopy(cfg.llm)
@@ -275,6 +360,10 @@ def stage_runner_config(cfg: Config, stage: str, resume: bool = False) -> Config
                              skip_nonfinite=cfg.get('skip_nonfinite_steps', False))
     resume_from = latest_complete_checkpoint(osp.join(work_dir, stage)) if resume else None
     runner_cfg = {key: copy.deepcopy(cfg[key]) for key in RUNNER_KEYS if key in cfg}
+    if cfg.get('seed') is not None:
+        # `randomness.seed` was fixed when the config file was read; `seed`
+        # (e.g. --cfg-options seed=3) is the one knob, so it wins.
+        runner_cfg['randomness'] = dict(cfg.get('randomness') or {}, seed=cfg.seed)
     runner_cfg.update(
         work_dir=osp.join(work_dir, stage),
         experiment_name=stage,
@@ -291,13 +380,18 @@ def stage_runner_config(cfg: Config, stage: str, resume: bool = False) -> Config
         train_cfg=dict(type='EpochsAsItersTrainLoop', max_epochs=recipe.max_epochs),
         optim_wrapper=optim_wrapper,
         param_scheduler=dict(type='WarmupCosineLR', warmup_ratio=recipe.warmup_ratio,
+                             accumulation=accumulation,
                              by_epoch=True, begin=0, end=recipe.max_epochs,
                              convert_to_iter_based=True),
         custom_hooks=[dict(type='DPAHook', stage=stage, artifact=ARTIFACTS[stage],
                            work_dir=work_dir, made_from=made_from, tokenizer=cfg.tokenizer,
                            image_processor=cfg.get('image_processor'),
-                           max_bad_fraction=cfg.get('max_bad_fraction', 0.01)),
-                      dict(type='GracefulExitHook', stage=stage, accumulation=accumulation)]
+                           max_bad_fraction=cfg.get('max_bad_fraction', 0.01),
+                           # The exported processors pad exactly when stage 3 padded.
+                           pad_to_square=stage_pads_images(cfg, 'finetune'),
+                           llm_dtype=cfg.llm.get('torch_dtype')),
+                      dict(type='GracefulExitHook', stage=stage, accumulation=accumulation),
+                      dict(type='RelevanceHistogramHook', stage=stage)]
         + copy.deepcopy(cfg.get('custom_hooks', [])),
         # The newest complete checkpoint, not mmengine's last_checkpoint pointer.
         resume=resume_from is not None,
@@ -313,29 +407,47 @@ def gradient_accumulation(cfg: Config, stage: str) -> int:
     return recipe.global_batch_size // (recipe.batch_size * launched_processes(cfg))
 
 
-def run_pipeline(cfg: Config, stage: Optional[str] = None, resume: bool = False) -> List[dict]:
+def run_pipeline(cfg: Config, stage: Optional[str] = None, resume: bool = False,
+                 allow_config_change: bool = False) -> List[dict]:
     """Run the config's stages (or one), skipping finished ones; return their
     manifests. ``tiny_standin=True`` runs them on tiny random stand-ins and
-    synthetic data (:mod:`dpa.engine.standin`)."""
+    synthetic data (:mod:`dpa.engine.standin`).
+
+    ``resume`` continues the first unfinished stage from its newest intact
+    checkpoint (an error when it has none) if its config is the one it
+    started with (``allow_config_change``: even if not; the manifest records
+    the change). The work dir is locked for the run (:mod:`dpa.engine.workdir`)."""
     if cfg.get('tiny_standin'):
         cfg = make_tiny(cfg)
     fill_path_variables(cfg)
     stages = selected_stages(cfg, stage)
     check_config(cfg, stages)
+    if evaluates(cfg, stage):
+        check_eval_config(cfg, stages)
     init_cpu_process_group(cfg)
     prepare_synthetic_data(cfg)
     manifests = []
-    with graceful_interrupts():
+    first_unfinished = True
+    with work_dir_lock(cfg.work_dir, cfg.get('launcher', 'none')), graceful_interrupts():
         for name in stages:
-            manifest = read_manifest(cfg.work_dir, name)
+            manifest = read_manifest(stage_work_dir(cfg, name), name)
+            if manifest is not None and stage_work_dir(cfg, name) != cfg.work_dir:
+                manifest['reused_from'] = stage_work_dir(cfg, name)
             if manifest is None:
                 if requested_signal():
                     raise TrainingInterrupted(name, requested_signal(), 0, None)
-                train_stage(cfg, name, resume)
+                resumes, changes = prepare_stage_start(cfg, name, resume, first_unfinished,
+                                                       launched_processes(cfg),
+                                                       allow_config_change)
+                first_unfinished = False
+                train_stage(cfg, name, resumes)
+                record_config_changes(cfg.work_dir, name, changes)
                 manifest = dict(read_manifest(cfg.work_dir, name), skipped=False)
             else:
                 manifest['skipped'] = True
             manifests.append(manifest)
+        if evaluates(cfg, stage):
+            manifests.append(run_eval_stage(cfg))
     return manifests
 
 
@@ -367,7 +479,12 @@ def plain(value):
 def format_summary(manifests: List[dict]) -> str:
     lines = ['DPA pipeline summary']
     for m in manifests:
-        status = 'skipped (artifact exists)' if m.get('skipped') else 'trained'
+        if m['stage'] == EVAL_STAGE:
+            lines += eval_summary_lines(m)
+            continue
+        status = ('trained' if not m.get('skipped') else
+                  f"reused from {m['reused_from']}" if m.get('reused_from') else
+                  'skipped (artifact exists)')
         lines.append(f"  {m['stage']:<8} {status}: {m['iterations']} iterations, "
                      f"loss {m['first_loss']:.4f} -> {m['last_loss']:.4f}")
         if 'cmo' in m:
@@ -375,6 +492,10 @@ def format_summary(manifests: List[dict]) -> str:
             lines.append(f"           CMO weight mean {c['w_mean']:.3f}, at delta_min "
                          f"{c['at_min']:.1%}, at delta_max {c['at_max']:.1%}, "
                          f"mean p_img - p_txt {c['delta_mean']:+.4f}")
+            classes = [f"{name} {c[f'w_mean_{name}']:.3f}"
+                       for name in ('content', 'template') if f'w_mean_{name}' in c]
+            if classes:
+                lines.append(f"           weight mean by token class: {', '.join(classes)}")
         lines.append(f"           {m['artifact_kind']}: {m['artifact']}")
         for note in m.get('notes', []):
             lines.append(f'           note: {note}')

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from dpa.models.builders import IMAGE_TOKEN, PROCESSORS
 from dpa.models.chunked_loss import SplitCausalLM, check_chunk_size
 from dpa.models.losses import target_scores
+from dpa.models.token_classes import content_token_mask
 from dpa.registry import MODELS
 
 TRAINABLE_PARTS = ('llm', 'lora', 'projector', 'vision_tower')
@@ -28,6 +29,12 @@ def enable_activation_checkpointing(llm: nn.Module) -> None:
         llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:  # the older name, deprecated since
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def right_padding_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a right-padded batch: real tokens get 0..n-1, as
+    without padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @MODELS.register_module()
@@ -61,6 +68,10 @@ class LlavaDPAModel(BaseModel):
             :mod:`dpa.models.chunked_loss`). None: the LLM's own forward
             computes the full logits (also the fallback for an LLM that cannot
             be split into decoder + head).
+        trainable_dtype: the dtype the trainable parameters are held in, the
+            one the optimizer steps (``'float32'``: master weights for bf16
+            compute under autocast, see :mod:`dpa.engine.precision`); None
+            keeps the dtype they are loaded in. Frozen parameters keep theirs.
     """
 
     def __init__(self,
@@ -74,6 +85,7 @@ class LlavaDPAModel(BaseModel):
                  text_pass: str = 'removed',
                  gradient_checkpointing: bool = False,
                  loss_chunk_size: Optional[int] = 512,
+                 trainable_dtype: Optional[str] = None,
                  data_preprocessor: Optional[dict] = None,
                  init_cfg: Optional[dict] = None):
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
@@ -88,8 +100,12 @@ class LlavaDPAModel(BaseModel):
         if getattr(self.loss_fn, 'scope', None) == 'reference' and text_pass != 'masked':
             raise ValueError(REFERENCE_NEEDS_MASKED)
         self.text_pass = text_pass
-        self.image_token_id = PROCESSORS.build(tokenizer).convert_tokens_to_ids(IMAGE_TOKEN)
+        tokenizer = PROCESSORS.build(tokenizer)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.llm = MODELS.build(llm)
+        if self.loss_fn.needs_text_pass:
+            self.loss_fn.content_tokens = content_token_mask(
+                tokenizer, self.llm.get_output_embeddings().out_features)
         self.vision_tower = self.projector = None
         self.projector_type = projector['type']
         if vision_tower is not None:
@@ -101,12 +117,18 @@ class LlavaDPAModel(BaseModel):
             if projector_weights is not None:
                 self.projector.load_state_dict(load_file(projector_weights))
         self._set_trainable(trainable)
+        if trainable_dtype is not None:
+            self._hold_trainable_in(getattr(torch, trainable_dtype))
         if gradient_checkpointing:
             enable_activation_checkpointing(self.llm)
         # Checkpoints hold the trainable weights only; on resume the frozen ones
         # come from their sources again.
         self.register_load_state_dict_pre_hook(self._keep_frozen_weights)
         self.split_llm = SplitCausalLM.try_split(self.llm, loss_chunk_size)
+        # Set by a sharding wrapper (FSDP2): a rank whose batch holds no image
+        # still runs the no-image pass and gives the projector a (zero)
+        # gradient, as the ranks with images do (see embed, text_only_outputs).
+        self.same_passes_on_every_rank = False
 
     def _set_trainable(self, trainable):
         self.requires_grad_(False)
@@ -122,6 +144,31 @@ class LlavaDPAModel(BaseModel):
                 module.requires_grad_(True)
         if not any(p.requires_grad for p in self.parameters()):
             raise ValueError(f'model.trainable={list(trainable)} leaves nothing to train')
+
+    def init_weights(self):
+        """Nothing to initialise here: the LLM and the vision tower come from
+        checkpoints (or seeded stand-ins), LoRA from PEFT (B = 0, so the proxy
+        starts as the base LLM), the projector from its constructor or stage
+        2's weights. mmengine's Runner calls this before training; its
+        default would run transformers' ``_init_weights`` over the modules
+        added after loading, redrawing both LoRA matrices (B no longer zero)."""
+
+    def _other_ranks_have_images(self, has_images: bool) -> bool:
+        """Under a sharding wrapper (``same_passes_on_every_rank``), whether
+        any rank's batch holds images (every rank asks, once per forward);
+        False otherwise. When none has, the projector gets no gradient
+        anywhere and the optimizer skips it, as under DDP."""
+        if not self.same_passes_on_every_rank or self.projector is None:
+            return False
+        flag = torch.tensor(float(has_images), device=next(self.projector.parameters()).device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _hold_trainable_in(self, dtype: torch.dtype):
+        # Tied parameters are one object: cast once, still tied.
+        for param in self.parameters():
+            if param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
 
     def state_dict(self, *args, **kwargs):
         trainable = {name for name, param in self.named_parameters() if param.requires_grad}
@@ -141,9 +188,15 @@ class LlavaDPAModel(BaseModel):
         if pixel_values is None:
             if image_mask.any():
                 raise ValueError('the batch holds <image> tokens but no pixel_values')
+            if self._other_ranks_have_images(False):
+                # A zero gradient for the projector, as DDP gives an unused
+                # parameter that another rank used: sharded gradients are
+                # reduced together, and this rank must bring its share.
+                embeds = embeds + 0 * sum(p.sum() for p in self.projector.parameters())
             return embeds, image_mask
         if self.vision_tower is None:
             raise ValueError('this model has no vision tower (text-only stage) but got images')
+        self._other_ranks_have_images(True)
         projector_dtype = next(self.projector.parameters()).dtype
         features = self.vision_tower(pixel_values).to(projector_dtype)
         features = self.projector(features).to(embeds.dtype)
@@ -181,16 +234,26 @@ class LlavaDPAModel(BaseModel):
         """
         if (position_ids is None) == (attention_mask is None):
             raise ValueError('give attention_mask (padded batch) or position_ids (packed batch)')
-        embeds, image_mask = self.embed(input_ids, pixel_values)
-        if position_ids is None:
-            # Right padding: real tokens get 0..n-1, as without padding.
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         if mode == 'tensor':
+            embeds, _ = self.embed(input_ids, pixel_values)
+            if position_ids is None:
+                position_ids = right_padding_positions(attention_mask)
             return self._llm_logits(embeds, attention_mask, position_ids)
         if mode != 'loss':
             raise ValueError(f"LlavaDPAModel supports mode='loss' and 'tensor', got {mode!r}")
+        return self.loss_fn(**self.loss_inputs(input_ids, attention_mask, labels, pixel_values,
+                                               position_ids, self.loss_fn.needs_text_pass))
+
+    def loss_inputs(self, input_ids, attention_mask, labels, pixel_values=None,
+                    position_ids=None, text_pass: bool = True) -> dict:
+        """The keyword arguments of the loss for one batch (see
+        :meth:`VisualRelevanceLoss.forward`): the outputs of the image pass
+        and, with ``text_pass``, of the no-image pass."""
+        embeds, image_mask = self.embed(input_ids, pixel_values)
+        if position_ids is None:
+            position_ids = right_padding_positions(attention_mask)
         text_outputs = text_index = None
-        if self.loss_fn.needs_text_pass:
+        if text_pass:
             if attention_mask is None:
                 raise ValueError(f'loss.mode={self.loss_fn.mode!r} needs the no-image pass, '
                                  'which packed batches do not support; pad the batch instead')
@@ -200,8 +263,8 @@ class LlavaDPAModel(BaseModel):
                 text_outputs, text_index = self.text_only_outputs(
                     embeds.detach(), attention_mask, position_ids, image_mask)
         outputs = self.llm_outputs(embeds, attention_mask, position_ids)
-        return self.loss_fn(outputs[:, :-1], labels[:, 1:], text_outputs, text_index,
-                            score_fn=self.score_fn)
+        return dict(outputs=outputs[:, :-1], targets=labels[:, 1:], text_outputs=text_outputs,
+                    text_index=text_index, score_fn=self.score_fn)
 
     def text_only_outputs(self, embeds, attention_mask, position_ids, image_mask):
         """:meth:`llm_outputs` of the same batch without its image tokens.
@@ -222,6 +285,10 @@ class LlavaDPAModel(BaseModel):
         text_index = torch.full((batch, length - 1), -1, dtype=torch.long, device=embeds.device)
         rows = image_mask.any(dim=-1).nonzero().squeeze(-1)
         if rows.numel() == 0:
+            if self.same_passes_on_every_rank:
+                # Sharded layers gather their weights with collectives on each
+                # call: every rank must call them as often as the others.
+                self.llm_outputs(embeds[:1, :1], attention_mask[:1, :1], position_ids[:1, :1])
             return embeds.new_zeros((0, self.output_size)), text_index
         keep = attention_mask.bool() & ~image_mask
         kept = keep[rows]
