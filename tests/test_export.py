@@ -636,23 +636,3 @@ def test_siglip_processor_pads_like_training():
         assert torch.equal(exported(images=image, return_tensors='pt').pixel_values[0],
                            preprocess_image(image, siglip, pad_to_square=True)), size
 
-
-def test_final_model_is_written_in_the_configured_llm_dtype(tmp_path):
-    """Stage 3 trains float32 master weights of a bfloat16 LLM; the artifacts
-    hold the LLM in bfloat16, as the checkpoint it came from."""
-    from dpa.engine.hooks import DPAHook
-    model = LlavaDPAModel(llm={**qwen2_cfg(), 'torch_dtype': 'bfloat16'}, tokenizer=TINY_TOKENIZER,
-                          vision_tower=clip_cfg(), trainable=['llm', 'projector'],
-                          trainable_dtype='float32')
-    assert model.llm.dtype == torch.float32
-    hook = DPAHook(stage='finetune', artifact='model', work_dir=str(tmp_path), made_from={},
-                   tokenizer=TINY_TOKENIZER, image_processor=CLIP.image_processor.to_dict(),
-                   llm_dtype='bfloat16')
-    hook._write(model, str(tmp_path / 'final'), [])
-    native = load_file(str(tmp_path / 'final' / 'llm' / 'model.safetensors'))
-    exported = load_file(str(tmp_path / 'final' / 'hf_llava' / 'model.safetensors'))
-    assert {v.dtype for v in native.values()} == {torch.bfloat16}
-    assert {v.dtype for k, v in exported.items() if k.startswith('language_model')} == {
-        torch.bfloat16}
-    with open(tmp_path / 'final' / NATIVE_CONFIG) as f:
-        assert json.load(f)['llm']['torch_dtype'] == 'bfloat16'

@@ -52,9 +52,6 @@ class DPAHook(Hook):
             past it the stage stops, naming the files and reasons.
         pad_to_square: whether the stage's images were padded to a square;
             the final model's saved image processors then pad too.
-        llm_dtype: the dtype the final model's LLM is written in (the
-            configured ``llm.torch_dtype``): weights trained in float32 master
-            copies are not written at twice the checkpoint's size.
 
     Bad rows are replaced by the dataset and listed in the batch; this hook
     appends each (once) to ``skipped_samples.jsonl`` in the stage's work dir and
@@ -64,8 +61,7 @@ class DPAHook(Hook):
 
     def __init__(self, stage: str, artifact: str, work_dir: str, made_from: dict,
                  tokenizer: Optional[dict] = None, image_processor: Optional[dict] = None,
-                 max_bad_fraction: float = 0.01, pad_to_square: bool = False,
-                 llm_dtype: Optional[str] = None):
+                 max_bad_fraction: float = 0.01, pad_to_square: bool = False):
         if artifact not in ARTIFACT_KINDS:
             raise ValueError(f'DPAHook.artifact must be one of {ARTIFACT_KINDS}, got {artifact!r}')
         self.stage, self.artifact, self.work_dir = stage, artifact, work_dir
@@ -73,7 +69,6 @@ class DPAHook(Hook):
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.max_bad_fraction = max_bad_fraction
         self.pad_to_square = pad_to_square
-        self.llm_dtype = llm_dtype
         self.stats = dict(first_loss=None, last_loss=None, iterations=0,
                           sums={}, counts={})
         self.skipped = {}
@@ -183,8 +178,6 @@ class DPAHook(Hook):
             state = {k: v.detach().contiguous() for k, v in model.projector.state_dict().items()}
             save_file(state, osp.join(out_dir, 'projector.safetensors'))
         else:
-            if self.llm_dtype:
-                model.llm.to(getattr(torch, self.llm_dtype))  # training is over
             tokenizer = build_from_cfg(self.tokenizer, PROCESSORS)
             image_processor = build_from_cfg(self.image_processor, PROCESSORS)
             save_native(model, tokenizer, image_processor, out_dir, self.pad_to_square)

@@ -388,8 +388,7 @@ def stage_runner_config(cfg: Config, stage: str, resume: bool = False) -> Config
                            image_processor=cfg.get('image_processor'),
                            max_bad_fraction=cfg.get('max_bad_fraction', 0.01),
                            # The exported processors pad exactly when stage 3 padded.
-                           pad_to_square=stage_pads_images(cfg, 'finetune'),
-                           llm_dtype=cfg.llm.get('torch_dtype')),
+                           pad_to_square=stage_pads_images(cfg, 'finetune')),
                       dict(type='GracefulExitHook', stage=stage, accumulation=accumulation),
                       dict(type='RelevanceHistogramHook', stage=stage)]
         + copy.deepcopy(cfg.get('custom_hooks', [])),
