@@ -11,11 +11,11 @@ import os
 import os.path as osp
 import sys
 
-from mmengine.config import Config, DictAction
+from mmengine.config import DictAction
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import dpa  # noqa: E402,F401
-from dpa.analysis.commands import resolve_config  # noqa: E402
+from dpa.analysis.commands import load_run_config, resolve_config  # noqa: E402
 from dpa.analysis.prior import diagnose_prior, format_prior_table  # noqa: E402
 
 
@@ -36,11 +36,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
-    cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
-        'work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg = load_run_config(args.config, args.cfg_options, args.work_dir)
     result = diagnose_prior(resolve_config(copy.deepcopy(cfg)), args.num)
     print(format_prior_table(result))
     out = args.out or osp.join(cfg.work_dir, 'prior_diagnostic.json')

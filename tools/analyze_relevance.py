@@ -11,11 +11,11 @@ import argparse
 import os.path as osp
 import sys
 
-from mmengine.config import Config, DictAction
+from mmengine.config import DictAction
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import dpa  # noqa: E402,F401
-from dpa.analysis.commands import analyze_relevance  # noqa: E402
+from dpa.analysis.commands import analyze_relevance, load_run_config  # noqa: E402
 from dpa.analysis.models import MODEL_CHOICES  # noqa: E402
 from dpa.engine.errors import ConfigError  # noqa: E402
 
@@ -42,11 +42,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
-    cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
-        'work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg = load_run_config(args.config, args.cfg_options, args.work_dir)
     try:
         result = analyze_relevance(cfg, args.stage, args.model, args.num, args.out,
                                    args.data, args.image_folder)

@@ -18,6 +18,18 @@ from dpa.models.losses import DEFAULT_CLAMP, VisualRelevanceLoss
 from dpa.registry import DATASETS
 
 
+def load_run_config(path: str, cfg_options: Optional[dict] = None,
+                    work_dir: Optional[str] = None) -> Config:
+    """A config file with its ``--cfg-options`` and the work dir that
+    ``tools/train.py`` gives it (default ``work_dirs/<config name>``)."""
+    cfg = Config.fromfile(path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    cfg.work_dir = work_dir or cfg.get('work_dir') or osp.join(
+        'work_dirs', osp.splitext(osp.basename(path))[0])
+    return cfg
+
+
 def resolve_config(cfg: Config) -> Config:
     """The config as the pipeline runs it: stand-ins, paths, synthetic data."""
     if cfg.get('tiny_standin'):
