@@ -56,8 +56,11 @@ def token_records(model, loss: VisualRelevanceLoss, samples, tokenizer,
         batch = dpa_collate([sample])
         inputs = model.loss_inputs(batch['input_ids'], batch['attention_mask'], batch['labels'],
                                    batch['pixel_values'])
-        probs = probability.token_scores(**inputs)
-        scores = probs if loss.mode == 'vanilla' else loss.token_scores(**inputs)
+        scores = loss.token_scores(**inputs) if loss.mode != 'vanilla' else None
+        # CMO scores with the probabilities already; CAL (logits) and vanilla need them.
+        probs = scores if loss.mode == 'cmo' else probability.token_scores(**inputs)
+        if scores is None:
+            scores = probs
         targets = inputs['targets'][0]
         for t in (targets != IGNORE_INDEX).nonzero().squeeze(-1).tolist():
             token_id = int(targets[t])

@@ -17,6 +17,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 from mmengine.logging import print_log
+from PIL import Image
 from safetensors.torch import save_file
 from transformers import (GenerationConfig, LlavaConfig, LlavaForConditionalGeneration,
                           LlavaProcessor)
@@ -114,7 +115,6 @@ def _llava_image_processor_class():
 
 
 def _probe_image(size):
-    from PIL import Image
     gen = torch.Generator().manual_seed(size[0] * 1000 + size[1])
     pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=gen, dtype=torch.uint8)
     return Image.fromarray(pixels.numpy())
