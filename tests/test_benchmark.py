@@ -12,8 +12,7 @@ import dpa  # noqa: F401
 from test_model_equivalence import build_model, make_batch, supervised_labels
 from tiny import REPO
 
-sys.path.insert(0, osp.join(REPO, 'tools'))
-import benchmark  # noqa: E402
+from dpa.benchmark import training as benchmark
 
 TINY = ['--vocab-sizes', '600', '--hidden-size', '32', '--intermediate-size', '64',
         '--layers', '1', '--heads', '2', '--kv-heads', '1', '--steps', '1',

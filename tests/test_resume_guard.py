@@ -19,6 +19,7 @@ from dpa.engine.artifacts import read_manifest
 from dpa.engine.config_guard import STAGE_CONFIG, check_cfg_options
 from dpa.engine.errors import ConfigError
 from dpa.engine.interrupts import TrainingInterrupted
+from dpa.benchmark import cli as benchmark_cli
 from dpa.engine.pipeline import STAGES, run_pipeline
 from dpa.engine.workdir import (LOCK_FILE, _process_start, remove_stale_temp_files,
                                 work_dir_lock)
@@ -26,7 +27,6 @@ from test_reliability import SignalAt  # noqa: F401  (registers the hook)
 from tiny import REPO, TINY, tiny_config
 
 sys.path.insert(0, osp.join(REPO, 'tools'))
-import benchmark  # noqa: E402
 import train  # noqa: E402
 
 
@@ -240,12 +240,12 @@ def test_temp_files_of_live_writers_are_kept(tmp_path):
 ])
 def test_benchmark_refuses_bad_arguments_before_running(argv, message, capsys):
     with pytest.raises(SystemExit) as err:
-        benchmark.parse_args(argv)
+        benchmark_cli.parse_args(argv)
     assert err.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_benchmark_default_arguments_pass():
-    args = benchmark.parse_args([])
+    args = benchmark_cli.parse_args([])
     assert args.warmup == 1 and args.variants[0] == 'vanilla'
 
 
