@@ -3,6 +3,7 @@
     python tools/train.py configs/dpa_tiny.py
     python tools/train.py CONFIG --stage align --work-dir work_dirs/exp1
     python tools/train.py CONFIG --resume        # continue an interrupted stage
+    python tools/train.py CONFIG --dry-run       # check it and print the plan, load nothing
 
 Exit status: 0 done, 1 a config, data or work-dir problem (the message names it),
 128 + N stopped by signal N after saving a checkpoint (resume command printed).
@@ -19,6 +20,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from dpa.engine.artifacts import ArtifactError  # noqa: E402
 from dpa.engine.config_guard import apply_cfg_options  # noqa: E402
 from dpa.engine.distributed import close_process_group  # noqa: E402
+from dpa.engine.dry_run import dry_run  # noqa: E402
 from dpa.engine.hooks import TooManyBadSamples  # noqa: E402
 from dpa.engine.interrupts import TrainingInterrupted  # noqa: E402
 from dpa.engine.optim import NonFiniteLossError  # noqa: E402
@@ -44,6 +46,13 @@ def parse_args(argv=None):
                         'llm.pretrained=/ckpt/llm')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
                         default='none', help='job launcher for distributed runs')
+    parser.add_argument('--dry-run', action='store_true',
+                        help='resolve and check the config, print the plan of each stage '
+                        '(data, iterations, batch arithmetic, what trains, the artifact) and '
+                        'exit without loading a model')
+    parser.add_argument('--verbose', action='store_true',
+                        help="print mmengine's records (environment, config, hooks, every "
+                        "logging interval) on the console, not only in each stage's log file")
     return parser.parse_args(argv)
 
 
@@ -60,8 +69,12 @@ def main(argv=None):
     cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
         'work_dirs', osp.splitext(osp.basename(args.config))[0])
     try:
+        if args.dry_run:
+            print(dry_run(cfg, stage=args.stage))
+            return
         manifests = run_pipeline(cfg, stage=args.stage, resume=args.resume,
-                                 allow_config_change=args.allow_config_change)
+                                 allow_config_change=args.allow_config_change,
+                                 verbose=args.verbose)
     except ConfigError as err:
         sys.exit(f'config error: {err}')
     except ArtifactError as err:

@@ -16,10 +16,12 @@ env_cfg = dict(
 )
 log_processor = dict(by_epoch=False, window_size=10)
 log_level = 'INFO'
-# Add TensorBoard (`pip install tensorboard`) for curves and, in CMO/CAL
-# stages, the histogram of the token weights:
-#   dict(type='TensorboardVisBackend')
-visualizer = dict(type='Visualizer', vis_backends=[dict(type='LocalVisBackend')])
+visualizer = dict(type='Visualizer', vis_backends=[
+    dict(type='LocalVisBackend'),  # its scalars.json becomes each stage's curves.png
+    # TensorBoard (`pip install tensorboard`): the scalars and, in CMO/CAL
+    # stages, the histogram of the token weights. Uncomment the next line.
+    # dict(type='TensorboardVisBackend'),
+])
 launcher = 'none'
 # Bad data rows are skipped (and listed in <stage>/skipped_samples.jsonl) until
 # they make up this share of a dataset; then the stage stops.

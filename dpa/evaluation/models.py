@@ -131,14 +131,16 @@ class NativeEvalModel:
         return llm(**kwargs).logits[:, -keep:].float()
 
     @torch.no_grad()
-    def generate(self, sequences, pixel_values, max_new_tokens: int) -> List[List[int]]:
-        """Greedy continuations (new ids only) of left-padded sequences."""
+    def generate(self, sequences, pixel_values, max_new_tokens: int,
+                 streamer=None) -> List[List[int]]:
+        """Greedy continuations (new ids only) of left-padded sequences,
+        streamed to a transformers ``streamer`` when one is given."""
         embeds, attention_mask, _ = self._inputs(sequences, pixel_values)
         # generate() derives position ids from the mask as forward() does.
         out = self.model.llm.generate(
             inputs_embeds=embeds, attention_mask=attention_mask, do_sample=False, num_beams=1,
             max_new_tokens=max_new_tokens, eos_token_id=self.end_of_turn_ids,
-            pad_token_id=self.pad_id)
+            pad_token_id=self.pad_id, streamer=streamer)
         return out.tolist()
 
 
@@ -189,11 +191,16 @@ class HFLlavaEvalModel:
         return out.logits[:, -keep:].float()
 
     @torch.no_grad()
-    def generate(self, sequences, pixel_values, max_new_tokens: int) -> List[List[int]]:
+    def generate(self, sequences, pixel_values, max_new_tokens: int,
+                 streamer=None) -> List[List[int]]:
         inputs, _ = self._inputs(sequences, pixel_values)
+        # transformers 5's generate() runs the vision tower on any pixel_values
+        # key, None included: a text-only batch must not pass one.
+        inputs = {k: v for k, v in inputs.items() if v is not None}
         out = self.model.generate(**inputs, do_sample=False, num_beams=1,
                                   max_new_tokens=max_new_tokens,
-                                  eos_token_id=self.end_of_turn_ids, pad_token_id=self.pad_id)
+                                  eos_token_id=self.end_of_turn_ids, pad_token_id=self.pad_id,
+                                  streamer=streamer)
         return out[:, inputs['input_ids'].shape[1]:].tolist()
 
 

@@ -1,0 +1,141 @@
+"""``tools/train.py CONFIG --dry-run``: the plan of a run, without loading a model.
+
+The config is resolved and checked as a run does it
+(:func:`dpa.engine.pipeline.resolve_config`: tiny stand-ins, path variables,
+every check that needs no model), the data files are read to count their
+rows, and each stage is described: data, batch arithmetic, iterations,
+trainable parts, loss, strategy and precision, and the artifact it writes
+with what it is made from. Nothing is written.
+"""
+import math
+import os.path as osp
+from typing import List, Optional, Tuple
+
+from mmengine.config import Config
+
+from dpa.datasets.llava import read_rows
+from dpa.datasets.mixture import data_sources
+from dpa.engine.artifacts import read_manifest
+from dpa.engine.errors import ConfigError
+from dpa.engine.pipeline import (ARTIFACTS, TRAINABLE, dependencies, evaluates,
+                                 gradient_accumulation, launched_processes, resolve_config,
+                                 stage_work_dir)
+from dpa.evaluation.stage import EVAL_STAGE
+
+SYNTHETIC_ROWS = {'caption_data': 'num_captions', 'instruct_data': 'num_instructions'}
+ARTIFACT_FORMATS = {'adapter': 'PEFT LoRA adapter', 'projector': 'projector.safetensors',
+                    'model': 'native model + transformers LLaVA export (hf_llava/)'}
+
+
+def _part(spec) -> str:
+    """A model part in a few words: its checkpoint, or the HF config it is built from."""
+    if not spec:
+        return 'none'
+    if spec.get('pretrained'):
+        return spec['pretrained']
+    config = spec.get('config') or {}
+    size = config.get('hidden_size')
+    return f"random {config.get('model_type', spec.get('type'))}" + (
+        f' (hidden size {size})' if size else '')
+
+
+def _data_lines(cfg: Config, data_key: str) -> Tuple[List[str], int]:
+    """Lines describing a stage's data, and its samples per epoch."""
+    synthetic = cfg.get('synthetic_data')
+    lines, samples = [], 0
+    for name, source in data_sources(cfg[data_key]).items():
+        ratio = source.get('ratio', 1.0)
+        if synthetic:  # every source reads the synthetic file
+            rows = synthetic.get(SYNTHETIC_ROWS[data_key])
+            lines.append(f'synthetic {data_key}: {rows} rows, made under {synthetic["root"]} on '
+                         'first run')
+        else:
+            files = source.data_files
+            rows = 0
+            for path in [files] if isinstance(files, str) else list(files):
+                try:
+                    count = len(read_rows(path, problems=[]))
+                except ValueError as err:
+                    raise ConfigError(f'{data_key}: {err}') from None
+                rows += count
+                lines.append(f'{path}: {count} rows')
+        if name != 'data':
+            lines.append(f'  source {name}: ratio {ratio} -> {round(ratio * rows)} samples')
+        samples += round(ratio * rows)
+    return lines, samples
+
+
+def _strategy(cfg: Config) -> str:
+    strategy = cfg.get('strategy')
+    processes = launched_processes(cfg)
+    if strategy:
+        return f"{strategy['type']} on {processes} process(es)"
+    return f'DDP on {processes} processes' if processes > 1 else 'one process'
+
+
+def stage_plan(cfg: Config, stage: str, stages: List[str]) -> List[str]:
+    """The plan of one training stage, as lines."""
+    recipe = cfg[stage]
+    lines = [f'[{stage}]']
+    status = read_manifest(stage_work_dir(cfg, stage), stage)
+    if status is not None:
+        lines.append(f'  already finished in {stage_work_dir(cfg, stage)}: skipped')
+    data_lines, samples = _data_lines(cfg, recipe.data)
+    lines += [f'  data: {line}' for line in data_lines]
+    processes = launched_processes(cfg)
+    accumulation = gradient_accumulation(cfg, stage)
+    per_process = math.ceil(samples / processes)
+    iterations = max(1, math.ceil(per_process / recipe.batch_size) * recipe.max_epochs)
+    lines.append(f'  batch {recipe.batch_size} x {processes} processes x {accumulation} '
+                 f'accumulation = global batch {recipe.global_batch_size}')
+    if recipe.get('pack'):
+        lines.append(f'  iterations: packed rows (known after tokenising); at most {iterations} '
+                     f'({recipe.max_epochs} epoch(s) of {samples} samples)')
+    else:
+        lines.append(f'  iterations: {iterations} ({recipe.max_epochs} epoch(s) of {samples} '
+                     f'samples, {math.ceil(iterations / accumulation)} optimizer steps)')
+    lora = recipe.get('lora') or {}
+    lines.append(f"  trainable: {', '.join(recipe.get('trainable', TRAINABLE[stage]))}"
+                 + (f" (LoRA r={lora.get('r')}, alpha={lora.get('lora_alpha')})"
+                    if stage == 'proxy' else ''))
+    loss = dict(recipe.get('loss', {}))
+    mode = loss.pop('mode', 'vanilla')
+    lines.append(f'  loss: {mode}' + (f" ({', '.join(f'{k}={v}' for k, v in loss.items())})"
+                                      if loss else ''))
+    optim = recipe.optim_wrapper.get('optimizer', {})
+    lines.append(f"  optimizer: {optim.get('type')} lr {optim.get('lr')}, warm-up "
+                 f"{recipe.warmup_ratio:.0%}, max length {recipe.max_length}")
+    precision = cfg.get('mixed_precision') or 'float32'
+    lines.append(f"  strategy: {_strategy(cfg)}; precision: {precision} (trainable weights "
+                 f"{cfg.get('trainable_dtype') or 'as loaded'})")
+    made_from = [f'llm {_part(cfg.llm)}']
+    if stage != 'proxy':
+        made_from.append(f'vision tower {_part(cfg.get("vision_tower"))}')
+    for role, previous in dependencies(cfg, stage).items():
+        made_from.append(f'{role} of stage {previous} '
+                         f'({osp.join(stage_work_dir(cfg, previous), previous, "artifact")})')
+    lines.append(f'  writes: {ARTIFACT_FORMATS[ARTIFACTS[stage]]} in '
+                 f'{osp.join(cfg.work_dir, stage, "artifact")}')
+    lines.append(f"  made from: {'; '.join(made_from)}")
+    return lines
+
+
+def dry_run(cfg: Config, stage: Optional[str] = None) -> str:
+    """The plan of ``cfg``'s run (or of one stage) as text; raises
+    :class:`ConfigError` at the first problem, as the run would.
+
+    Args:
+        cfg: a pipeline config with its ``work_dir`` set.
+        stage: plan this training stage only, as ``--stage`` runs it.
+    """
+    cfg, stages = resolve_config(cfg, stage)
+    lines = [f"Plan of {len(stages)} stage(s) in {cfg.work_dir} (dry run: no model loaded)"]
+    for name in stages:
+        lines += stage_plan(cfg, name, stages)
+    if evaluates(cfg, stage):
+        spec = cfg[EVAL_STAGE]
+        data = spec.get('data') or 'the synthetic evaluation split'
+        lines.append(f'[{EVAL_STAGE}]')
+        lines.append(f'  scores the final model on {data}; writes metrics in '
+                     f'{osp.join(cfg.work_dir, EVAL_STAGE, "artifact")}')
+    return '\n'.join(lines)
