@@ -14,6 +14,7 @@ from PIL import Image
 
 from dpa.datasets.reference_chat import (ReferenceFormatError, reference_chat_tokens,
                                          reference_family)
+from dpa.models.anyres import AnyRes
 from dpa.models.builders import IMAGE_TOKEN, PROCESSORS
 from dpa.models.image_preprocessing import expand_to_square, preprocess_image  # noqa: F401
 from dpa.models.losses import IGNORE_INDEX
@@ -293,6 +294,12 @@ class LLaVADataset(BaseDataset):
             their end-of-turn token labelled; ``'reference'``, fnlp-vision/DPA's
             conversation templates, system prompts and label masking
             (:mod:`dpa.datasets.reference_chat`; Qwen, Llama-3 and Gemma).
+        anyres: LLaVA-NeXT's dynamic resolution, the arguments of
+            :class:`dpa.models.anyres.AnyRes` (``anyres_settings`` makes them
+            from a config): an image becomes its tiles (``pixel_values`` of
+            shape (tiles, C, H, W)) and its ``image_size``, and a number of
+            ``<image>`` ids that depends on its size (``num_image_tokens`` is
+            then unused). None: one fixed-size image.
 
     A bad row never stops training: ``dataset[i]`` replaces it by the next good
     row (deterministically) and lists what it skipped under the sample's
@@ -312,6 +319,7 @@ class LLaVADataset(BaseDataset):
                  max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
                  caption_suffix: str = 'eos',
                  labels: str = 'assistant',
+                 anyres: Optional[dict] = None,
                  **kwargs):
         if template not in TEMPLATES:
             raise ValueError(f'dataset template must be one of {TEMPLATES}, got {template!r}')
@@ -330,11 +338,17 @@ class LLaVADataset(BaseDataset):
                                  if template == 'chat' and labels == 'reference' else None)
         uses_images = template != 'caption_text'
         self.image_processor = PROCESSORS.build(image_processor) if uses_images else None
+        self.anyres = AnyRes(**anyres) if anyres is not None and uses_images else None
+        if self.anyres is not None:
+            if pad_to_square:
+                raise ValueError('anyres resizes and pads images to its grid itself: set '
+                                 'pad_to_square=False')
+            self.image_processor = self.anyres.image_processor(self.image_processor)
         self.num_image_tokens = num_image_tokens
         self.max_length = max_length
         self.pad_to_square = pad_to_square
         self.max_image_pixels = max_image_pixels
-        if uses_images and num_image_tokens <= 0:
+        if uses_images and self.anyres is None and num_image_tokens <= 0:
             raise ValueError('num_image_tokens must be positive for an image template')
         super().__init__(**kwargs)
 
@@ -366,6 +380,26 @@ class LLaVADataset(BaseDataset):
     def prepare_data(self, idx: int) -> dict:
         return self.tokenize(self.get_data_info(idx)['row'])
 
+    def image_tokens(self, idx: int) -> int:
+        """How many ``<image>`` ids row ``idx``'s image becomes (0 without one),
+        without tokenising the row; AnyRes reads the image's size from its file
+        header. For length estimates (the length-grouped sampler): a row whose
+        image cannot be read counts the fewest tokens an image can have."""
+        row = self.get_data_info(idx)['row']
+        image = row.get('image') if isinstance(row, dict) else None
+        if not isinstance(image, str) or self.template == 'caption_text':
+            return 0
+        if self.anyres is None:
+            return self.num_image_tokens
+        try:
+            with Image.open(osp.join(self.image_folder, image)) as opened:
+                width, height = opened.size
+        except Exception:  # noqa: BLE001 - the row is reported when it is read
+            return self.anyres.side ** 2
+        scale = _downscale(width, height, self.max_image_pixels, square=False)
+        return self.anyres.num_tokens((max(1, round(height * scale)),
+                                       max(1, round(width * scale))))
+
     def tokenize(self, row: dict) -> dict:
         """The training sample of one row; raises :class:`BadSampleError`."""
         messages, image = validate_row(row)
@@ -375,7 +409,7 @@ class LLaVADataset(BaseDataset):
             caption = next(m['content'] for m in messages if m['role'] == 'assistant')
             ids, labels = self._caption_tokens(caption)
 
-        pixel_values = None
+        pixel_values = image_size = None
         if self.template != 'caption_text':
             if self.template == 'plain' and image is None:
                 raise BadSampleError('image_tag_mismatch', 'an image-caption row has no image')
@@ -383,10 +417,18 @@ class LLaVADataset(BaseDataset):
                 check_image_tags(image, messages)
             if image is not None:
                 pixel_values = self._load_image(image)
-                ids, labels = self._expand_image(ids, labels)
+                count = self.num_image_tokens
+                if self.anyres is not None:
+                    tiles = pixel_values
+                    pixel_values, image_size = tiles['pixel_values'], tiles['image_size']
+                    count = self.anyres.num_tokens(image_size.tolist())
+                ids, labels = self._expand_image(ids, labels, count)
         ids, labels = self._truncate(ids, labels)
-        return dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels),
-                    pixel_values=pixel_values)
+        sample = dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels),
+                      pixel_values=pixel_values)
+        if image_size is not None:
+            sample['image_size'] = image_size
+        return sample
 
     def _caption_tokens(self, caption: str):
         tok = self.tokenizer
@@ -439,9 +481,8 @@ class LLaVADataset(BaseDataset):
                 labels[after] = ids[after]
         return ids, labels
 
-    def _expand_image(self, ids, labels):
+    def _expand_image(self, ids, labels, n: int):
         at = ids.index(self.image_token_id)
-        n = self.num_image_tokens
         return (ids[:at] + [self.image_token_id] * n + ids[at + 1:],
                 labels[:at] + [IGNORE_INDEX] * n + labels[at + 1:])
 
@@ -456,9 +497,11 @@ class LLaVADataset(BaseDataset):
                                  f'max_length={self.max_length}')
         return ids, labels
 
-    def _load_image(self, relative_path: str) -> torch.Tensor:
+    def _load_image(self, relative_path: str):
         image = open_image(osp.join(self.image_folder, relative_path), self.max_image_pixels,
                            square=self.pad_to_square)
+        if self.anyres is not None:
+            return self.anyres.preprocess(image, self.image_processor)
         return preprocess_image(image, self.image_processor, self.pad_to_square)
 
 
@@ -476,8 +519,12 @@ def dpa_collate(samples: List[dict]) -> dict:
         labels[row, :n] = sample['labels']
         attention_mask[row, :n] = 1
     images = [s['pixel_values'] for s in samples if s['pixel_values'] is not None]
+    # AnyRes images: a varying number of tiles each, concatenated, and their sizes.
+    sizes = [s['image_size'] for s in samples if s.get('image_size') is not None]
     batch = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                 pixel_values=torch.stack(images) if images else None)
+                 pixel_values=(torch.cat if sizes else torch.stack)(images) if images else None)
+    if sizes:
+        batch['image_sizes'] = torch.stack(sizes)
     skipped = [record for s in samples for record in s.get('skipped', [])]
     if skipped:
         # Taken out by DPAHook before the batch reaches the model.

@@ -2,7 +2,7 @@
 ``group_by_modality_length``: a batch holds image rows or text-only rows, never
 both, and rows of similar length, so little of it is padding."""
 import math
-from typing import Iterator, List, Sequence, Tuple
+from typing import Callable, Iterator, List, Sequence, Tuple, Union
 
 import torch
 from mmengine.dist import get_dist_info, sync_random_seed
@@ -12,7 +12,24 @@ from torch.utils.data import Sampler
 from dpa.registry import DATA_SAMPLERS
 
 
-def modality_lengths(dataset, image_length: int) -> Tuple[List[int], List[bool]]:
+# ``image_length`` when the number of image tokens depends on the image (AnyRes).
+PER_IMAGE = 'per_image'
+
+
+def image_token_counter(dataset) -> Callable[[int], int]:
+    """``index -> image tokens of that row`` of an ``LLaVADataset`` or
+    ``LLaVAMixture`` (see ``LLaVADataset.image_tokens``)."""
+    if hasattr(dataset, 'image_tokens'):
+        return dataset.image_tokens
+    if isinstance(getattr(dataset, 'datasets', None), list) and hasattr(dataset, 'index'):
+        # LLaVAMixture: (source, row) of each sample.
+        return lambda i: dataset.datasets[int(dataset.index[i][0])].image_tokens(
+            int(dataset.index[i][1]))
+    raise ValueError(f"image_length='{PER_IMAGE}' needs an LLaVADataset or LLaVAMixture, "
+                     f'got {type(dataset).__name__}')
+
+
+def modality_lengths(dataset, image_length: Union[int, str]) -> Tuple[List[int], List[bool]]:
     """Estimated length and modality of every row of a LLaVA-format dataset,
     read from its rows without tokenising them (as LLaVA does): the words of
     its conversation, plus ``image_length`` for a row with an image.
@@ -20,8 +37,11 @@ def modality_lengths(dataset, image_length: int) -> Tuple[List[int], List[bool]]
     Args:
         dataset: a dataset whose ``get_data_info(i)['row']`` is a LLaVA row
             (``LLaVADataset``, ``LLaVAMixture``).
-        image_length: tokens one image adds to a row.
+        image_length: tokens one image adds to a row; ``'per_image'``: each
+            image's own number (AnyRes), read from the image file's header.
     """
+    image_tokens = (image_token_counter(dataset) if image_length == PER_IMAGE else
+                    lambda index: image_length)
     lengths, has_image = [], []
     for index in range(len(dataset)):
         row = dataset.get_data_info(index)['row']
@@ -30,7 +50,7 @@ def modality_lengths(dataset, image_length: int) -> Tuple[List[int], List[bool]]
         turns = [turn for turn in row.get('conversations') or [] if isinstance(turn, dict)]
         words = sum(len(str(turn.get('value') or '').split()) for turn in turns)
         image = 'image' in row
-        lengths.append(max(words, 1) + (image_length if image else 0))
+        lengths.append(max(words, 1) + (image_tokens(index) if image else 0))
         has_image.append(image)
     return lengths, has_image
 
@@ -63,7 +83,8 @@ class ModalityLengthGroupedSampler(Sampler):
         dataset: LLaVA-format dataset, see :func:`modality_lengths`.
         batch_size: samples per process and step (the dataloader's batch size).
         image_length: tokens an image adds to a row (the vision tower's number
-            of image tokens), for the length estimate.
+            of image tokens), for the length estimate; ``'per_image'``: each
+            image's own number (AnyRes).
         group_batches: global batches sorted by length together: more groups
             batches more tightly by length, fewer keeps more randomness. LLaVA
             sorts within one global batch; Hugging Face's length-grouped sampler
@@ -75,7 +96,7 @@ class ModalityLengthGroupedSampler(Sampler):
     def __init__(self,
                  dataset,
                  batch_size: int,
-                 image_length: int = 0,
+                 image_length: Union[int, str] = 0,
                  group_batches: int = 50,
                  seed=None):
         if batch_size < 1 or group_batches < 1:
