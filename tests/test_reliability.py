@@ -197,6 +197,41 @@ def test_signal_saves_checkpoint_and_resume_is_exact(finished, data_root, tmp_pa
     assert_same_artifact(stage, resumed, reference)
 
 
+@HOOKS.register_module(force=True)
+class SignalWithWorkersAt(SignalAt):
+    """Sends ``signum`` to this process and its DataLoader workers during
+    iteration ``at``, as a scheduler signals the whole job."""
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        if runner.iter + 1 == self.at:
+            workers = runner.train_loop.dataloader_iterator._iterator._workers
+            assert len(workers) == 2
+            for worker in workers:
+                os.kill(worker.pid, self.signum)
+            os.kill(os.getpid(), self.signum)
+
+
+def test_signal_with_loader_workers_saves_and_resume_is_exact(finished, data_root, tmp_path):
+    """Two persistent, prefetching workers (stage 1, the fastest): they outlive
+    the SIGTERM, the stage saves, and the resumed stage (workers again) equals
+    the in-process run."""
+    workers = {'proxy.num_workers': 2,
+               'dataloader': dict(persistent_workers=True, prefetch_factor=2)}
+    cfg = tiny_config(tmp_path, data_root, **workers,
+                      custom_hooks=[dict(type='SignalWithWorkersAt', at=5)])
+    assert stage_runner_config(cfg, 'proxy').train_dataloader.persistent_workers
+    with pytest.raises(TrainingInterrupted) as err:
+        run_pipeline(cfg, stage='proxy')
+    assert err.value.iteration == 6 and err.value.signum == signal.SIGTERM
+
+    [resumed] = run_pipeline(tiny_config(tmp_path, data_root, **workers), stage='proxy',
+                             resume=True)
+    reference = {m['stage']: m for m in finished[1]}['proxy']
+    for key in ('iterations', 'first_loss', 'last_loss'):
+        assert resumed[key] == reference[key], key
+    assert_same_artifact('proxy', resumed, reference)
+
+
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
 def test_cli_prints_the_resume_command_on_a_signal(tmp_path, data_root, signum):
     # As a terminal's Ctrl-C or a scheduler does: the signal reaches the whole

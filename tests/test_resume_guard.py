@@ -140,9 +140,18 @@ def test_cfg_options_refused_before_any_model_loads(tmp_path, option, message):
     {'llm.attn_implementation': 'eager'}, {'llm.config.rope_theta': 1e6},
     {'align.optim_wrapper.optimizer.lr': 1}, {'model.loss_chunk_size': None},
     {'caption_data.data_files': ['a.json']}, {'stages': ['proxy']},
+    {'compile': True}, {'tf32': False}, {'dataloader.num_workers': 2},
 ])
 def test_cfg_options_a_user_may_add_or_set(options):
     check_cfg_options(Config.fromfile(TINY), options)
+
+
+def test_cfg_options_narrow_a_kernel_preference_list_to_one_kernel():
+    cfg = Config.fromfile(osp.join(REPO, 'configs', 'dpa_qwen2_5_7b.py'))
+    assert isinstance(cfg.llm.attn_implementation, (list, tuple))
+    check_cfg_options(cfg, {'llm.attn_implementation': 'sdpa'})
+    with pytest.raises(ConfigError, match='expected list'):
+        check_cfg_options(cfg, {'llm.attn_implementation': 3})
 
 
 def test_cfg_options_path_variables():

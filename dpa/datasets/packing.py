@@ -5,10 +5,11 @@ instead of padding every sample to the longest one. Each row is the
 concatenation of whole samples; ``position_ids`` restart at 0 for every sample
 and the batch has no ``attention_mask``: Hugging Face models then read the
 restarts as sequence boundaries and keep attention inside each sample (a
-block-diagonal causal mask for sdpa/eager, variable-length kernels for flash
-attention). The first label of every sample is ignored, so no sample is
-predicted from the one before it: a packed batch has exactly the loss of the
-padded batch of the same samples, and a packed run the losses of a padded run.
+block-diagonal causal mask for sdpa/eager; flash attention's variable-length
+kernel only for a batch of one row, see ``one_row``). The first label of every
+sample is ignored, so no sample is predicted from the one before it: a packed
+batch has exactly the loss of the padded batch of the same samples, and a
+packed run the losses of a padded run.
 """
 from typing import List, Optional, Sequence
 
@@ -45,7 +46,8 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> List[List[int]]:
 
 
 @FUNCTIONS.register_module()
-def packed_collate(samples: List[dict], pack_length: Optional[int] = None) -> dict:
+def packed_collate(samples: List[dict], pack_length: Optional[int] = None,
+                   one_row: bool = False) -> dict:
     """Pack text-only samples into rows (see the module docstring).
 
     Args:
@@ -53,6 +55,11 @@ def packed_collate(samples: List[dict], pack_length: Optional[int] = None) -> di
         pack_length: tokens per row. None: the longest sample of the batch, so
             no row is longer than in the padded batch and attention, which
             sdpa/eager compute over the whole row, costs no more than padding.
+        one_row: all samples in a single row, no padding at all: the layout
+            flash attention's variable-length kernel needs (transformers only
+            detects packed sequences for it in a batch of one row; see
+            :mod:`dpa.models.attention`). Its cost grows with each sample's
+            length, not the row's; under sdpa/eager it would grow with the row's.
 
     Returns:
         ``input_ids``, ``labels``, ``position_ids`` (rows x longest row),
@@ -61,7 +68,8 @@ def packed_collate(samples: List[dict], pack_length: Optional[int] = None) -> di
     if any(s.get('pixel_values') is not None for s in samples):
         raise ValueError('packed_collate packs text-only samples; this batch holds images')
     lengths = [len(s['input_ids']) for s in samples]
-    rows = pack_rows(lengths, max([pack_length or 0] + lengths))
+    capacity = sum(lengths) if one_row else max([pack_length or 0] + lengths)
+    rows = pack_rows(lengths, capacity)
     length = max(sum(lengths[i] for i in row) for row in rows)
     input_ids = torch.zeros(len(rows), length, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)

@@ -36,6 +36,8 @@ ADDABLE = (
     'max_bad_fraction', 'pad_to_square', 'max_image_pixels', 'strategy', 'strategy.*',
     'mixed_precision', 'work_dir', 'launcher', 'seed', 'synthetic_data', 'synthetic_data.*',
     'custom_hooks', 'stages', 'trainable_dtype', 'randomness.*', 'eval', 'eval.*',
+    # The GPU runtime switches (configs/_base_/runtime_gpu.py), for configs without them.
+    'dataloader', 'dataloader.*', 'tf32', 'compile', 'compile.*',
     # Hugging Face config fields of a model built from a config (rope scaling, ...).
     '*.config.*',
     # Mixture sources and their settings.
@@ -111,7 +113,9 @@ def _type_problem(key: str, value, default) -> Optional[str]:
     elif isinstance(default, str):
         ok = isinstance(value, str)
     elif isinstance(default, (list, tuple)):
-        ok = isinstance(value, (list, tuple))
+        # A kernel preference list may be narrowed to one kernel by name.
+        ok = isinstance(value, (list, tuple)) or (
+            key.endswith('attn_implementation') and isinstance(value, str))
     elif isinstance(default, dict):
         ok = isinstance(value, dict)
     else:

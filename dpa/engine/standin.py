@@ -35,6 +35,7 @@ from mmengine.config import Config
 from dpa.datasets.mixture import data_sources
 from dpa.engine.distributed import world_size
 from dpa.engine.errors import ConfigError
+from dpa.models.attention import resolve_attn_implementation
 
 TINY_LLM = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
@@ -62,6 +63,10 @@ def _tiny_llm(cfg) -> dict:
         return llm  # already a random model built from a config
     spec = _standin(cfg, 'llm_standin', 'llm')
     llm.pop('pretrained')
+    if 'attn_implementation' in llm:
+        # The kernel this machine runs: a preference list names it once resolved.
+        llm['attn_implementation'] = resolve_attn_implementation(llm['attn_implementation'],
+                                                                 log=False)
     return dict(llm, config={**TINY_LLM, **spec['config']}, torch_dtype='float32')
 
 

@@ -6,7 +6,7 @@ and process builds the same weights)."""
 import contextlib
 import json
 import os.path as osp
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 import transformers
@@ -14,6 +14,7 @@ from mmengine.registry import Registry
 from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM,
                           AutoTokenizer, TokenizersBackend)
 
+from dpa.models.attention import resolve_attn_implementation
 from dpa.models.checkpoint_code import checkpoint_code_class
 from dpa.models.internlm2 import InternLM2Tokenizer, is_internlm2_tokenizer_dir
 from dpa.models.standin_checkpoint import reload_as_checkpoint
@@ -52,7 +53,7 @@ def hf_config(pretrained: Optional[str] = None, config: Optional[dict] = None,
 def HFCausalLM(pretrained: Optional[str] = None,
                config: Optional[dict] = None,
                torch_dtype: str = 'float32',
-               attn_implementation: str = 'sdpa',
+               attn_implementation: Union[str, Sequence[str]] = 'sdpa',
                trust_remote_code: bool = False,
                init_seed: int = 0,
                use_checkpoint_code: bool = False):
@@ -65,8 +66,11 @@ def HFCausalLM(pretrained: Optional[str] = None,
     (``auto_map``) for families neither it nor the project implements;
     ``use_checkpoint_code=True`` (with ``trust_remote_code``) runs it even for a
     family the project implements (InternLM2, see docs/families.md).
+    ``attn_implementation`` is a kernel or kernels in order of preference, the
+    first one this machine runs is taken (:mod:`dpa.models.attention`).
     """
     dtype = _dtype(torch_dtype)
+    attn_implementation = resolve_attn_implementation(attn_implementation)
 
     def load(directory):
         if use_checkpoint_code:

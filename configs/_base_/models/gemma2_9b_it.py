@@ -1,9 +1,13 @@
-# Gemma-2-9B-it (hub: google/gemma-2-9b-it), transformers `gemma2`. Eager
-# attention: sdpa ignores Gemma-2's attention logit soft-capping. Its chat
+# Gemma-2-9B-it (hub: google/gemma-2-9b-it), transformers `gemma2`. Its chat
 # template has no system role (a system turn raises).
+# Attention must apply Gemma-2's attention-logit soft-capping. In transformers
+# 5.24 `eager`, `flash_attention_2` (flash-attn >= 2.6) and `flex_attention` do;
+# `sdpa` refuses it (Gemma-2 declares `_supports_sdpa = False`). So: flash-attn
+# where installed (on a GPU), else eager, with a logged reason
+# (dpa/models/attention.py).
 llm_path = '{checkpoint_root}/gemma-2-9b-it'
 llm = dict(type='HFCausalLM', pretrained='{llm_path}', torch_dtype='bfloat16',
-           attn_implementation='eager')
+           attn_implementation=['flash_attention_2', 'eager'])
 tokenizer = dict(type='HFTokenizer', pretrained='{llm_path}')
 # What `tiny_standin=True` builds instead (dpa/engine/standin.py): a random
 # tiny gemma2 with the family's final and attention logit soft-capping, tied

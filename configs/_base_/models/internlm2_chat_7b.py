@@ -5,6 +5,9 @@
 # runs the checkpoint's own code instead; written for transformers 4.x, it
 # breaks under 5.x (docs/families.md). The final model keeps the native format
 # only: transformers' LLaVA class cannot hold InternLM2.
+# Attention: sdpa, not flash-attn: the project's InternLM2 layers do not hand
+# `position_ids` to the kernel, so flash-attn's variable-length path could not
+# see where the samples of a packed stage-1 row begin (dpa/models/attention.py).
 llm_path = '{checkpoint_root}/internlm2-chat-7b'
 llm = dict(type='HFCausalLM', pretrained='{llm_path}', torch_dtype='bfloat16',
            attn_implementation='sdpa', trust_remote_code=False, use_checkpoint_code=False)

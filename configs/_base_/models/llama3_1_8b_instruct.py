@@ -1,6 +1,9 @@
 # Llama-3.1-8B-Instruct (hub: meta-llama/Llama-3.1-8B-Instruct), transformers `llama`.
 llm_path = '{checkpoint_root}/Llama-3.1-8B-Instruct'
-llm = dict(type='HFCausalLM', pretrained='{llm_path}', torch_dtype='bfloat16')
+# Attention: flash-attn where installed (on a GPU), else PyTorch's sdpa, with a
+# logged reason (dpa/models/attention.py); one kernel: `attn_implementation=[sdpa]`.
+llm = dict(type='HFCausalLM', pretrained='{llm_path}', torch_dtype='bfloat16',
+           attn_implementation=['flash_attention_2', 'sdpa'])
 tokenizer = dict(type='HFTokenizer', pretrained='{llm_path}')
 # What `tiny_standin=True` builds instead (dpa/engine/standin.py): a random
 # tiny llama with Llama-3.1's rope scaling, and the real header/eot template
