@@ -5,7 +5,7 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
-from dpa.datasets.synthetic import VOCABULARY, make_synthetic_data
+from dpa.datasets.synthetic import COLOURS, POSITIONS, SHAPES, VOCABULARY, make_synthetic_data
 from dpa.models.tiny_tokenizer import TINY_VOCAB_SIZE, build_tiny_tokenizer
 
 NUM_CAPTIONS, NUM_INSTRUCTIONS = 64, 48  # the defaults
@@ -140,3 +140,26 @@ def test_save_load_round_trip(tokenizer, data, tmp_path):
     assert (loaded.pad_token_id, loaded.eos_token_id) == (tokenizer.pad_token_id, tokenizer.eos_token_id)
     for text in _texts(data)[:50] + ['<|im_start|>user\n<image>\nhi<|im_end|>']:
         assert loaded(text)['input_ids'] == tokenizer(text)['input_ids']
+
+
+def test_terse_caption_style_changes_only_the_captions_wording(tmp_path):
+    plain = make_synthetic_data(tmp_path / 'plain', 6, 6, image_size=16, num_eval=4)
+    terse = make_synthetic_data(tmp_path / 'terse', 6, 6, image_size=16, num_eval=4,
+                                caption_style='terse')
+    for key in ('instructions', 'eval'):  # the other rows stay as they were
+        with open(plain[key]) as fp, open(terse[key]) as ft:
+            assert fp.read() == ft.read()
+    with open(plain['captions']) as fp, open(terse['captions']) as ft:
+        plain_rows, terse_rows = json.load(fp), json.load(ft)
+    tokenizer = build_tiny_tokenizer()
+    for p, t in zip(plain_rows, terse_rows):
+        assert p['image'] == t['image']
+        caption = t['conversations'][1]['value']
+        # "top: circle, red." per shape: the content words of the scene, no template words.
+        assert re.fullmatch(r'((\w+): (\w+), (\w+)\.( |$))+', caption), caption
+        words = set(re.findall(r'\w+', caption))
+        assert words <= set(POSITIONS) | set(SHAPES) | set(COLOURS)
+        assert not {'a', 'the', 'on', 'of'} & words
+        assert tokenizer.unk_token_id not in tokenizer(caption)['input_ids']
+    with pytest.raises(ValueError, match="caption_style='fancy'"):
+        make_synthetic_data(tmp_path / 'bad', 2, 2, caption_style='fancy')

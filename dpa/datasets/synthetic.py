@@ -172,6 +172,18 @@ def _caption(rng, scene):
     return rng.choice(templates).format(**_fields(scene))
 
 
+def _terse_caption(rng, scene):
+    """The scene in a style the instruction answers never use ("top: circle,
+    red."): the same content words, another order and punctuation."""
+    _caption(rng, scene)  # the same draws as 'plain': the other rows stay the same
+    return ' '.join(f"{shape['position']}: {shape['shape']}, {shape['colour']}."
+                    for shape in scene['shapes'])
+
+
+# How stage 1 and 2's captions are worded (make_synthetic_data's caption_style).
+CAPTION_STYLES = {'plain': _caption, 'terse': _terse_caption}
+
+
 def _image_qa(rng, scene):
     """All (question, answer) pairs answerable from the scene."""
     fields = _fields(scene)
@@ -251,8 +263,10 @@ def _generate_eval(rng, out_dir, num_eval, image_size, train_scenes):
             f.write(json.dumps(dict(id=name, image=name + '.png', **row)) + '\n')
 
 
-def _generate(out_dir, num_captions, num_instructions, num_eval, image_size, seed):
+def _generate(out_dir, num_captions, num_instructions, num_eval, image_size, seed,
+              caption_style='plain'):
     rng = random.Random(seed)
+    caption = CAPTION_STYLES[caption_style]
     image_dir = os.path.join(out_dir, 'images')
     os.makedirs(image_dir)
 
@@ -262,7 +276,7 @@ def _generate(out_dir, num_captions, num_instructions, num_eval, image_size, see
         train_scenes.add(_scene_key(scene))
         name = f'cap_{i:06d}'
         draw_scene(scene, image_size).save(os.path.join(image_dir, name + '.png'))
-        conversation = _conversation([(CAPTION_PROMPT, _caption(rng, scene))])
+        conversation = _conversation([(CAPTION_PROMPT, caption(rng, scene))])
         captions.append(dict(id=name, image=name + '.png', conversations=conversation))
     with open(os.path.join(out_dir, 'captions.json'), 'w') as f:
         json.dump(captions, f, indent=1)
@@ -295,9 +309,19 @@ def _is_complete(root, params):
 
 
 def make_synthetic_data(root, num_captions=64, num_instructions=48, image_size=64, seed=0,
-                        num_eval=48):
+                        num_eval=48, caption_style='plain'):
     """Generate (once) the synthetic data set under ``root``; return its paths
-    (``image_folder``, ``captions``, ``instructions``, ``eval``)."""
+    (``image_folder``, ``captions``, ``instructions``, ``eval``).
+
+    Args:
+        caption_style: the captions' wording, a key of :data:`CAPTION_STYLES`:
+            ``'plain'`` as the instruction answers speak, ``'terse'`` in a
+            conflicting style ("top: circle, red.") with the same content
+            words, to give the captions a language prior of their own.
+    """
+    if caption_style not in CAPTION_STYLES:
+        raise ValueError(f'synthetic_data.caption_style={caption_style!r}: choose one of '
+                         f'{sorted(CAPTION_STYLES)}')
     root = os.path.abspath(os.fspath(root))
     paths = dict(
         image_folder=os.path.join(root, 'images'),
@@ -313,6 +337,8 @@ def make_synthetic_data(root, num_captions=64, num_instructions=48, image_size=6
         image_size=image_size,
         seed=seed,
     )
+    if caption_style != 'plain':  # so that roots made before the option stay valid
+        params['caption_style'] = caption_style
     if _is_complete(root, params):
         return paths
 
@@ -320,7 +346,7 @@ def make_synthetic_data(root, num_captions=64, num_instructions=48, image_size=6
     tmp = f'{root}.tmp-{os.getpid()}'
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    _generate(tmp, num_captions, num_instructions, num_eval, image_size, seed)
+    _generate(tmp, num_captions, num_instructions, num_eval, image_size, seed, caption_style)
     with open(os.path.join(tmp, '.complete'), 'w') as f:
         json.dump(params, f)
     if _is_complete(root, params):

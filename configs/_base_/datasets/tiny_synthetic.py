@@ -2,9 +2,11 @@
 # text-only) and a held-out evaluation split (multiple-choice questions about
 # colour, shape and position, on images no training row shows), generated
 # deterministically under `synthetic_data.root` on first use; the pipeline
-# points `caption_data`, `instruct_data` and `eval` at them.
+# points `caption_data`, `instruct_data` and `eval` at them. `caption_style`:
+# 'plain' (worded as the instruction answers) or 'terse' ("top: circle, red.",
+# a style of their own, the setting DPA is for).
 synthetic_data = dict(root='data/dpa_tiny', num_captions=64, num_instructions=48,
-                      num_eval=48, image_size=64, seed=0)
+                      num_eval=48, image_size=64, seed=0, caption_style='plain')
 caption_data = dict(data_files=[], image_folder='')
 instruct_data = dict(data_files=[], image_folder='')
 # Read by the `eval` stage when a config lists it (empty data: the synthetic split).
