@@ -4,15 +4,20 @@ import json
 import os.path as osp
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
 
 import dpa  # noqa: F401
+from dpa.models import VisualRelevanceLoss
 from test_model_equivalence import build_model, make_batch, supervised_labels
 from tiny import REPO
 
+from dpa.benchmark import cli as benchmark_cli
 from dpa.benchmark import training as benchmark
+from dpa.benchmark.peer import peer_loss, transformers_llava
+from dpa.benchmark.profile import profile_variants
 
 TINY = ['--vocab-sizes', '600', '--hidden-size', '32', '--intermediate-size', '64',
         '--layers', '1', '--heads', '2', '--kv-heads', '1', '--steps', '1',
@@ -40,7 +45,7 @@ def test_tiny_run_writes_a_record_per_shape_stage_and_variant(tmp_path):
     # In its own process: the benchmark sets torch's threads and glibc's allocator.
     result = subprocess.run(
         [sys.executable, osp.join(REPO, 'tools', 'benchmark.py'), *TINY,
-         '--variants', 'cmo', 'vanilla_full_logits', '--json', str(path)],
+         '--variants', 'cmo', 'hf_llava', 'vanilla_full_logits', '--json', str(path)],
         capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     records = json.loads(path.read_text())
@@ -48,7 +53,7 @@ def test_tiny_run_writes_a_record_per_shape_stage_and_variant(tmp_path):
     keys = {(r['shape'], r['stage'], r['variant']) for r in steps}
     assert keys == {(shape, stage, variant) for shape in benchmark.SHAPES
                     for stage in ('align', 'finetune')
-                    for variant in ('vanilla', 'cmo', 'vanilla_full_logits')}
+                    for variant in ('vanilla', 'cmo', 'hf_llava', 'vanilla_full_logits')}
     for record in steps:
         assert record['median_step_s'] > 0 and record['peak_mem_mb'] > 0
         assert record['ratio_to_vanilla'] > 0 and record['tokens_per_s'] > 0
@@ -61,3 +66,57 @@ def test_tiny_run_writes_a_record_per_shape_stage_and_variant(tmp_path):
     assert sampler['padding_grouped'] < sampler['padding_random']
     assert '| 600 | blip_lcs | align | cmo |' in result.stdout
     assert 'command: python tools/benchmark.py --vocab-sizes 600' in result.stdout
+
+
+@pytest.mark.parametrize('trainable', [('projector', ), ('llm', 'projector')])
+def test_peer_is_the_same_model_under_transformers_llava(trainable):
+    """hf_llava shares the modules: its loss is our vanilla loss and its
+    gradients are ours, so the benchmark compares the two implementations only."""
+    model = build_model('qwen2', loss=dict(type='VisualRelevanceLoss', mode='vanilla'),
+                        trainable=trainable)
+    input_ids, attention_mask, pixel_values = make_batch()
+    labels = supervised_labels(model, input_ids, attention_mask, pixel_values)
+    llava = transformers_llava(model)
+    assert {id(p) for p in llava.parameters()} == {id(p) for p in model.parameters()
+                                                   if not p.is_meta}
+    grads = {}
+    batch = (input_ids, attention_mask, labels, pixel_values)
+    for name, loss_fn in (('ours', model), ('peer', partial(peer_loss, llava))):
+        model.zero_grad()
+        loss = loss_fn(*batch)['loss']
+        loss.backward()
+        grads[name] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                       if p.grad is not None})
+    (ours, ours_grads), (peer, peer_grads) = grads['ours'], grads['peer']
+    torch.testing.assert_close(peer.double(), ours, rtol=1e-5, atol=1e-6)  # HF: float32 loss
+    assert ours_grads.keys() == peer_grads.keys() and ours_grads
+    for name in ours_grads:
+        torch.testing.assert_close(peer_grads[name], ours_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_profile_splits_the_step_into_its_parts():
+    records = profile_variants(benchmark_cli.parse_args(
+        [*TINY, '--shapes', 'blip_lcs', '--stages', 'align', '--variants', 'cmo',
+         '--vocab-sizes', '600', '--warmup', '1']))
+    parts = {r['variant']: r['parts_ms'] for r in records}
+    assert parts.keys() == {'vanilla', 'cmo'}
+    for variant, ms in parts.items():
+        named = sum(v for k, v in ms.items() if k not in ('step', 'other'))
+        assert ms['step'] > 0 and ms['image pass fwd'] > 0 and ms['backward'] > 0
+        assert named == pytest.approx(ms['step'] - ms['other'])
+        assert 0 <= ms['other'] < 0.2 * ms['step']
+    assert parts['vanilla']['text pass fwd'] == 0 and parts['cmo']['text pass fwd'] > 0
+    assert parts['cmo']['scores (text)'] > 0
+
+
+def test_anyres_peer_is_the_same_model_under_transformers_llava_next():
+    args = benchmark_cli.parse_args([*TINY, '--vocab-sizes', '600'])
+    shape = benchmark.SHAPES['anyres']
+    model = benchmark.build_model(args, 600, ('projector', ), grid=shape.grid)
+    batch = benchmark.make_batch(shape, 2, 600, True, args)
+    assert batch['pixel_values'].shape[0] == 2 * 5 and batch['image_sizes'].shape == (2, 2)
+    assert int((batch['input_ids'] == benchmark.IMAGE_TOKEN_ID).sum()) == 2 * 2928
+    model.loss_fn = VisualRelevanceLoss(mode='vanilla')
+    ours = model(**batch)['loss']
+    peer = peer_loss(transformers_llava(model), **batch)['loss']
+    torch.testing.assert_close(peer, ours, rtol=1e-5, atol=1e-6)

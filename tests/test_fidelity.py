@@ -234,7 +234,7 @@ def test_first_token_after_image_is_scored_differently_by_the_two_passes():
         model = tiny_model(text_pass)
         with torch.no_grad():
             inputs = model.loss_inputs(input_ids, attention_mask, labels, pixel_values)
-            scores[text_pass] = model.loss_fn.token_scores(**inputs)
+            scores[text_pass] = model.loss_fn.token_scores(**inputs, score_all_text=True)
             scores[text_pass]['loss'] = model.loss_fn(**inputs)['loss']
     removed, masked = scores['removed'], scores['masked']
     torch.testing.assert_close(removed['score_img'], masked['score_img'], rtol=0, atol=1e-12)

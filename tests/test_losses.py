@@ -327,9 +327,9 @@ def test_cal_follows_logits_cmo_follows_probabilities(case, monkeypatch):
         logits, targets, text_logits, text_index)
     cmo = VisualRelevanceLoss(mode='cmo', clamp=(0.05, 0.5), window=1)(
         logits, targets, text_logits, text_index)
-    assert cal['cmo_delta_mean'].item() == pytest.approx(logit_delta, abs=1e-5)
+    assert cal['cmo_delta_mean'].item() == pytest.approx(clamp(logit_delta, 1.0, 5.0), abs=1e-5)
     assert cal['cmo_w_mean'].item() == pytest.approx(clamp(logit_delta, 1.0, 5.0), abs=1e-6)
-    assert cmo['cmo_delta_mean'].item() == pytest.approx(p_img - p_txt, abs=1e-6)
+    assert cmo['cmo_delta_mean'].item() == pytest.approx(clamp(p_img - p_txt, 0.05, 0.5), abs=1e-6)
     assert cmo['cmo_w_mean'].item() == pytest.approx(clamp(p_img - p_txt, 0.05, 0.5), abs=1e-6)
     # The two modes weigh this token differently.
     assert abs(cal['cmo_w_mean'].item() - cmo['cmo_w_mean'].item()) > 0.3
@@ -401,9 +401,47 @@ def test_statistics_by_hand():
     assert out['cmo_w_mean'].item() == pytest.approx(sum(weights) / 4, abs=1e-6)
     assert out['cmo_at_min'].item() == pytest.approx(2 / 4, abs=1e-6)
     assert out['cmo_at_max'].item() == pytest.approx(1 / 4, abs=1e-6)
-    assert out['cmo_delta_mean'].item() == pytest.approx(sum(deltas) / 4, abs=1e-6)
+    clamped = [0.5, 0.05, 0.05, 0.2]
+    assert out['cmo_delta_mean'].item() == pytest.approx(sum(clamped) / 4, abs=1e-6)
+    scores = VisualRelevanceLoss(mode='cmo', clamp=(0.05, 0.5)).token_scores(
+        logits, targets, text_logits, text_index, score_all_text=True)
+    assert scores['delta'][0, :4].tolist() == pytest.approx(deltas, abs=1e-6)
     for key in ('cmo_w_mean', 'cmo_at_min', 'cmo_at_max', 'cmo_delta_mean'):
         assert 'loss' not in key and not out[key].requires_grad
+
+
+@pytest.mark.parametrize('scope', losses.SCOPES)
+def test_cmo_text_scores_only_where_the_image_score_is_above_the_floor(scope):
+    """A target with p_img <= delta_min gets delta_min whatever p_txt is: CMO
+    skips its text score, and the weights, statistics and loss stay exact."""
+    logits, targets, text_logits, text_index = loss_case(seed=5, batch=3, length=12, vocab=40,
+                                                         scale=3.0)
+    rows = []
+
+    def counting(outputs, ids):
+        rows.append(outputs.shape[0])
+        return target_scores(outputs, ids)
+
+    loss = VisualRelevanceLoss(mode='cmo', clamp=(0.05, 0.5), scope=scope)
+    full = loss.token_scores(logits, targets, text_logits, text_index, counting,
+                             score_all_text=True)
+    fast = loss.token_scores(logits, targets, text_logits, text_index, counting)
+    scored = targets.clamp(min=0) >= 0 if scope == 'reference' else targets != IGNORE_INDEX
+    floor = scored & (text_index >= 0) & (full['score_img'] <= 0.05)
+    assert 0 < floor.sum() < (scored & (text_index >= 0)).sum()  # a mix of both kinds
+    assert rows[3] == rows[1] - int(floor.sum())  # text calls: all, then the needed ones
+    assert torch.equal(fast['weight'], full['weight'])
+    assert torch.equal(fast['clamped_delta'][scored], full['clamped_delta'][scored])
+    assert torch.isnan(fast['score_txt'][floor]).all()
+    assert torch.equal(fast['score_txt'][~floor], full['score_txt'][~floor])
+    # The loss and its statistics come from the same weights.
+    out = loss(logits, targets, text_logits, text_index)
+    w = full['weight'][targets != IGNORE_INDEX]
+    want = (w * -full['logp']).sum() / (w.sum() + EPS)
+    torch.testing.assert_close(out['loss'], want, rtol=0, atol=0)
+    supervised = targets != IGNORE_INDEX
+    assert out['cmo_delta_mean'].item() == pytest.approx(
+        float(full['delta'][supervised].clamp(0.05, 0.5).mean()), abs=1e-7)
 
 
 # --------------------------------------------------------------------------
@@ -421,15 +459,18 @@ def test_missing_text_evidence_gives_delta_min(mode, bounds, monkeypatch):
     assert torch.equal(s_txt[0], s_img[0])
     assert torch.all(relevance_weights(s_img, s_txt, supervised, bounds, 1)[0][supervised[0]]
                      == bounds[0])
-    # The other row reads the text pass.
+    # The other row reads the text pass (CMO: where p_img > delta_min, the
+    # others get delta_min whatever p_txt is, and are not scored).
     _, want_txt = dense_scores(logits.double(), targets, text_logits.double(), text_index, mode)
-    torch.testing.assert_close(s_txt[1][supervised[1]].double(), want_txt[1][supervised[1]],
-                               atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(s_txt[1][supervised[1]], s_img[1][supervised[1]])
+    read = supervised[1] & ((s_img[1] > bounds[0]) if mode == 'cmo' else True)
+    assert 0 < read.sum() and (mode == 'cal' or read.sum() < supervised[1].sum())
+    torch.testing.assert_close(s_txt[1][read].double(), want_txt[1][read], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(s_txt[1][read], s_img[1][read])
+    assert torch.equal(s_txt[1][supervised[1] & ~read], s_img[1][supervised[1] & ~read])
 
     # With no evidence anywhere every weight is delta_min, smoothed or not.
     out = VisualRelevanceLoss(mode=mode, clamp=bounds, window=3)(
         logits, targets, text_logits, torch.full_like(text_index, -1))
     assert out['cmo_w_mean'].item() == pytest.approx(bounds[0], abs=1e-7)
     assert out['cmo_at_min'].item() == 1.0 and out['cmo_at_max'].item() == 0.0
-    assert out['cmo_delta_mean'].item() == 0.0
+    assert out['cmo_delta_mean'].item() == pytest.approx(bounds[0], abs=1e-7)

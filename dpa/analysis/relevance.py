@@ -56,9 +56,11 @@ def token_records(model, loss: VisualRelevanceLoss, samples, tokenizer,
         batch = dpa_collate([sample])
         inputs = model.loss_inputs(batch['input_ids'], batch['attention_mask'], batch['labels'],
                                    batch['pixel_values'])
-        scores = loss.token_scores(**inputs) if loss.mode != 'vanilla' else None
+        scores = (loss.token_scores(**inputs, score_all_text=True) if loss.mode != 'vanilla'
+                  else None)
         # CMO scores with the probabilities already; CAL (logits) and vanilla need them.
-        probs = scores if loss.mode == 'cmo' else probability.token_scores(**inputs)
+        probs = (scores if loss.mode == 'cmo'
+                 else probability.token_scores(**inputs, score_all_text=True))
         if scores is None:
             scores = probs
         targets = inputs['targets'][0]

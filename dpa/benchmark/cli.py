@@ -22,6 +22,14 @@ ratio to vanilla, the peak memory and its ratio, and the tokens per second
 - ``cmo_reference``: fnlp-vision/DPA's way, restated here: a masked full-length
   second pass, full-vocabulary float32 logits, a clone and two softmaxes. It
   costs many times the others: ``--reference-steps`` (default 1) are timed;
+- ``cmo_all_text_scores`` (only with ``--variants``): CMO scoring the no-image
+  pass for every target. ``cmo`` skips the targets whose image probability is
+  at most ``delta_min`` (their weight is ``delta_min`` whatever the text pass
+  says); in the benchmark's random models that is every target, so ``cmo`` is
+  CMO's best case and this its worst;
+- ``hf_llava``: the peer, transformers' ``LlavaForConditionalGeneration`` made
+  of the same modules and trained with its own loss (full logits, then
+  ``ForCausalLMLoss``), what TRL-based LLaVA training runs;
 - ``vanilla_full_logits`` (only with ``--variants``): mean CE on the LLM's own
   full logits (``model.loss_chunk_size=None``), what the chunked loss saves.
 
@@ -30,7 +38,9 @@ tokens), ``sharegpt4v`` (576 + ~256) and ``instruct`` (576 + ~512, prompt a
 quarter of the text, 30% of the samples text-only: as stage 3's sampler groups
 them, a finetune step is an image batch 70% of the time and a text-only batch
 30%, and the instruct figures are that weighted mean; with the LLM frozen a
-text-only sample trains nothing, so align steps are image batches). Stages:
+text-only sample trains nothing, so align steps are image batches) and
+``anyres`` (LLaVA-NeXT's dynamic resolution: a 2 x 2 grid of tiles plus the
+base tile, 2,928 image tokens, + ~48 caption tokens). Stages:
 ``align`` (LLM frozen, projector trained) and ``finetune`` (LLM and projector
 trained). Two more tables: stage-1 packing (padded vs packed caption batches) and the stage-3
 sampler's padding fraction (random vs grouped by modality and length).
@@ -43,8 +53,11 @@ import sys
 import time
 
 import torch
+from mmengine.config import DictAction
 
-from .report import markdown, threads
+from .data_pipeline import data_pipeline_markdown, run_data_pipeline
+from .profile import profile_variants
+from .report import markdown, profile_markdown, threads
 from .stage1 import run_packing, run_sampler
 from .timing import keep_freed_memory
 from .training import DEFAULT_VARIANTS, FIRST_TEXT_ID, SHAPES, VARIANTS, run_training_variants
@@ -129,7 +142,22 @@ def parse_args(argv=None):
     parser.add_argument('--sampler-rows', type=positive_int, default=20000)
     parser.add_argument('--sampler-batch-size', type=positive_int, default=16)
     parser.add_argument('--no-packing', action='store_true', help='skip the stage-1 table')
+    parser.add_argument('--profile', action='store_true',
+                        help='instead of timing steps, profile them (torch.profiler): where '
+                        'the time of a step goes, per variant (see dpa/benchmark/profile.py)')
     parser.add_argument('--json', help='also write the records to this JSON file')
+    parser.add_argument('--data-pipeline', metavar='CONFIG',
+                        help="instead of training steps, the loader throughput of CONFIG's "
+                        'stages per worker count beside an estimated GPU step time (see '
+                        'dpa/benchmark/data_pipeline.py); with --workers, --batches, '
+                        '--real-images, --cfg-options')
+    parser.add_argument('--workers', nargs='+', type=int, default=[0, 1, 2])
+    parser.add_argument('--batches', type=positive_int, default=8,
+                        help='timed batches per worker count')
+    parser.add_argument('--real-images', action='store_true',
+                        help='with tiny_standin=True: real-size JPEGs and the real '
+                        "vision tower's image processor")
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={})
     args = parser.parse_args(argv)
     check_args(parser, args)
     args.variants = ['vanilla'] + [v for v in args.variants if v != 'vanilla']
@@ -142,15 +170,32 @@ def main(argv=None):
     if args.device == 'cpu':
         keep_freed_memory()
     start = time.perf_counter()
+    if args.data_pipeline:
+        records = run_data_pipeline(args.data_pipeline, args.cfg_options, workers=args.workers,
+                                    batches=args.batches, real_images=args.real_images)
+        print(data_pipeline_markdown(records))
+        finish(records, args, argv, start)
+        return
+    if args.profile:
+        records = profile_variants(args)
+        print(profile_markdown(records, args))
+        finish(records, args, argv, start)
+        return
     records = run_training_variants(args)
     if not args.no_packing:
         records += run_packing(args)
     records += run_sampler(args)
+    print(markdown(records, args))
+    finish(records, args, argv, start)
+
+
+def finish(records, args, argv, start: float) -> None:
+    """Label the records with the device, print the time and the command,
+    write the JSON."""
     device = torch.cuda.get_device_name() if args.device == 'cuda' else \
         f'CPU, {threads(torch.get_num_threads())}'
     for record in records:
         record.update(device=device, dtype=args.dtype)
-    print(markdown(records, args))
     print(f'\n{time.perf_counter() - start:.0f} s; command: python tools/benchmark.py '
           + ' '.join(sys.argv[1:] if argv is None else argv))
     if args.json:

@@ -42,3 +42,31 @@ def markdown(records: List[dict], args) -> str:
                       f"batch {r['batch_size']}): padding {r['padding_random']:.1%} in random "
                       f"batches, {r['padding_grouped']:.1%} grouped by modality and length."]
     return '\n'.join(lines)
+
+
+def model_line(args) -> str:
+    return (f'LLM: random Qwen2, hidden {args.hidden_size}, {args.layers} layers, '
+            f'intermediate {args.intermediate_size}, {args.heads} heads / {args.kv_heads} kv; '
+            f'{args.dtype} on {args.device}, {threads(torch.get_num_threads())}; batch '
+            f'{args.batch_size}; loss chunk {args.chunk_size}')
+
+
+def profile_markdown(records: List[dict], args) -> str:
+    """One row per (vocab, shape, stage, variant): milliseconds per step in
+    each part, and the step's excess over vanilla split by part."""
+    from .profile import PARTS
+    columns = [column for column, _, _ in PARTS] + ['other']
+    lines = [model_line(args) + f'; mean of {args.steps} profiled steps after '
+             f'{args.warmup} warm-up step(s) per variant.', '',
+             '| vocab | shape | stage | variant | step (ms) | x vanilla | '
+             + ' | '.join(columns) + ' |',
+             '|---|---|---|---|---:|---:|' + '---:|' * len(columns)]
+    vanilla = {(r['vocab_size'], r['shape'], r['stage']): r['parts_ms']
+               for r in records if r['variant'] == 'vanilla'}
+    for r in records:
+        parts, base = r['parts_ms'], vanilla.get((r['vocab_size'], r['shape'], r['stage']))
+        ratio = f"{parts['step'] / base['step']:.3f}" if base else '-'
+        lines.append(f"| {r['vocab_size']} | {r['shape']} | {r['stage']} | {r['variant']} | "
+                     f"{parts['step']:.0f} | {ratio} | "
+                     + ' | '.join(f'{parts[c]:.0f}' for c in columns) + ' |')
+    return '\n'.join(lines)

@@ -3,7 +3,7 @@ losses (vanilla, CAL, CMO as this toolkit computes them, and CMO restated the
 reference implementation's way) and the run over shapes, stages and vocabularies."""
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -12,15 +12,18 @@ from mmengine.optim import OptimWrapper
 from dpa.datasets.llava import dpa_collate
 from dpa.models import LlavaDPAModel, VisualRelevanceLoss
 from dpa.models.losses import IGNORE_INDEX
+from .peer import peer_loss, transformers_llava
 from .timing import interleaved_steps
 
 IMAGE_TOKEN_ID = 3  # '<image>' of TinyTokenizer
 FIRST_TEXT_ID = 5
 IMAGE_TOKENS = 576  # CLIP ViT-L/14 at 336 px: 24 x 24 patches
-VARIANTS = ('vanilla', 'cal', 'cmo', 'cmo_reference', 'vanilla_full_logits')
-DEFAULT_VARIANTS = VARIANTS[:4]
-LOSS_MODES = dict(vanilla='vanilla', cal='cal', cmo='cmo', cmo_reference='cmo',
-                  vanilla_full_logits='vanilla')
+VARIANTS = ('vanilla', 'cal', 'cmo', 'cmo_all_text_scores', 'cmo_reference', 'hf_llava',
+            'vanilla_full_logits')
+DEFAULT_VARIANTS = ('vanilla', 'cal', 'cmo', 'cmo_reference', 'hf_llava')
+LOSS_MODES = dict(vanilla='vanilla', cal='cal', cmo='cmo', cmo_all_text_scores='cmo',
+                  cmo_reference='cmo',
+                  hf_llava='vanilla', vanilla_full_logits='vanilla')
 
 
 @dataclass
@@ -32,18 +35,31 @@ class Shape:
             +-25% around it).
         text_only: share of the samples without an image.
         prompt: share of the text that is prompt (not supervised).
+        grid: AnyRes (LLaVA-NeXT) images of (rows, columns) tiles plus the
+            base tile, ``spatial_unpad`` with a newline per row; None: one
+            576-token image.
     """
     text_tokens: int
     text_only: float = 0.0
     prompt: float = 0.0
+    grid: Optional[Tuple[int, int]] = None
+
+    def image_tokens(self) -> int:
+        if self.grid is None:
+            return IMAGE_TOKENS
+        rows, columns = self.grid  # the image has the grid's own aspect: nothing unpadded
+        return IMAGE_TOKENS + rows * TILE_SIDE * (columns * TILE_SIDE + 1)
 
 
+TILE_SIDE = 24  # patches along a tile's side: 96-pixel tiles of 4-pixel patches
+# anyres: a 2 x 2 grid + the base tile, 2,928 image tokens (as CLIP-L/336 at 672 x 672).
 SHAPES = dict(blip_lcs=Shape(48), sharegpt4v=Shape(256),
-              instruct=Shape(512, text_only=0.3, prompt=0.25))
+              instruct=Shape(512, text_only=0.3, prompt=0.25), anyres=Shape(48, grid=(2, 2)))
 
 
 # ---------------------------------------------------------------- model and data
-def build_model(args, vocab_size: int, trainable, with_vision=True, lora_rank=None):
+def build_model(args, vocab_size: int, trainable, with_vision=True, lora_rank=None,
+                grid: Optional[Tuple[int, int]] = None):
     llm = dict(type='HFCausalLM', torch_dtype=args.dtype,
                config=dict(model_type='qwen2', vocab_size=vocab_size,
                            hidden_size=args.hidden_size,
@@ -60,27 +76,35 @@ def build_model(args, vocab_size: int, trainable, with_vision=True, lora_rank=No
         type='HFVisionTower', torch_dtype=args.dtype, feature_layer=-2,
         config=dict(model_type='clip_vision_model', hidden_size=64, intermediate_size=128,
                     num_hidden_layers=2, num_attention_heads=2, image_size=96, patch_size=4))
+    anyres = None if grid is None else dict(grid_shapes=[list(grid)])
     model = LlavaDPAModel(llm=llm, tokenizer=dict(type='TinyTokenizer'), vision_tower=vision,
-                          trainable=trainable, loss_chunk_size=args.chunk_size)
+                          trainable=trainable, loss_chunk_size=args.chunk_size, anyres=anyres)
     return model.to(args.device).train()
 
 
 def make_batch(shape: Shape, batch_size: int, vocab_size: int, with_image: bool, args) -> dict:
-    """A right-padded batch of ``<bos>`` (+ 576 image tokens) + text, labels on
-    the text after its prompt share."""
+    """A right-padded batch of ``<bos>`` (+ the image's tokens) + text, labels
+    on the text after its prompt share."""
     generator = torch.Generator().manual_seed(0)
     samples = []
     for row in range(batch_size):
         spread = 0.75 + 0.5 * row / max(batch_size - 1, 1)
         n_text = max(2, round(shape.text_tokens * spread))
         text = torch.randint(FIRST_TEXT_ID, vocab_size, (n_text, ), generator=generator)
-        prefix = torch.tensor([1] + [IMAGE_TOKEN_ID] * (IMAGE_TOKENS if with_image else 0))
+        prefix = torch.tensor([1] + [IMAGE_TOKEN_ID] * (shape.image_tokens() if with_image else 0))
         labels = text.clone()
         labels[:int(shape.prompt * n_text)] = IGNORE_INDEX
-        samples.append(dict(
-            input_ids=torch.cat([prefix, text]),
-            labels=torch.cat([torch.full_like(prefix, IGNORE_INDEX), labels]),
-            pixel_values=torch.randn(3, 96, 96, generator=generator) if with_image else None))
+        sample = dict(input_ids=torch.cat([prefix, text]),
+                      labels=torch.cat([torch.full_like(prefix, IGNORE_INDEX), labels]),
+                      pixel_values=None)
+        if with_image and shape.grid is None:
+            sample['pixel_values'] = torch.randn(3, 96, 96, generator=generator)
+        elif with_image:
+            rows, columns = shape.grid
+            sample['pixel_values'] = torch.randn(1 + rows * columns, 3, 96, 96,
+                                                 generator=generator)
+            sample['image_size'] = torch.tensor([rows * 96, columns * 96])
+        samples.append(sample)
     batch = dpa_collate(samples)
     dtype = getattr(torch, args.dtype)
     return {k: (v.to(args.device, dtype) if k == 'pixel_values' else v.to(args.device))
@@ -100,12 +124,12 @@ def shape_batches(shape: Shape, stage: str, vocab_size: int, args) -> List[Tuple
 
 # ---------------------------------------------------------------- the reference's way
 def reference_cmo_loss(model: LlavaDPAModel, input_ids, attention_mask, labels,
-                       pixel_values=None, clamp=(0.05, 0.5)) -> dict:
+                       pixel_values=None, clamp=(0.05, 0.5), image_sizes=None) -> dict:
     """CMO as fnlp-vision/DPA computes it (``llava_qwen_dpa.py``), restated
     for the benchmark: a full-length no-image pass with the image positions
     masked out, full-vocabulary float32 logits of both passes, a clone and two
     softmaxes, smoothing over the flattened batch."""
-    embeds, image_mask = model.embed(input_ids, pixel_values)
+    embeds, image_mask = model.embed(input_ids, pixel_values, image_sizes)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         mask_without_image = attention_mask.clone()
@@ -146,13 +170,19 @@ def step_fn(model, optim: OptimWrapper, batch: dict, loss: Callable) -> Callable
 def variant_loss(variant: str, split_llm) -> Callable:
     """The loss of a variant, on the model the variants share."""
     loss_fn = VisualRelevanceLoss(mode=LOSS_MODES[variant])
+    loss_fn.score_all_text = variant == 'cmo_all_text_scores'
     full_logits = variant in ('cmo_reference', 'vanilla_full_logits')
+    peers = {}
 
     def loss(model, **batch):
         model.loss_fn = loss_fn
         model.split_llm = None if full_logits else split_llm
         if variant == 'cmo_reference':
             return reference_cmo_loss(model, **batch)
+        if variant == 'hf_llava':
+            if id(model) not in peers:
+                peers[id(model)] = transformers_llava(model)
+            return peer_loss(peers[id(model)], **batch)
         return model(**batch)
     return loss
 
@@ -170,15 +200,24 @@ def with_ratios(results: Dict[str, dict], base: str) -> Dict[str, dict]:
     return results
 
 
+def stage_models(args) -> List[Tuple[str, Optional[Tuple[int, int]], List[str]]]:
+    """(stage, AnyRes grid, shapes) of each model a run builds: the shapes of
+    one image layout share a model."""
+    grids = {}
+    for name in args.shapes:
+        grids.setdefault(SHAPES[name].grid, []).append(name)
+    return [(stage, grid, names) for stage in args.stages for grid, names in grids.items()]
+
+
 def run_training_variants(args) -> List[dict]:
     records = []
     for vocab in args.vocab_sizes:
-        for stage in args.stages:
+        for stage, grid, shape_names in stage_models(args):
             trainable = ('projector', ) if stage == 'align' else ('llm', 'projector')
-            model = build_model(args, vocab, trainable)
+            model = build_model(args, vocab, trainable, grid=grid)
             optim = make_optimizer(model)
             losses = {variant: variant_loss(variant, model.split_llm) for variant in args.variants}
-            for shape_name in args.shapes:
+            for shape_name in shape_names:
                 batches = shape_batches(SHAPES[shape_name], stage, vocab, args)
                 steps, timed = {}, {}
                 for variant, loss in losses.items():

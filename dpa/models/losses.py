@@ -12,6 +12,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from dpa.registry import MODELS
 
@@ -120,6 +121,10 @@ class VisualRelevanceLoss(nn.Module):
         self.register_buffer('content_tokens', None, persistent=False)
         # The weights of the last batch, for the weight histogram in TensorBoard.
         self.last_weights = None
+        # Score the text pass for every target, also those whose weight is
+        # delta_min whatever it gives (see token_scores): same loss, slower;
+        # the benchmark's worst case.
+        self.score_all_text = False
 
     @property
     def needs_text_pass(self) -> bool:
@@ -150,18 +155,25 @@ class VisualRelevanceLoss(nn.Module):
 
         Returns:
             dict with ``loss`` and, for weighted modes, ``cmo_w_mean``,
-            ``cmo_at_min``, ``cmo_at_max``, ``cmo_delta_mean`` (names without
+            ``cmo_at_min``, ``cmo_at_max``, ``cmo_delta_mean`` (of the clamped
+            delta, the weight before smoothing; names without
             'loss' so mmengine logs and does not sum them) and, with
             ``content_tokens`` set, ``cmo_{w,delta}_mean_{content,template}``.
         """
         supervised = targets != IGNORE_INDEX
         if self.mode == 'vanilla':
-            _, logp = score_fn(outputs[supervised], targets[supervised])
+            with record_function('dpa.scores.image'):
+                _, logp = score_fn(outputs[supervised], targets[supervised])
             return {'loss': -logp.mean()}
-        scores = self.token_scores(outputs, targets, text_outputs, text_index, score_fn)
+        scores = self.token_scores(outputs, targets, text_outputs, text_index, score_fn,
+                                   self.score_all_text)
+        with record_function('dpa.weights'):
+            return self._weighted_loss(scores, targets, supervised)
+
+    def _weighted_loss(self, scores: dict, targets, supervised) -> dict:
         w = scores['weight'][supervised]
         loss = (w * -scores['logp']).sum() / (w.sum() + self.eps)
-        delta = scores['delta'][supervised]
+        delta = scores['clamped_delta'][supervised]
         delta_min, delta_max = self.clamp
         self.last_weights = w.detach()
         stats = {
@@ -191,15 +203,22 @@ class VisualRelevanceLoss(nn.Module):
                      targets: torch.Tensor,
                      text_outputs: torch.Tensor,
                      text_index: torch.Tensor,
-                     score_fn: ScoreFn = target_scores) -> dict:
+                     score_fn: ScoreFn = target_scores,
+                     score_all_text: bool = False) -> dict:
         """What the weighted loss computes per target token (arguments as in
         :meth:`forward`; the mode must not be vanilla).
 
+        In CMO a target whose image probability is at most ``delta_min`` gets
+        ``delta_min`` whatever its text probability (``p_txt >= 0``), so its
+        text score is not computed (one LM-head row over the vocabulary
+        saved per such target) unless ``score_all_text``.
+
         Returns:
-            dict with ``score_img``, ``score_txt``, ``delta`` (their
-            difference, unclamped), ``weight`` (clamped and smoothed, exactly
-            what the loss multiplies by), all dense (B, T) and detached, and
-            ``logp``: the log-probabilities of the supervised targets, in
+            dict with ``score_img``, ``score_txt`` (NaN where not computed),
+            ``delta`` (their difference, unclamped), ``clamped_delta`` (exact
+            everywhere), ``weight`` (clamped and smoothed, exactly what the
+            loss multiplies by), all dense (B, T) and detached, and ``logp``:
+            the log-probabilities of the supervised targets, in
             ``targets != IGNORE_INDEX`` order, with gradient.
         """
         if text_outputs is None or text_index is None:
@@ -208,25 +227,40 @@ class VisualRelevanceLoss(nn.Module):
         # The reference scores every position (ignored ones with token id 0).
         scored = torch.ones_like(supervised) if self.scope == 'reference' else supervised
         score_targets = targets.clamp(min=0)[scored]
-        target_logit, logp = score_fn(outputs[scored], score_targets)
+        with record_function('dpa.scores.image'):
+            target_logit, logp = score_fn(outputs[scored], score_targets)
         score_img = target_logit if self.mode == 'cal' else logp.exp()
 
         index = text_index[scored]
         has_text = index >= 0
-        with torch.no_grad():
-            txt_logit, txt_logp = score_fn(text_outputs[index[has_text]],
-                                           score_targets[has_text])
+        # Without text evidence the image score stands in (delta 0, then clamped).
+        needed = has_text
+        if self.mode == 'cmo' and self.clamp[0] >= 0 and not score_all_text:
+            needed = has_text & (score_img.detach() > self.clamp[0])
+        with torch.no_grad(), record_function('dpa.scores.text'):
+            # Called even with no row: sharded heads gather on every rank alike.
+            txt_logit, txt_logp = score_fn(text_outputs[index[needed]], score_targets[needed])
         score_txt = score_img.detach().clone()
-        score_txt[has_text] = txt_logit if self.mode == 'cal' else txt_logp.exp()
+        score_txt[needed] = txt_logit if self.mode == 'cal' else txt_logp.exp()
 
+        with record_function('dpa.weights'):
+            return self._dense_scores(score_img, score_txt, logp, targets, scored, supervised,
+                                      skipped=has_text & ~needed)
+
+    def _dense_scores(self, score_img, score_txt, logp, targets, scored, supervised,
+                      skipped) -> dict:
         dense_img = score_img.new_zeros(targets.shape)
         dense_txt = torch.zeros_like(dense_img)
         dense_img[scored] = score_img.detach()
         dense_txt[scored] = score_txt
         weights = relevance_weights(dense_img, dense_txt, supervised, self.clamp,
                                     self.window, self.scope)
+        clamped = (dense_img - dense_txt).clamp(*self.clamp)
+        unknown = torch.zeros_like(supervised)
+        unknown[scored] = skipped
+        dense_txt[unknown] = float('nan')
         return dict(score_img=dense_img, score_txt=dense_txt, delta=dense_img - dense_txt,
-                    weight=weights, logp=logp[supervised[scored]])
+                    clamped_delta=clamped, weight=weights, logp=logp[supervised[scored]])
 
 
 def check_clamp(clamp, key: str) -> None:
