@@ -18,10 +18,16 @@ from safetensors import safe_open
 
 from dpa.datasets.llava import CAPTION_SUFFIXES, LABEL_MODES
 from dpa.datasets.mixture import data_sources
+from dpa.datasets.samplers import PER_IMAGE
 from dpa.datasets.synthetic import make_synthetic_data
 from dpa.engine.artifacts import read_manifest
 from dpa.engine.checkpoint import latest_complete_checkpoint
+from dpa.engine.compile import apply_gpu_switches
 from dpa.engine.config_guard import prepare_stage_start, record_config_changes
+from dpa.engine.console import (ConsoleProgressHook, announce, build_with_console, log_file,
+                                stage_console, stage_start_line)
+from dpa.engine.curves import CURVES_FILE, CurvesHook
+from dpa.engine.dataloader import loader_settings
 from dpa.engine.distributed import (apply_strategy, build_runner, check_strategy,
                                     init_cpu_process_group, world_size)
 from dpa.engine.errors import ConfigError
@@ -34,6 +40,8 @@ from dpa.engine.standin import make_tiny
 from dpa.engine.workdir import work_dir_lock
 from dpa.evaluation.stage import (EVAL_STAGE, check_eval_config, eval_summary_lines,
                                   point_at_synthetic_split, run_eval_stage)
+from dpa.models.anyres import AnyRes, anyres_settings
+from dpa.models.attention import packs_into_one_row
 from dpa.models.builders import hf_config, num_image_tokens
 from dpa.models.losses import VisualRelevanceLoss
 from dpa.models.mllm import REFERENCE_NEEDS_MASKED
@@ -137,6 +145,8 @@ def check_config(cfg: Config, stages: Sequence[str]) -> None:
         if loss.get('scope') == 'reference' and cfg.model.get('text_pass') != 'masked':
             raise ConfigError(f'{stage}.{REFERENCE_NEEDS_MASKED}')
         _check_data_switches(cfg, stage)
+        if cfg.get('anyres') and stage != 'proxy':
+            _check_anyres(cfg, stage)
         if recipe.get('pack') and stage != 'proxy':
             raise ConfigError(f'{stage}.pack=True: packing is for the text-only proxy stage '
                               '(images and the no-image pass need padded batches)')
@@ -182,6 +192,19 @@ def _check_data_switches(cfg: Config, stage: str) -> None:
             f"finetune.image_mode={mode!r} disagrees with pad_to_square="
             f"{cfg.get('pad_to_square', False)}, which the final model's processors and the "
             'eval stage follow: set pad_to_square to match (or leave finetune.image_mode out)')
+
+
+def _check_anyres(cfg: Config, stage: str) -> None:
+    if EVAL_STAGE in cfg.get('stages', STAGES):
+        raise ConfigError(f'stages: the {EVAL_STAGE!r} stage feeds fixed-size images and cannot '
+                          'score an anyres model yet; remove it from `stages`')
+    if stage_pads_images(cfg, stage):
+        raise ConfigError(f'{stage}: anyres resizes and pads images to its grid itself; set '
+                          f'pad_to_square=False and leave {stage}.image_mode out')
+    try:
+        AnyRes(**anyres_settings(cfg.anyres, cfg.vision_tower))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _check_sliding_window(cfg: Config, stage: str) -> None:
@@ -235,6 +258,11 @@ def _check_previous_artifacts(cfg: Config, stage: str, stages: Sequence[str]) ->
 def _check_projector_shape(cfg: Config, path: str) -> None:
     with safe_open(path, framework='pt') as weights:
         llm_dim, vision_dim = weights.get_slice('linear_1.weight').get_shape()
+        has_newline = 'image_newline' in weights.keys()
+    if has_newline != bool(cfg.get('anyres')):
+        made, now = ('with', 'without') if has_newline else ('without', 'with')
+        raise ConfigError(f'the projector in {path} was trained {made} anyres (image_newline) '
+                          f'but this config is {now}: use the same `anyres` in every stage')
     vision = cfg.vision_tower
     vision_cfg = hf_config(vision.get('pretrained'), vision.get('config'))
     expected = getattr(vision_cfg, 'vision_config', None) or vision_cfg
@@ -311,7 +339,19 @@ def stage_dataset_config(cfg: Config, stage: str) -> dict:
                        pad_to_square=stage_pads_images(cfg, stage))
         if 'max_image_pixels' in cfg:
             dataset.update(max_image_pixels=cfg.max_image_pixels)
+        if cfg.get('anyres'):
+            dataset.update(anyres=anyres_settings(cfg.anyres, cfg.vision_tower))
     return dataset
+
+
+def stage_collate_config(cfg: Config, stage: str) -> dict:
+    """Padded batches; with the recipe's ``pack``, packed rows, one row per batch
+    where the LLM's attention kernel needs it to keep the samples apart."""
+    if not cfg[stage].get('pack'):
+        return dict(type='dpa.dpa_collate')
+    if packs_into_one_row(cfg.llm):
+        return dict(type='dpa.packed_collate', one_row=True)
+    return dict(type='dpa.packed_collate')
 
 
 def stage_sampler_config(cfg: Config, stage: str) -> dict:
@@ -321,6 +361,8 @@ def stage_sampler_config(cfg: Config, stage: str) -> dict:
     if not recipe.get('group_by_modality_length'):
         return dict(type='DefaultSampler', shuffle=True, seed=cfg.get('seed'))
     image_length = 0 if stage == 'proxy' else num_image_tokens(cfg.vision_tower)
+    if cfg.get('anyres') and stage != 'proxy':
+        image_length = PER_IMAGE  # AnyRes: each image's own number of tokens
     return dict(type='ModalityLengthGroupedSampler', batch_size=recipe.batch_size,
                 image_length=image_length, seed=cfg.get('seed'))
 
@@ -345,10 +387,13 @@ def stage_runner_config(cfg: Config, stage: str, resume: bool = False) -> Config
         model['vision_tower'] = None
     else:
         model['vision_tower'] = cfg.vision_tower
+        if cfg.get('anyres'):
+            model['anyres'] = plain(cfg.anyres)
         if 'projector' in artifacts:
             model['projector_weights'] = osp.join(artifacts['projector'], 'projector.safetensors')
 
     dataset = stage_dataset_config(cfg, stage)
+    loader = loader_settings(cfg, stage)
 
     accumulation = gradient_accumulation(cfg, stage)
     made_from = dict(llm=plain(cfg.llm), **artifacts)
@@ -370,12 +415,11 @@ def stage_runner_config(cfg: Config, stage: str, resume: bool = False) -> Config
         model=model,
         train_dataloader=dict(
             batch_size=recipe.batch_size,
-            num_workers=recipe.get('num_workers', 0),
-            persistent_workers=False,
+            **loader,
             worker_init_fn=dict(type='dpa.signal_safe_worker_init',
-                                num_workers=recipe.get('num_workers', 0), seed=cfg.get('seed')),
+                                num_workers=loader['num_workers'], seed=cfg.get('seed')),
             sampler=stage_sampler_config(cfg, stage),
-            collate_fn=dict(type='dpa.packed_collate' if recipe.get('pack') else 'dpa.dpa_collate'),
+            collate_fn=stage_collate_config(cfg, stage),
             dataset=dataset),
         train_cfg=dict(type='EpochsAsItersTrainLoop', max_epochs=recipe.max_epochs),
         optim_wrapper=optim_wrapper,
@@ -406,16 +450,10 @@ def gradient_accumulation(cfg: Config, stage: str) -> int:
     return recipe.global_batch_size // (recipe.batch_size * launched_processes(cfg))
 
 
-def run_pipeline(cfg: Config, stage: Optional[str] = None, resume: bool = False,
-                 allow_config_change: bool = False) -> List[dict]:
-    """Run the config's stages (or one), skipping finished ones; return their
-    manifests. ``tiny_standin=True`` runs them on tiny random stand-ins and
-    synthetic data (:mod:`dpa.engine.standin`).
-
-    ``resume`` continues the first unfinished stage from its newest intact
-    checkpoint (an error when it has none) if its config is the one it
-    started with (``allow_config_change``: even if not; the manifest records
-    the change). The work dir is locked for the run (:mod:`dpa.engine.workdir`)."""
+def resolve_config(cfg: Config, stage: Optional[str] = None):
+    """``(config, training stages)`` as the run uses them (tiny stand-ins,
+    path variables filled in), after every check that needs no model: what
+    a run and a dry run (:mod:`dpa.engine.dry_run`) share."""
     if cfg.get('tiny_standin'):
         cfg = make_tiny(cfg)
     fill_path_variables(cfg)
@@ -423,6 +461,22 @@ def run_pipeline(cfg: Config, stage: Optional[str] = None, resume: bool = False,
     check_config(cfg, stages)
     if evaluates(cfg, stage):
         check_eval_config(cfg, stages)
+    return cfg, stages
+
+
+def run_pipeline(cfg: Config, stage: Optional[str] = None, resume: bool = False,
+                 allow_config_change: bool = False, verbose: bool = False) -> List[dict]:
+    """Run the config's stages (or one), skipping finished ones; return their
+    manifests. ``tiny_standin=True`` runs them on tiny random stand-ins and
+    synthetic data (:mod:`dpa.engine.standin`).
+
+    ``resume`` continues the first unfinished stage from its newest intact
+    checkpoint (an error when it has none) if its config is the one it
+    started with (``allow_config_change``: even if not; the manifest records
+    the change). The work dir is locked for the run (:mod:`dpa.engine.workdir`).
+    ``verbose`` prints mmengine's records on the console too, not only in
+    each stage's log file."""
+    cfg, stages = resolve_config(cfg, stage)
     init_cpu_process_group(cfg)
     prepare_synthetic_data(cfg)
     manifests = []
@@ -439,25 +493,40 @@ def run_pipeline(cfg: Config, stage: Optional[str] = None, resume: bool = False,
                                                        launched_processes(cfg),
                                                        allow_config_change)
                 first_unfinished = False
-                train_stage(cfg, name, resumes)
+                train_stage(cfg, name, resumes, verbose)
                 record_config_changes(cfg.work_dir, name, changes)
                 manifest = dict(read_manifest(cfg.work_dir, name), skipped=False)
             else:
                 manifest['skipped'] = True
             manifests.append(manifest)
         if evaluates(cfg, stage):
-            manifests.append(run_eval_stage(cfg))
+            with stage_console(verbose):
+                manifests.append(run_eval_stage(cfg))
     return manifests
 
 
-def train_stage(cfg: Config, stage: str, resume: bool) -> None:
-    runner = build_runner(stage_runner_config(cfg, stage, resume=resume))
+def train_stage(cfg: Config, stage: str, resume: bool, verbose: bool = False) -> None:
+    """Build and run one stage's Runner; the console shows a start line and a
+    progress bar, mmengine's records go to its log file (``verbose``: to the
+    console too; :mod:`dpa.engine.console`)."""
+    accumulation = gradient_accumulation(cfg, stage)
+    with stage_console(verbose, accumulation):
+        _run_stage(cfg, stage, resume, verbose, accumulation)
+
+
+def _run_stage(cfg: Config, stage: str, resume: bool, verbose: bool, accumulation: int) -> None:
     recipe = cfg[stage]
-    runner.logger.info(
-        f'[{stage}] {len(runner.train_dataloader.dataset)} samples, batch '
-        f'{recipe.batch_size} x {launched_processes(cfg)} processes x '
-        f'{gradient_accumulation(cfg, stage)} accumulation = global batch '
-        f'{recipe.global_batch_size}')
+    runner = build_with_console(build_runner, stage_runner_config(cfg, stage, resume=resume),
+                                verbose)
+    apply_gpu_switches(cfg, runner)
+    announce(runner, stage_start_line(
+        stage, len(runner.train_dataloader.dataset), recipe.batch_size, launched_processes(cfg),
+        accumulation, recipe.global_batch_size,
+        max(1, len(runner.train_dataloader) * recipe.max_epochs), log_file(runner)), verbose)
+    if not verbose:
+        interval = (cfg.get('default_hooks') or {}).get('logger', {}).get('interval', 10)
+        runner.register_hook(ConsoleProgressHook(stage, interval))
+    runner.register_hook(CurvesHook(stage))
     try:
         runner.train()
     except NonFiniteLossError as err:
@@ -490,12 +559,15 @@ def format_summary(manifests: List[dict]) -> str:
             c = m['cmo']
             lines.append(f"           CMO weight mean {c['w_mean']:.3f}, at delta_min "
                          f"{c['at_min']:.1%}, at delta_max {c['at_max']:.1%}, "
-                         f"mean p_img - p_txt {c['delta_mean']:+.4f}")
+                         f"mean clamped p_img - p_txt {c['delta_mean']:.4f}")
             classes = [f"{name} {c[f'w_mean_{name}']:.3f}"
                        for name in ('content', 'template') if f'w_mean_{name}' in c]
             if classes:
                 lines.append(f"           weight mean by token class: {', '.join(classes)}")
         lines.append(f"           {m['artifact_kind']}: {m['artifact']}")
+        curves = osp.join(osp.dirname(m['artifact']), CURVES_FILE)
+        if osp.isfile(curves):
+            lines.append(f'           curves: {curves}')
         for note in m.get('notes', []):
             lines.append(f'           note: {note}')
     return '\n'.join(lines)

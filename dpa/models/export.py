@@ -223,6 +223,8 @@ def save_native(model, tokenizer, image_processor, out_dir: str,
     model.llm.save_pretrained(llm_dir)
     generation_tokenizer(tokenizer).save_pretrained(llm_dir)
     model.vision_tower.model.save_pretrained(vision_dir)
+    if getattr(model, 'anyres', None) is not None:
+        image_processor = model.anyres.image_processor(image_processor)
     training_image_processor(image_processor, pad_to_square).save_pretrained(vision_dir)
     save_file(model.projector.state_dict(), osp.join(out_dir, 'projector.safetensors'))
     # Paths are relative to the directory, so it can be moved.
@@ -242,6 +244,8 @@ def save_native(model, tokenizer, image_processor, out_dir: str,
         # Not model arguments: how inputs are prepared (load_native drops them).
         image_processor=dict(type='HFImageProcessor', pretrained='vision_tower'),
         pad_to_square=pad_to_square)
+    if getattr(model, 'anyres', None) is not None:
+        config['anyres'] = model.anyres.config
     with open(osp.join(out_dir, NATIVE_CONFIG), 'w') as f:
         json.dump(config, f, indent=2)
     return config
@@ -267,6 +271,23 @@ def load_native(model_dir: str):
     return MODELS.build(config)
 
 
+def llava_config(model, text_config: dict) -> LlavaConfig:
+    """The ``LlavaConfig`` of ``model`` (a :class:`LlavaDPAModel` with a
+    transformers-native LLM and the mlp2x_gelu projector) around ``text_config``."""
+    vision = model.vision_tower
+    strategy = 'default' if vision.feature_select == 'patch' and vision.has_cls else 'full'
+    return LlavaConfig(
+        vision_config=vision.model.config.to_dict(),
+        text_config=text_config,
+        image_token_index=model.image_token_id,
+        image_seq_length=num_image_tokens(vision),
+        projector_hidden_act='gelu',
+        vision_feature_select_strategy=strategy,
+        vision_feature_layer=vision.feature_layer,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=model.llm.config.tie_word_embeddings)
+
+
 def export_llava(model, tokenizer, image_processor, out_dir: str,
                  pad_to_square: bool = False) -> None:
     """Write ``LlavaForConditionalGeneration`` + ``LlavaProcessor`` to ``out_dir``.
@@ -281,7 +302,13 @@ def export_llava(model, tokenizer, image_processor, out_dir: str,
             not LLaVA's two-layer GELU MLP.
         ExportMismatch: the written directory would not reload with exactly
             the written weights, or its processor cannot reproduce training's.
+
+    An AnyRes model (``model.anyres``) is written as
+    ``LlavaNextForConditionalGeneration`` instead (:mod:`dpa.models.export_llava_next`).
     """
+    if getattr(model, 'anyres', None) is not None:
+        from dpa.models.export_llava_next import export_llava_next
+        return export_llava_next(model, tokenizer, image_processor, out_dir)
     llm, vision = model.llm, model.vision_tower
     if code_origin(llm) != 'transformers':
         raise ExportUnsupported(f'{type(llm).__name__} is not a transformers-native LLM '
@@ -297,20 +324,10 @@ def export_llava(model, tokenizer, image_processor, out_dir: str,
                   'the native model, its probabilities (and sampling) differ', logger='current',
                   level=logging.WARNING)
     processor_images = training_image_processor(image_processor, pad_to_square)
-    strategy = 'default' if vision.feature_select == 'patch' and vision.has_cls else 'full'
     generation = generation_config(llm, tokenizer)
-    text_config = dict(llm.config.to_dict(), eos_token_id=generation.eos_token_id,
-                       pad_token_id=generation.pad_token_id)
-    config = LlavaConfig(
-        vision_config=vision.model.config.to_dict(),
-        text_config=text_config,
-        image_token_index=model.image_token_id,
-        image_seq_length=num_image_tokens(vision),
-        projector_hidden_act='gelu',
-        vision_feature_select_strategy=strategy,
-        vision_feature_layer=vision.feature_layer,
-        multimodal_projector_bias=True,
-        tie_word_embeddings=llm.config.tie_word_embeddings)
+    config = llava_config(model, dict(llm.config.to_dict(), eos_token_id=generation.eos_token_id,
+                                      pad_token_id=generation.pad_token_id))
+    strategy = config.vision_feature_select_strategy
     with torch.device('meta'):
         llava = LlavaForConditionalGeneration(config)
     state = {f'model.language_model.{k}': v for k, v in llm.get_decoder().state_dict().items()}
@@ -343,7 +360,8 @@ def export_llava(model, tokenizer, image_processor, out_dir: str,
     verify_reload(out_dir, llava.state_dict())
 
 
-def verify_reload(out_dir: str, written: dict) -> None:
+def verify_reload(out_dir: str, written: dict,
+                  model_class=LlavaForConditionalGeneration) -> None:
     """Reload the export as transformers will and compare every tensor with
     what was written: a renamed or missing key would otherwise come back
     randomly initialised with only a warning.
@@ -351,7 +369,7 @@ def verify_reload(out_dir: str, written: dict) -> None:
     Raises:
         ExportMismatch: naming the keys that would not come back as written.
     """
-    reloaded, info = LlavaForConditionalGeneration.from_pretrained(
+    reloaded, info = model_class.from_pretrained(
         out_dir, output_loading_info=True, dtype=next(iter(written.values())).dtype)
     problems = {name: sorted(info[name]) for name in ('missing_keys', 'unexpected_keys',
                                                       'mismatched_keys') if info.get(name)}

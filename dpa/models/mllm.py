@@ -4,9 +4,11 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 from mmengine.model import BaseModel
 from safetensors.torch import load_file
 
+from dpa.models.anyres import AnyRes, add_image_newline
 from dpa.models.builders import IMAGE_TOKEN, PROCESSORS
 from dpa.models.chunked_loss import SplitCausalLM, check_chunk_size
 from dpa.models.losses import target_scores
@@ -72,6 +74,11 @@ class LlavaDPAModel(BaseModel):
             one the optimizer steps (``'float32'``: master weights for bf16
             compute under autocast, see :mod:`dpa.engine.precision`); None
             keeps the dtype they are loaded in. Frozen parameters keep theirs.
+        anyres: LLaVA-NeXT's dynamic resolution, ``dict(grid_pinpoints=...)``
+            or ``dict(grid_shapes=...)``, optionally ``max_tiles`` (the
+            arguments of :class:`dpa.models.anyres.AnyRes`); images then come
+            as tiles with their sizes and the projector gains ``image_newline``.
+            None: one fixed-size image of N tokens.
     """
 
     def __init__(self,
@@ -86,6 +93,7 @@ class LlavaDPAModel(BaseModel):
                  gradient_checkpointing: bool = False,
                  loss_chunk_size: Optional[int] = 512,
                  trainable_dtype: Optional[str] = None,
+                 anyres: Optional[dict] = None,
                  data_preprocessor: Optional[dict] = None,
                  init_cfg: Optional[dict] = None):
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
@@ -106,7 +114,7 @@ class LlavaDPAModel(BaseModel):
         if self.loss_fn.needs_text_pass:
             self.loss_fn.content_tokens = content_token_mask(
                 tokenizer, self.llm.get_output_embeddings().out_features)
-        self.vision_tower = self.projector = None
+        self.vision_tower = self.projector = self.anyres = None
         self.projector_type = projector['type']
         if vision_tower is not None:
             self.vision_tower = MODELS.build(vision_tower)
@@ -114,6 +122,9 @@ class LlavaDPAModel(BaseModel):
                 projector,
                 default_args=dict(vision_dim=self.vision_tower.hidden_size,
                                   llm_dim=self.llm.config.get_text_config().hidden_size))
+            if anyres is not None:
+                self.anyres = AnyRes.for_vision_tower(self.vision_tower, **anyres)
+                add_image_newline(self.projector, self.llm.config.get_text_config().hidden_size)
             if projector_weights is not None:
                 self.projector.load_state_dict(load_file(projector_weights))
         self._set_trainable(trainable)
@@ -180,8 +191,11 @@ class LlavaDPAModel(BaseModel):
             if not param.requires_grad and name not in state_dict:
                 state_dict[name] = param.detach()
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor]):
-        """Token embeddings with the image features in the ``<image>`` slots."""
+    def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
+              image_sizes: Optional[torch.Tensor] = None):
+        """Token embeddings with the image features in the ``<image>`` slots
+        (AnyRes: ``pixel_values`` are the images' tiles, ``image_sizes`` their
+        original (height, width))."""
         image_mask = input_ids == self.image_token_id
         # The <image> id may lie outside the LLM's vocabulary: look up id 0 there.
         embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
@@ -200,9 +214,14 @@ class LlavaDPAModel(BaseModel):
         projector_dtype = next(self.projector.parameters()).dtype
         features = self.vision_tower(pixel_values).to(projector_dtype)
         features = self.projector(features).to(embeds.dtype)
-        if image_mask.sum() != features.shape[0] * features.shape[1]:
+        if self.anyres is not None:
+            if image_sizes is None:
+                raise ValueError('an anyres model needs the image_sizes of its pixel_values')
+            features = torch.cat(self.anyres.merge(features, image_sizes,
+                                                   self.projector.image_newline))
+        if image_mask.sum() != features.shape[:-1].numel():
             raise ValueError(f'{int(image_mask.sum())} <image> tokens in the batch for '
-                             f'{features.shape[0]} images of {features.shape[1]} tokens each')
+                             f'{features.shape[:-1].numel()} image features')
         return embeds.masked_scatter(image_mask.unsqueeze(-1), features), image_mask
 
     def _llm_logits(self, embeds, attention_mask, position_ids):
@@ -222,7 +241,7 @@ class LlavaDPAModel(BaseModel):
         return target_scores if self.split_llm is None else self.split_llm.target_scores
 
     def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None,
-                position_ids=None, mode='loss'):
+                position_ids=None, mode='loss', image_sizes=None):
         """Args:
             input_ids, labels: (B, T).
             attention_mask: (B, T) right-padding mask; None for a packed batch.
@@ -231,25 +250,30 @@ class LlavaDPAModel(BaseModel):
                 positions restarting at 0 for each): attention is then kept
                 inside each sequence (see :mod:`dpa.datasets.packing`).
             mode: ``'loss'`` or ``'tensor'`` (the logits).
+            image_sizes: (images, 2) for an AnyRes model, see :meth:`embed`.
         """
         if (position_ids is None) == (attention_mask is None):
             raise ValueError('give attention_mask (padded batch) or position_ids (packed batch)')
         if mode == 'tensor':
-            embeds, _ = self.embed(input_ids, pixel_values)
+            embeds, _ = self.embed(input_ids, pixel_values, image_sizes)
             if position_ids is None:
                 position_ids = right_padding_positions(attention_mask)
             return self._llm_logits(embeds, attention_mask, position_ids)
         if mode != 'loss':
             raise ValueError(f"LlavaDPAModel supports mode='loss' and 'tensor', got {mode!r}")
         return self.loss_fn(**self.loss_inputs(input_ids, attention_mask, labels, pixel_values,
-                                               position_ids, self.loss_fn.needs_text_pass))
+                                               position_ids, self.loss_fn.needs_text_pass,
+                                               image_sizes))
 
     def loss_inputs(self, input_ids, attention_mask, labels, pixel_values=None,
-                    position_ids=None, text_pass: bool = True) -> dict:
+                    position_ids=None, text_pass: bool = True, image_sizes=None) -> dict:
         """The keyword arguments of the loss for one batch (see
         :meth:`VisualRelevanceLoss.forward`): the outputs of the image pass
-        and, with ``text_pass``, of the no-image pass."""
-        embeds, image_mask = self.embed(input_ids, pixel_values)
+        and, with ``text_pass``, of the no-image pass.
+
+        The ``dpa.*`` regions are what ``tools/benchmark.py --profile`` reports."""
+        with record_function('dpa.embed'):
+            embeds, image_mask = self.embed(input_ids, pixel_values, image_sizes)
         if position_ids is None:
             position_ids = right_padding_positions(attention_mask)
         text_outputs = text_index = None
@@ -259,10 +283,11 @@ class LlavaDPAModel(BaseModel):
                                  'which packed batches do not support; pad the batch instead')
             # Before the training pass, so that its activations are not held
             # while this pass runs: peak memory stays the training pass's.
-            with torch.no_grad():
+            with torch.no_grad(), record_function('dpa.text_pass'):
                 text_outputs, text_index = self.text_only_outputs(
                     embeds.detach(), attention_mask, position_ids, image_mask)
-        outputs = self.llm_outputs(embeds, attention_mask, position_ids)
+        with record_function('dpa.image_pass.forward'):
+            outputs = self.llm_outputs(embeds, attention_mask, position_ids)
         return dict(outputs=outputs[:, :-1], targets=labels[:, 1:], text_outputs=text_outputs,
                     text_index=text_index, score_fn=self.score_fn)
 
@@ -299,7 +324,8 @@ class LlavaDPAModel(BaseModel):
         text_embeds = embeds[rows].gather(1, order.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
         text_positions = position_ids[rows].gather(1, order)
         text_mask = (torch.arange(text_len, device=embeds.device) < lengths.unsqueeze(-1)).long()
-        outputs = self.llm_outputs(text_embeds, text_mask, text_positions)
+        with record_function('dpa.text_pass.forward'):
+            outputs = self.llm_outputs(text_embeds, text_mask, text_positions)
 
         # Target j (shifted position j-1) is predicted by the kept token just
         # before it in the compact sequence.
