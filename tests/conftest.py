@@ -1,5 +1,6 @@
-"""Shared fixtures: one finished run of the tiny default."""
+"""Shared fixtures: one finished run of the tiny default; one torch thread."""
 import pytest
+import torch
 
 import dpa  # noqa: F401
 from dpa.engine.pipeline import run_pipeline
@@ -17,3 +18,14 @@ def finished(tmp_path_factory, data_root):
     work_dir = tmp_path_factory.mktemp('work')
     manifests = run_pipeline(tiny_config(work_dir, data_root))
     return work_dir, manifests
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """Run a module's tests on one torch thread (``pytestmark =
+    pytest.mark.usefixtures('one_thread')``): tiny matrices gain nothing from
+    intra-op threads, and on a shared machine they lose."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

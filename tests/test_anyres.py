@@ -61,13 +61,8 @@ def image(size, seed=0):
     return Image.fromarray(pixels)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from intra-op threads on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny matrices gain nothing from intra-op threads on a busy machine.
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')

@@ -25,12 +25,8 @@ CPU_KERNELS = ('eager', 'sdpa')
 SOFTCAPPED = ('gemma2', )
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny matrices gain nothing from intra-op threads on a busy machine.
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def build(family, kernel):

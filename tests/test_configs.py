@@ -12,7 +12,6 @@ import sys
 
 import mmengine.config.config as mmengine_config
 import pytest
-import torch
 from mmengine.config import Config
 
 import dpa  # noqa: F401
@@ -40,14 +39,8 @@ def rel(path):
     return osp.relpath(path, CONFIG_DIR)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from intra-op threads, and next to a busy
-    core the threads spin: one thread is several times faster on 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny matrices gain nothing from intra-op threads on a busy machine.
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture

@@ -58,13 +58,8 @@ ROWS = [
 ANSWERS = [['The shape is red.', 'There is one shape.'], ['2 plus 3 is 5.']]
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from intra-op threads (see test_configs.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny matrices gain nothing from intra-op threads on a busy machine.
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def standin(base_file: str) -> Config:

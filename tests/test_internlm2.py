@@ -39,12 +39,8 @@ PUBLISHED_CONFIG = {
     'vocab_size': 92544}
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny matrices gain nothing from intra-op threads on a busy machine.
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def tiny_model(seed=0, dtype=torch.float64, attn='eager', **overrides):

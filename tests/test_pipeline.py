@@ -1,7 +1,6 @@
 """The tiny three-stage pipeline end to end: artifacts, skip on re-run, resume
 of an interrupted stage, ablation configs, and configuration errors raised
 before any model is loaded."""
-import json
 import os.path as osp
 import shutil
 import subprocess

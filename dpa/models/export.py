@@ -288,6 +288,43 @@ def llava_config(model, text_config: dict) -> LlavaConfig:
         tie_word_embeddings=model.llm.config.tie_word_embeddings)
 
 
+def save_transformers_llava(hf_model, model, tokenizer, generation: GenerationConfig,
+                            out_dir: str) -> None:
+    """Fill a meta-built transformers LLaVA (or LLaVA-NeXT) with ``model``'s
+    weights, its generation config and the ``<image>`` row it may lack, and save it.
+
+    Args:
+        hf_model: ``LlavaForConditionalGeneration`` or
+            ``LlavaNextForConditionalGeneration`` built on the meta device.
+        model: the :class:`LlavaDPAModel` whose weights it takes (an AnyRes
+            model's ``image_newline`` goes to ``model.image_newline``).
+        generation: its generation config (gains ``suppress_tokens`` when the
+            vocabulary is resized).
+    """
+    llm, vision = model.llm, model.vision_tower
+    projector = dict(model.projector.state_dict())
+    newline = projector.pop('image_newline', None)
+    state = {f'model.language_model.{k}': v for k, v in llm.get_decoder().state_dict().items()}
+    state.update({f'model.vision_tower.{k}': v for k, v in vision.model.state_dict().items()})
+    state.update({f'model.multi_modal_projector.{k}': v for k, v in projector.items()})
+    if newline is not None:
+        state['model.image_newline'] = newline
+    state['lm_head.weight'] = llm.get_output_embeddings().weight
+    hf_model.load_state_dict(state, strict=True, assign=True)
+    hf_model.tie_weights()
+    old_vocab = hf_model.config.text_config.vocab_size
+    if model.image_token_id >= old_vocab:
+        # The LLM never saw <image> in its vocabulary: give it zero rows
+        # (deterministic, unlike mean-resizing) and never generate it.
+        hf_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            hf_model.get_input_embeddings().weight[old_vocab:].zero_()
+            hf_model.get_output_embeddings().weight[old_vocab:].zero_()
+        generation.suppress_tokens = [model.image_token_id]
+    hf_model.generation_config = generation
+    hf_model.to(next(llm.parameters()).dtype).save_pretrained(out_dir)
+
+
 def export_llava(model, tokenizer, image_processor, out_dir: str,
                  pad_to_square: bool = False) -> None:
     """Write ``LlavaForConditionalGeneration`` + ``LlavaProcessor`` to ``out_dir``.
@@ -330,24 +367,7 @@ def export_llava(model, tokenizer, image_processor, out_dir: str,
     strategy = config.vision_feature_select_strategy
     with torch.device('meta'):
         llava = LlavaForConditionalGeneration(config)
-    state = {f'model.language_model.{k}': v for k, v in llm.get_decoder().state_dict().items()}
-    state.update({f'model.vision_tower.{k}': v for k, v in vision.model.state_dict().items()})
-    state.update({f'model.multi_modal_projector.{k}': v
-                  for k, v in model.projector.state_dict().items()})
-    state['lm_head.weight'] = llm.get_output_embeddings().weight
-    llava.load_state_dict(state, strict=True, assign=True)
-    llava.tie_weights()
-    old_vocab = config.text_config.vocab_size
-    if model.image_token_id >= old_vocab:
-        # The LLM never saw <image> in its vocabulary: give it zero rows
-        # (deterministic, unlike mean-resizing) and never generate it.
-        llava.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        with torch.no_grad():
-            llava.get_input_embeddings().weight[old_vocab:].zero_()
-            llava.get_output_embeddings().weight[old_vocab:].zero_()
-        generation.suppress_tokens = [model.image_token_id]
-    llava.generation_config = generation
-    llava.to(next(llm.parameters()).dtype).save_pretrained(out_dir)
+    save_transformers_llava(llava, model, tokenizer, generation, out_dir)
 
     num_cls = 1 if vision.has_cls else 0
     processor = LlavaProcessor(

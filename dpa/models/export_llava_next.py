@@ -10,7 +10,8 @@ from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration,
                           LlavaNextProcessor)
 
 from dpa.models.export import (MULTIMODAL_PRELUDE, ExportUnsupported, code_origin,
-                               generation_config, generation_tokenizer, verify_reload)
+                               generation_config, generation_tokenizer,
+                               save_transformers_llava, verify_reload)
 from dpa.models.hf_compat import write_transformers4_fields
 from dpa.models.projector import MLP2xGELUProjector
 
@@ -68,24 +69,7 @@ def export_llava_next(model, tokenizer, image_processor, out_dir: str) -> None:
     strategy = config.vision_feature_select_strategy
     with torch.device('meta'):
         next_model = LlavaNextForConditionalGeneration(config)
-    projector = {k: v for k, v in model.projector.state_dict().items() if k != 'image_newline'}
-    state = {f'model.language_model.{k}': v for k, v in llm.get_decoder().state_dict().items()}
-    state.update({f'model.vision_tower.{k}': v for k, v in vision.model.state_dict().items()})
-    state.update({f'model.multi_modal_projector.{k}': v for k, v in projector.items()})
-    state['model.image_newline'] = model.projector.image_newline
-    state['lm_head.weight'] = llm.get_output_embeddings().weight
-    next_model.load_state_dict(state, strict=True, assign=True)
-    next_model.tie_weights()
-    old_vocab = config.text_config.vocab_size
-    if model.image_token_id >= old_vocab:
-        # As export_llava: zero rows for <image>, never generated.
-        next_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        with torch.no_grad():
-            next_model.get_input_embeddings().weight[old_vocab:].zero_()
-            next_model.get_output_embeddings().weight[old_vocab:].zero_()
-        generation.suppress_tokens = [model.image_token_id]
-    next_model.generation_config = generation
-    next_model.to(next(llm.parameters()).dtype).save_pretrained(out_dir)
+    save_transformers_llava(next_model, model, tokenizer, generation, out_dir)
 
     processor = LlavaNextProcessor(
         image_processor=anyres.image_processor(image_processor),
