@@ -288,6 +288,18 @@ def llava_config(model, text_config: dict) -> LlavaConfig:
         tie_word_embeddings=model.llm.config.tie_word_embeddings)
 
 
+def check_exportable(model, target: str) -> None:
+    """Raise ExportUnsupported unless transformers' ``target`` class can hold
+    ``model``: a transformers-native LLM and LLaVA's two-layer GELU projector."""
+    llm = model.llm
+    if code_origin(llm) != 'transformers':
+        raise ExportUnsupported(f'{type(llm).__name__} is not a transformers-native LLM '
+                                f'({code_origin(llm)} code): {target} cannot hold it')
+    if not isinstance(model.projector, MLP2xGELUProjector):
+        raise ExportUnsupported(f'{target} needs the mlp2x_gelu projector, this model has '
+                                f'{type(model.projector).__name__}')
+
+
 def save_transformers_llava(hf_model, model, tokenizer, generation: GenerationConfig,
                             out_dir: str) -> None:
     """Fill a meta-built transformers LLaVA (or LLaVA-NeXT) with ``model``'s
@@ -347,13 +359,7 @@ def export_llava(model, tokenizer, image_processor, out_dir: str,
         from dpa.models.export_llava_next import export_llava_next
         return export_llava_next(model, tokenizer, image_processor, out_dir)
     llm, vision = model.llm, model.vision_tower
-    if code_origin(llm) != 'transformers':
-        raise ExportUnsupported(f'{type(llm).__name__} is not a transformers-native LLM '
-                                f'({code_origin(llm)} code): LlavaForConditionalGeneration '
-                                'cannot hold it')
-    if not isinstance(model.projector, MLP2xGELUProjector):
-        raise ExportUnsupported('transformers LLaVA needs the mlp2x_gelu projector, this model '
-                                f'has {type(model.projector).__name__}')
+    check_exportable(model, 'LlavaForConditionalGeneration')
     cap = getattr(llm.config.get_text_config(), 'final_logit_softcapping', None)
     if cap is not None:
         print_log(f'{type(llm).__name__} soft-caps its logits at {cap} but '

@@ -9,11 +9,10 @@ import torch
 from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration,
                           LlavaNextProcessor)
 
-from dpa.models.export import (MULTIMODAL_PRELUDE, ExportUnsupported, code_origin,
+from dpa.models.export import (MULTIMODAL_PRELUDE, ExportUnsupported, check_exportable,
                                generation_config, generation_tokenizer,
                                save_transformers_llava, verify_reload)
 from dpa.models.hf_compat import write_transformers4_fields
-from dpa.models.projector import MLP2xGELUProjector
 
 
 def llava_next_config(model, text_config: dict) -> LlavaNextConfig:
@@ -55,13 +54,7 @@ def export_llava_next(model, tokenizer, image_processor, out_dir: str) -> None:
     if anyres is None:
         raise ExportUnsupported('LlavaNextForConditionalGeneration is for anyres models; this '
                                 'one takes fixed-size images (use export_llava)')
-    if code_origin(llm) != 'transformers':
-        raise ExportUnsupported(f'{type(llm).__name__} is not a transformers-native LLM '
-                                f'({code_origin(llm)} code): LlavaNextForConditionalGeneration '
-                                'cannot hold it')
-    if not isinstance(model.projector, MLP2xGELUProjector):
-        raise ExportUnsupported('transformers LLaVA-NeXT needs the mlp2x_gelu projector, this '
-                                f'model has {type(model.projector).__name__}')
+    check_exportable(model, 'LlavaNextForConditionalGeneration')
     generation = generation_config(llm, tokenizer)
     config = llava_next_config(model, dict(llm.config.to_dict(),
                                            eos_token_id=generation.eos_token_id,
