@@ -9,6 +9,7 @@ import math
 import os.path as osp
 import runpy
 import sys
+import types
 import warnings
 
 import mmengine.config.config as mmengine_config
@@ -174,6 +175,25 @@ def test_stage_console_and_log_file(tmp_path, small_data, capsys, monkeypatch, v
         assert '[align] Iter(train) [1/2]  eta' in out and '[align] Iter(train) [2/2]  eta' in out
     assert osp.isfile(osp.join(tmp_path, 'align', CURVES_FILE))
     assert manifest['iterations'] == 2
+
+
+def test_stages_started_in_the_same_second_log_to_their_own_files(
+        tmp_path, small_data, monkeypatch):
+    # mmengine names its logger and visualizer by experiment name and a
+    # one-second timestamp; freeze the clock so both runs get the same one.
+    import mmengine.runner.runner as runner_module
+    import time
+    frozen = types.SimpleNamespace(time=lambda: 1.8e9, strftime=time.strftime,
+                                   localtime=time.localtime)
+    monkeypatch.setattr(runner_module, 'time', frozen)
+    monkeypatch.setattr(mmengine_config, 'FormatCode', lambda text, **kwargs: (text, None))
+    for run in ('first', 'second'):
+        run_pipeline(align_only(tmp_path / run, small_data))
+    for run in ('first', 'second'):
+        (log, ) = glob.glob(str(tmp_path / run / 'align' / '*' / '*.log'))
+        assert 'Iter(train) [2/2]' in open(log).read()
+        (scalars, ) = glob.glob(str(tmp_path / run / 'align' / '*' / 'vis_data' / 'scalars.json'))
+        assert len(open(scalars).readlines()) == 2
 
 
 # --------------------------------------------------------------------------- #

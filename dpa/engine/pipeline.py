@@ -9,6 +9,7 @@ mmengine Runner config whose work dir is ``work_dir/<stage>``; the stage's
 reads that manifest.
 """
 import copy
+import itertools
 import json
 import os.path as osp
 from typing import Dict, List, Optional, Sequence
@@ -55,6 +56,10 @@ TRAINABLE = {'proxy': ['lora'], 'align': ['projector'], 'finetune': ['llm', 'pro
 DATA_SWITCHES = {'proxy': ('caption_suffix', ), 'align': ('caption_suffix', 'image_mode'),
                  'finetune': ('labels', 'image_mode')}
 IMAGE_MODES = ('pad', 'square')
+# mmengine keys its logger, visualizer and scope instances by experiment name
+# plus a one-second timestamp: two stages started in one process within the
+# same second would share the first one's log file and scalars.json.
+_RUNNER_NUMBERS = itertools.count()
 RUNNER_KEYS = ('default_scope', 'default_hooks', 'env_cfg', 'log_processor', 'log_level',
                'visualizer', 'randomness', 'launcher')
 
@@ -228,8 +233,8 @@ def _check_sliding_window(cfg: Config, stage: str) -> None:
 def _identity(part) -> dict:
     """What makes two configs of a model part the same model."""
     part = plain(part) or {}
-    return {k: part.get(k) for k in ('type', 'pretrained', 'config', 'feature_layer',
-                                      'feature_select')}
+    keys = ('type', 'pretrained', 'config', 'feature_layer', 'feature_select')
+    return {k: part.get(k) for k in keys}
 
 
 def _check_previous_artifacts(cfg: Config, stage: str, stages: Sequence[str]) -> None:
@@ -270,7 +275,8 @@ def _check_projector_shape(cfg: Config, path: str) -> None:
         raise ConfigError(f'vision_tower: its features have {expected.hidden_size} channels but '
                           f'the projector in {path} takes {vision_dim}')
     llm = cfg.llm
-    llm_cfg = hf_config(llm.get('pretrained'), llm.get('config'), llm.get('trust_remote_code', False))
+    llm_cfg = hf_config(llm.get('pretrained'), llm.get('config'),
+                        llm.get('trust_remote_code', False))
     if llm_cfg.get_text_config().hidden_size != llm_dim:
         raise ConfigError(f'llm: its hidden size is {llm_cfg.get_text_config().hidden_size} but '
                           f'the projector in {path} outputs {llm_dim}')
@@ -411,7 +417,7 @@ def stage_runner_config(cfg: Config, stage: str, resume: bool = False) -> Config
         runner_cfg['randomness'] = dict(cfg.get('randomness') or {}, seed=cfg.seed)
     runner_cfg.update(
         work_dir=osp.join(work_dir, stage),
-        experiment_name=stage,
+        experiment_name=f'{stage}-{next(_RUNNER_NUMBERS)}',
         model=model,
         train_dataloader=dict(
             batch_size=recipe.batch_size,
