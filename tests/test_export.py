@@ -272,8 +272,8 @@ def small_vocab_tokenizer_dir(tmp_path_factory):
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     base = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token='<|endoftext|>',
-                                  eos_token='<|im_end|>', unk_token='<unk>',
-                                  chat_template=CHAT_TEMPLATE)
+                                   eos_token='<|im_end|>', unk_token='<unk>',
+                                   chat_template=CHAT_TEMPLATE)
     out = str(tmp_path_factory.mktemp('tok') / 'small_vocab')
     base.save_pretrained(out)
     return out, len(base)
@@ -635,4 +635,3 @@ def test_siglip_processor_pads_like_training():
         image = shape_image(size=size)
         assert torch.equal(exported(images=image, return_tensors='pt').pixel_values[0],
                            preprocess_image(image, siglip, pad_to_square=True)), size
-

@@ -338,7 +338,7 @@ def softcap(logits, cap):
 @pytest.mark.parametrize('family, vision', [(f, 'clip') for f in NATIVE]
                          + [('qwen2_5', 'siglip')])
 def test_export_renders_the_family_template_and_generates(family, vision, tmp_path,
-                                                         monkeypatch):
+                                                          monkeypatch):
     warnings = []
     monkeypatch.setattr(export, 'print_log', lambda msg, **kwargs: warnings.append(msg))
     model = build_model(family, vision=vision, dtype='float32')
@@ -535,7 +535,8 @@ def test_internlm2_model_keeps_the_native_format_only(internlm2_checkpoint, tmp_
                           tokenizer=tokenizer_cfg, vision_tower=vision_parts()[0]).eval()
     tokenizer = PROCESSORS.build(tokenizer_cfg)
     image_processor = PROCESSORS.build(vision_parts()[1])
-    with pytest.raises(ExportUnsupported, match=r'InternLM2ForCausalLM is not a transformers-native LLM \(dpa code\)'):
+    unsupported = r'InternLM2ForCausalLM is not a transformers-native LLM \(dpa code\)'
+    with pytest.raises(ExportUnsupported, match=unsupported):
         export_llava(model, tokenizer, image_processor, str(tmp_path / 'hf'))
     assert not (tmp_path / 'hf').exists()
 

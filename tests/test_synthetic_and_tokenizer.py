@@ -137,7 +137,8 @@ def test_save_load_round_trip(tokenizer, data, tmp_path):
     assert loaded.chat_template == tokenizer.chat_template
     assert len(loaded) == len(tokenizer)
     assert loaded.convert_tokens_to_ids('<image>') == tokenizer.convert_tokens_to_ids('<image>')
-    assert (loaded.pad_token_id, loaded.eos_token_id) == (tokenizer.pad_token_id, tokenizer.eos_token_id)
+    assert ((loaded.pad_token_id, loaded.eos_token_id)
+            == (tokenizer.pad_token_id, tokenizer.eos_token_id))
     for text in _texts(data)[:50] + ['<|im_start|>user\n<image>\nhi<|im_end|>']:
         assert loaded(text)['input_ids'] == tokenizer(text)['input_ids']
 

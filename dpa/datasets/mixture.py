@@ -96,7 +96,8 @@ class LLaVAMixture(Dataset):
             index.append(np.stack([np.full_like(rows, source_id), rows], axis=1))
             lines.append(f'{name}: {len(dataset)} rows x ratio {ratio:g} = {len(rows)} samples')
         self.index = np.concatenate(index)
-        self.counts = {name: int((self.index[:, 0] == i).sum()) for i, name in enumerate(self.names)}
+        self.counts = {name: int((self.index[:, 0] == i).sum())
+                       for i, name in enumerate(self.names)}
         print_log(f'[LLaVAMixture] epoch of {len(self.index)} samples: ' + '; '.join(lines),
                   logger='current')
 

@@ -58,7 +58,8 @@ _CAPTIONS_ONE = (
 # Fields: a_* and b_* for the two shapes, bg.
 _CAPTIONS_TWO = (
     'a {a_colour} {a_shape} and a {b_colour} {b_shape}.',
-    'two shapes: a {a_size} {a_colour} {a_shape} {a_where} and a {b_size} {b_colour} {b_shape} {b_where}.',
+    'two shapes: a {a_size} {a_colour} {a_shape} {a_where} '
+    'and a {b_size} {b_colour} {b_shape} {b_where}.',
     'a {a_colour} {a_shape} {a_where} and a {b_colour} {b_shape} {b_where} on a {bg} background.',
 )
 _QA_ONE = (
@@ -128,8 +129,10 @@ def _sample_scene(rng):
     count = rng.choice((1, 2))
     positions = [rng.choice(list(POSITIONS))] if count == 1 else rng.choice(_PAIRS)
     shapes = [
-        dict(shape=shape, colour=colour, size=rng.choice(list(SIZES)), where=POSITIONS[pos][0], position=pos)
-        for shape, colour, pos in zip(rng.sample(SHAPES, count), rng.sample(list(COLOURS), count), positions)
+        dict(shape=shape, colour=colour, size=rng.choice(list(SIZES)), where=POSITIONS[pos][0],
+             position=pos)
+        for shape, colour, pos in zip(rng.sample(SHAPES, count), rng.sample(list(COLOURS), count),
+                                      positions)
     ]
     return dict(shapes=shapes, bg=rng.choice(list(BACKGROUNDS)))
 
@@ -287,7 +290,8 @@ def _generate(out_dir, num_captions, num_instructions, num_eval, image_size, see
             name = f'ins_{i:06d}'
             turns = rng.randint(1, 3)
             if i in text_only:
-                row = dict(id=name, conversations=_conversation(_text_qa(rng, k) for k in rng.sample(range(len(_QA_TEXT)), turns)))
+                picked = rng.sample(range(len(_QA_TEXT)), turns)
+                row = dict(id=name, conversations=_conversation(_text_qa(rng, k) for k in picked))
             else:
                 scene = _sample_scene(rng)
                 train_scenes.add(_scene_key(scene))

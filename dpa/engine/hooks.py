@@ -5,7 +5,6 @@ import os.path as osp
 from collections import Counter
 from typing import Optional
 
-import torch
 from mmengine.dist import all_gather_object, barrier, get_world_size, is_main_process
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper

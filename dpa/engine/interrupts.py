@@ -26,8 +26,8 @@ class TrainingInterrupted(RuntimeError):
     """A stage stopped on a signal after saving ``checkpoint``."""
 
     def __init__(self, stage: str, signum: int, iteration: int, checkpoint: Optional[str]):
-        self.stage, self.signum, self.iteration, self.checkpoint = (stage, signum, iteration,
-                                                                     checkpoint)
+        self.stage, self.signum = stage, signum
+        self.iteration, self.checkpoint = iteration, checkpoint
         super().__init__(f'stage {stage!r} interrupted by {signal.Signals(signum).name} after '
                          f'iteration {iteration}; checkpoint: {checkpoint}')
 

@@ -128,7 +128,8 @@ def num_image_tokens(vision_cfg: dict) -> int:
         return patches
     if feature_select == 'full':
         return patches + int(has_cls)
-    raise ValueError(f"vision_tower.feature_select must be 'patch' or 'full', got {feature_select!r}")
+    raise ValueError(f"vision_tower.feature_select must be 'patch' or 'full', "
+                     f"got {feature_select!r}")
 
 
 # What transformers writes as ``tokenizer_class`` for a tokenizer defined by its

@@ -39,4 +39,3 @@ def check_lora(lora: dict, key: str = 'lora') -> None:
         raise ValueError(f'{key}.r must be a positive integer (the paper uses 256), got {rank!r}')
     if lora.get('lora_alpha', 8) <= 0:
         raise ValueError(f"{key}.lora_alpha must be positive, got {lora.get('lora_alpha')!r}")
-
