@@ -216,6 +216,10 @@ def test_a_stage_of_another_work_dir_is_reused(finished, data_root, tmp_path):
     assert not (tmp_path / 'b' / 'proxy').exists()
     assert align['made_from']['llm_adapter'] == osp.join(str(source), 'proxy', 'artifact')
     assert f'reused from {source}' in format_summary([proxy, align])
+    # The analysis finds the reused proxy where the run did.
+    result = analyze_relevance(cfg, 'align', ['proxy'], num=1, out_dir=str(tmp_path / 'rel'))
+    assert align['artifact'] in result['models']['proxy']['description']
+    assert result['models']['proxy']['tokens'] > 0
     cfg = tiny_config(tmp_path / 'c', data_root, stages=['proxy', 'align'])
     cfg.proxy.from_work_dir = str(tmp_path / 'nowhere')
     with pytest.raises(ConfigError, match='holds no finished .proxy. stage'):

@@ -5,7 +5,7 @@ import os.path as osp
 
 from mmengine.config import Config
 
-from dpa.engine.artifacts import read_manifest
+from dpa.engine.artifacts import read_manifest, stage_work_dir
 from dpa.engine.errors import ConfigError
 from dpa.models.export import load_native
 from dpa.registry import MODELS
@@ -14,10 +14,11 @@ MODEL_CHOICES = ('base', 'proxy', 'trained')
 
 
 def _artifact(cfg: Config, stage: str, needed_for: str) -> str:
-    manifest = read_manifest(cfg.work_dir, stage)
+    work_dir = stage_work_dir(cfg, stage)
+    manifest = read_manifest(work_dir, stage)
     if manifest is None:
         raise ConfigError(f'{needed_for} needs the artifact of stage {stage!r}, but '
-                          f'{osp.join(cfg.work_dir, stage)} holds no finished stage: run '
+                          f'{osp.join(work_dir, stage)} holds no finished stage: run '
                           f'`tools/train.py CONFIG --stage {stage}` with this --work-dir first')
     return manifest['artifact']
 
@@ -58,7 +59,7 @@ def build_analysis_model(cfg: Config, stage: str, which: str):
                  loss=dict(type='VisualRelevanceLoss', mode='vanilla'),
                  trainable=['projector'])
     model.pop('gradient_checkpointing', None)
-    align = read_manifest(cfg.work_dir, 'align')
+    align = read_manifest(stage_work_dir(cfg, 'align'), 'align')
     if align is not None:
         model['projector_weights'] = osp.join(align['artifact'], 'projector.safetensors')
         projector = f"the align stage's projector ({align['artifact']})"

@@ -46,6 +46,13 @@ def stage_dir(work_dir: str, stage: str) -> str:
     return osp.join(work_dir, stage)
 
 
+def stage_work_dir(cfg, stage: str) -> str:
+    """Where ``stage``'s manifest and artifact are: this run's work dir, or
+    ``<stage>.from_work_dir``, a finished stage of another run used as it is
+    (e.g. one proxy shared by several ablations of one seed)."""
+    return (cfg.get(stage) or {}).get('from_work_dir') or cfg.work_dir
+
+
 def manifest_path(work_dir: str, stage: str) -> str:
     return osp.join(stage_dir(work_dir, stage), MANIFEST)
 

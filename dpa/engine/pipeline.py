@@ -21,7 +21,7 @@ from dpa.datasets.llava import CAPTION_SUFFIXES, LABEL_MODES
 from dpa.datasets.mixture import data_sources
 from dpa.datasets.samplers import PER_IMAGE
 from dpa.datasets.synthetic import make_synthetic_data
-from dpa.engine.artifacts import read_manifest
+from dpa.engine.artifacts import read_manifest, stage_work_dir
 from dpa.engine.checkpoint import latest_complete_checkpoint
 from dpa.engine.compile import apply_gpu_switches
 from dpa.engine.config_guard import prepare_stage_start, record_config_changes
@@ -91,13 +91,6 @@ def evaluates(cfg: Config, stage: Optional[str] = None) -> bool:
     """Whether this run ends with the ``eval`` stage (not when one training
     stage is run on its own)."""
     return stage is None and EVAL_STAGE in cfg.get('stages', STAGES)
-
-
-def stage_work_dir(cfg: Config, stage: str) -> str:
-    """Where ``stage``'s manifest and artifact are: this run's work dir, or
-    ``<stage>.from_work_dir``, a finished stage of another run used as it is
-    (e.g. one proxy shared by several ablations of one seed)."""
-    return (cfg.get(stage) or {}).get('from_work_dir') or cfg.work_dir
 
 
 def _check_reused_stages(cfg: Config, stages: Sequence[str]) -> None:
