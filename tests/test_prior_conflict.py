@@ -79,3 +79,42 @@ def test_table_pairs_seeds_and_applies_the_gates():
     assert not failing['gates']['passed']
     assert 'does not count' in benchmark.format_table(failing)
     assert benchmark.CHANCE == pytest.approx((1 / 6 + 1 / 4 + 1 / 5) / 3)
+
+
+def test_projector_relevance_by_token_class():
+    records = [dict(token='red', p_img=0.5, p_txt=0.1, weight=0.4),
+               dict(token='pink', p_img=0.3, p_txt=0.1, weight=0.2),
+               dict(token='[', p_img=0.9, p_txt=0.9, weight=0.05),
+               dict(token='<|im_end|>', p_img=0.7, p_txt=0.5, weight=0.2),
+               dict(token='center', p_img=0.2, p_txt=0.2, weight=0.05)]
+    classes = benchmark.projector_relevance(records)
+    assert set(classes) == {'colour', 'position', 'style'}
+    assert classes['colour'] == pytest.approx(dict(tokens=2, p_img=0.4, p_txt=0.1, weight=0.3))
+    assert classes['style'] == pytest.approx(dict(tokens=2, p_img=0.8, p_txt=0.7, weight=0.125))
+    assert benchmark.token_class('diamond') == 'shape'
+
+
+def test_relevance_table_and_merged_results(tmp_path):
+    def with_relevance(run, p_img):
+        run['align_relevance'] = {name: dict(tokens=3, p_img=p_img, p_txt=0.1, weight=0.05)
+                                  for name in benchmark.TOKEN_CLASSES}
+        return run
+
+    first = [with_relevance(_run('vanilla', 0, 0.40), 0.3),
+             with_relevance(_run('dpa', 0, 0.5), 0.2)]
+    second = [with_relevance(_run('vanilla', 1, 0.30), 0.5),
+              with_relevance(_run('dpa', 1, 0.45), 0.4)]
+    paths = []
+    for name, runs in (('a', first), ('b', second)):
+        paths.append(str(tmp_path / f'{name}.json'))
+        with open(paths[-1], 'w') as f:
+            json.dump(dict(prior=dict(step=1500), runs=runs), f)
+    merged = benchmark.merge_results(paths)
+    assert merged['table'] == benchmark.summarise(first + second)
+    assert merged['table']['variants']['dpa']['paired_vs_vanilla'] == pytest.approx([0.10, 0.15])
+    text = benchmark.format_table(merged['table'])
+    # The mean over the two seeds: (0.3 + 0.5) / 2 for vanilla, (0.2 + 0.4) / 2 for dpa.
+    assert '| vanilla | base LLM | 0.400 / 0.100 |' in text
+    assert '| dpa | proxy | 0.300 / 0.100 |' in text
+    with pytest.raises(ValueError, match='vanilla seed 0 is in two'):
+        benchmark.merge_results([paths[0], paths[0]])

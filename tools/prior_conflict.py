@@ -5,6 +5,7 @@ table.
 
     python tools/prior_conflict.py                              # all variants, 3 seeds
     python tools/prior_conflict.py --variants vanilla dpa --seeds 0
+    python tools/prior_conflict.py --merge A/results.json B/results.json  # one table
 """
 import argparse
 import os.path as osp
@@ -13,7 +14,8 @@ import sys
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import dpa  # noqa: E402,F401
 from dpa.analysis.prior_conflict.benchmark import (VARIANTS, format_table,  # noqa: E402
-                                                   run_benchmark)
+                                                   merge_results, run_benchmark,
+                                                   write_results)
 from dpa.analysis.prior_conflict.prior_llm import PriorGateError  # noqa: E402
 
 
@@ -25,6 +27,9 @@ def parse_args(argv=None):
                         help='the prior LLM and the data are cached under DATA_ROOT/prior_conflict')
     parser.add_argument('--out', default='work_dirs/prior_conflict', help='runs and results')
     parser.add_argument('--parallel', type=int, default=2, help='runs at a time')
+    parser.add_argument('--merge', nargs='+', metavar='RESULTS_JSON',
+                        help='train nothing: one table of these results.json files (e.g. '
+                        'more seeds run later), written to --out')
     args = parser.parse_args(argv)
     if args.parallel < 1:
         parser.error('--parallel must be at least 1')
@@ -33,11 +38,15 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        result = run_benchmark(args.variants, args.seeds, osp.abspath(args.data_root),
-                               osp.abspath(args.out), args.parallel)
-    except PriorGateError as err:
-        sys.exit(f'benchmark stopped: {err}')
+    if args.merge:
+        result = merge_results(args.merge)
+        write_results(result, args.out)
+    else:
+        try:
+            result = run_benchmark(args.variants, args.seeds, osp.abspath(args.data_root),
+                                   osp.abspath(args.out), args.parallel)
+        except PriorGateError as err:
+            sys.exit(f'benchmark stopped: {err}')
     print(format_table(result['table']))
     print(f'written to {args.out}/results.json and results.md')
 

@@ -80,6 +80,11 @@ def write_jsonl(records: Sequence[dict], path: str) -> None:
         f.writelines(json.dumps(record) + '\n' for record in records)
 
 
+def read_jsonl(path: str) -> List[dict]:
+    with open(path, encoding='utf-8') as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def colour_level(value: float, clamp) -> float:
     """0..1: where ``value`` lies between the clamp bounds."""
     low, high = clamp

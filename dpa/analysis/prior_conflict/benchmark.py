@@ -1,7 +1,10 @@
 """Runs the variants of the prior-conflict benchmark over seeds and tables
 the result: per-attribute and mean accuracy, mean +- std over seeds, the
 paired difference to vanilla, chance, the no-image control, and the align
-stage's CMO weights on content and on style (template) tokens."""
+stage's CMO weights on content and on style (template) tokens; and what
+each align stage's projector tells the LLM it was aligned against (the
+probability of the caption's colour, shape, position and style tokens with
+and without the image)."""
 import json
 import os
 import os.path as osp
@@ -14,12 +17,16 @@ from typing import Callable, Dict, List, Sequence
 
 from dpa.analysis.prior_conflict.data import make_benchmark_data
 from dpa.analysis.prior_conflict.language import ATTRIBUTES
+from dpa.analysis.relevance import read_jsonl
 from dpa.analysis.prior_conflict.prior_llm import pretrain_prior
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 VARIANTS = ('vanilla', 'cal', 'pmo_only', 'cmo_only', 'dpa')
 USES_PROXY = ('pmo_only', 'dpa')
 CHANCE = statistics.mean(1 / len(values) for values in ATTRIBUTES.values())
+# Caption rows the align projector is analysed on (tools/analyze_relevance.py).
+RELEVANCE_ROWS = 60
+TOKEN_CLASSES = tuple(ATTRIBUTES) + ('style', )
 # A comparison counts only when vanilla learnt something from the image and
 # the questions cannot be answered without it.
 GATE_VANILLA_MEAN, GATE_NO_IMAGE = 0.30, 0.24
@@ -47,6 +54,48 @@ def proxy_dir(out_dir: str, seed: int) -> str:
     return osp.join(out_dir, f'proxy_seed{seed}')
 
 
+def _options(variant: str, seed: int, data_root: str, out_dir: str) -> List[str]:
+    options = [f'seed={seed}', f'data_root={data_root}']
+    if variant in USES_PROXY:
+        options.append(f'proxy.from_work_dir={proxy_dir(out_dir, seed)}')
+    return options
+
+
+def token_class(token: str) -> str:
+    """``colour``, ``shape``, ``position`` (a caption's content words) or
+    ``style`` (everything else: brackets, slash, full stop, end of turn)."""
+    for name, values in ATTRIBUTES.items():
+        if token in values:
+            return name
+    return 'style'
+
+
+def projector_relevance(records: Sequence[dict]) -> Dict[str, dict]:
+    """Per token class of ``tools/analyze_relevance.py`` records: how many
+    tokens, the mean probability with the image (``p_img``) and without it
+    (``p_txt``), and the mean CMO weight."""
+    classes: Dict[str, List[dict]] = {}
+    for record in records:
+        classes.setdefault(token_class(record['token']), []).append(record)
+    return {name: dict(tokens=len(rows), p_img=statistics.mean(r['p_img'] for r in rows),
+                       p_txt=statistics.mean(r['p_txt'] for r in rows),
+                       weight=statistics.mean(r['weight'] for r in rows))
+            for name, rows in classes.items()}
+
+
+def align_relevance(variant: str, seed: int, data_root: str, out_dir: str) -> Dict[str, dict]:
+    """Analyse a finished run's align stage against the LLM it was aligned
+    against (the proxy or the base LLM) on the first caption rows; written to
+    ``<run>/relevance`` and summarised by token class."""
+    work_dir = osp.join(out_dir, f'{variant}_seed{seed}')
+    relevance_dir = osp.join(work_dir, 'relevance')
+    _run([sys.executable, osp.join(REPO, 'tools', 'analyze_relevance.py'),
+          variant_config(variant), '--work-dir', work_dir, '--stage', 'align', '--model',
+          'trained', '--num', str(RELEVANCE_ROWS), '--out', relevance_dir, '--cfg-options',
+          *_options(variant, seed, data_root, out_dir)], osp.join(work_dir, 'relevance.log'))
+    return projector_relevance(read_jsonl(osp.join(relevance_dir, 'tokens.jsonl')))
+
+
 def run_variant(variant: str, seed: int, data_root: str, out_dir: str,
                 paths: dict) -> dict:
     """Train one variant at one seed (its eval stage scores it; a variant with
@@ -54,10 +103,7 @@ def run_variant(variant: str, seed: int, data_root: str, out_dir: str,
     control, and collect the numbers."""
     work_dir = osp.join(out_dir, f'{variant}_seed{seed}')
     start = time.time()
-    options = [f'seed={seed}', f'data_root={data_root}']
-    if variant in USES_PROXY:
-        options.append(f'proxy.from_work_dir={proxy_dir(out_dir, seed)}')
-    _train(variant_config(variant), work_dir, options)
+    _train(variant_config(variant), work_dir, _options(variant, seed, data_root, out_dir))
     control_dir = osp.join(work_dir, 'no_image')
     _run([sys.executable, osp.join(REPO, 'tools', 'eval.py'), work_dir, '--data',
           paths['eval_no_image'], '--image-folder', paths['image_folder'], '--out', control_dir,
@@ -68,6 +114,7 @@ def run_variant(variant: str, seed: int, data_root: str, out_dir: str,
         control = json.load(f)
     with open(osp.join(work_dir, 'align', 'manifest.json')) as f:
         cmo = json.load(f).get('cmo', {})
+    relevance = align_relevance(variant, seed, data_root, out_dir)
     return dict(variant=variant, seed=seed, seconds=round(time.time() - start),
                 accuracy={name: metrics['per_type'][name]['accuracy'] for name in ATTRIBUTES},
                 mean=statistics.mean(metrics['per_type'][name]['accuracy']
@@ -75,7 +122,8 @@ def run_variant(variant: str, seed: int, data_root: str, out_dir: str,
                 no_image=control['accuracy'],
                 align_weight_content=cmo.get('w_mean_content'),
                 align_weight_style=cmo.get('w_mean_template'),
-                align_at_min=cmo.get('at_min'))
+                align_at_min=cmo.get('at_min'),
+                align_relevance=relevance)
 
 
 def run_benchmark(variants: Sequence[str], seeds: Sequence[int], data_root: str, out_dir: str,
@@ -107,11 +155,16 @@ def run_benchmark(variants: Sequence[str], seeds: Sequence[int], data_root: str,
             log(f"{job[0]} seed {job[1]}: mean {runs[-1]['mean']:.3f} "
                 f"({runs[-1]['seconds']} s)")
     result = dict(prior=prior, runs=runs, chance=CHANCE, table=summarise(runs))
+    write_results(result, out_dir)
+    return result
+
+
+def write_results(result: dict, out_dir: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
     with open(osp.join(out_dir, 'results.json'), 'w') as f:
         json.dump(result, f, indent=2)
     with open(osp.join(out_dir, 'results.md'), 'w') as f:
         f.write(format_table(result['table']) + '\n')
-    return result
 
 
 def _mean_std(values: List[float]) -> str:
@@ -143,6 +196,12 @@ def summarise(runs: List[dict]) -> dict:
             entry['align_weight_content'] = statistics.mean(w[0] for w in weights)
             entry['align_weight_style'] = statistics.mean(w[1] for w in weights)
             entry['align_at_min'] = statistics.mean(r['align_at_min'] for r in rows)
+        relevance = [r['align_relevance'] for r in rows if r.get('align_relevance')]
+        if relevance:
+            entry['align_relevance'] = {
+                name: {key: [r[name][key] for r in relevance if name in r]
+                       for key in ('p_img', 'p_txt', 'weight')}
+                for name in TOKEN_CLASSES}
         table[variant] = entry
     gates = {}
     if 'vanilla' in table:
@@ -172,4 +231,39 @@ def format_table(table: dict) -> str:
                  f'no-image control <= {GATE_NO_IMAGE}): '
                  + ('passed' if g['passed'] else f'NOT passed ({g}): the comparison does not '
                     'count'))
+    relevance = [v for v in VARIANTS if 'align_relevance' in table['variants'].get(v, {})]
+    if relevance:
+        chance = ' / '.join(f'1/{len(values)}' for values in ATTRIBUTES.values())
+        lines += ['', "What each align stage's projector tells the LLM it was aligned against "
+                  f'(the first {RELEVANCE_ROWS} caption rows; mean probability of the caption '
+                  f'token with the image / without it; chance {chance}):', '',
+                  '| variant | aligned against | '
+                  + ' | '.join(TOKEN_CLASSES) + ' | CMO weight ' + ' / '.join(TOKEN_CLASSES)
+                  + ' |', '|---' * (len(TOKEN_CLASSES) + 3) + '|']
+        for variant in relevance:
+            classes = table['variants'][variant]['align_relevance']
+            cells = [f"{statistics.mean(classes[n]['p_img']):.3f} / "
+                     f"{statistics.mean(classes[n]['p_txt']):.3f}" if classes[n]['p_img']
+                     else '-' for n in TOKEN_CLASSES]
+            weights = ' / '.join(f"{statistics.mean(classes[n]['weight']):.3f}"
+                                 if classes[n]['weight'] else '-' for n in TOKEN_CLASSES)
+            against = 'proxy' if variant in USES_PROXY else 'base LLM'
+            lines.append(f'| {variant} | {against} | ' + ' | '.join(cells) + f' | {weights} |')
     return '\n'.join(lines)
+
+
+def merge_results(paths: Sequence[str]) -> dict:
+    """One table from several ``results.json`` (e.g. more seeds run later);
+    a (variant, seed) in two files is an error."""
+    runs, seen, prior = [], set(), None
+    for path in paths:
+        with open(path) as f:
+            result = json.load(f)
+        prior = prior or result.get('prior')
+        for run in result['runs']:
+            key = (run['variant'], run['seed'])
+            if key in seen:
+                raise ValueError(f'{run["variant"]} seed {run["seed"]} is in two of {list(paths)}')
+            seen.add(key)
+            runs.append(run)
+    return dict(prior=prior, runs=runs, chance=CHANCE, table=summarise(runs))
