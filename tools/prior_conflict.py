@@ -13,7 +13,8 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import dpa  # noqa: E402,F401
-from dpa.analysis.prior_conflict.benchmark import (VARIANTS, format_table,  # noqa: E402
+from dpa.analysis.prior_conflict.benchmark import (EXTRA_VARIANTS, VARIANTS,  # noqa: E402
+                                                   format_table,
                                                    merge_results, run_benchmark,
                                                    write_results)
 from dpa.analysis.prior_conflict.prior_llm import PriorGateError  # noqa: E402
@@ -21,7 +22,10 @@ from dpa.analysis.prior_conflict.prior_llm import PriorGateError  # noqa: E402
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Language-prior-conflict benchmark')
-    parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument('--variants', nargs='+', default=list(VARIANTS),
+                        choices=VARIANTS + EXTRA_VARIANTS,
+                        help=f'default: {" ".join(VARIANTS)}; {" and ".join(EXTRA_VARIANTS)} '
+                        'are DPA with CMO in one stage only')
     parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
     parser.add_argument('--data-root', default='data',
                         help='the prior LLM and the data are cached under DATA_ROOT/prior_conflict')

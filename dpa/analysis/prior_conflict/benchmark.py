@@ -22,7 +22,9 @@ from dpa.analysis.prior_conflict.prior_llm import pretrain_prior
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 VARIANTS = ('vanilla', 'cal', 'pmo_only', 'cmo_only', 'dpa')
-USES_PROXY = ('pmo_only', 'dpa')
+# DPA with CMO in one stage only; not run unless named (--variants).
+EXTRA_VARIANTS = ('pmo_cmo_align', 'pmo_cmo_finetune')
+USES_PROXY = ('pmo_only', 'dpa') + EXTRA_VARIANTS
 CHANCE = statistics.mean(1 / len(values) for values in ATTRIBUTES.values())
 # Caption rows the align projector is analysed on (tools/analyze_relevance.py).
 RELEVANCE_ROWS = 60
@@ -131,9 +133,10 @@ def run_benchmark(variants: Sequence[str], seeds: Sequence[int], data_root: str,
     """Prior LLM and data (cached under ``data_root/prior_conflict``), then
     every (variant, seed), ``parallel`` at a time; writes ``results.json`` and
     ``results.md`` to ``out_dir``."""
-    unknown = set(variants) - set(VARIANTS)
+    unknown = set(variants) - set(VARIANTS + EXTRA_VARIANTS)
     if unknown:
-        raise ValueError(f'unknown variants {sorted(unknown)}; choose among {VARIANTS}')
+        raise ValueError(f'unknown variants {sorted(unknown)}; '
+                         f'choose among {VARIANTS + EXTRA_VARIANTS}')
     root = osp.join(data_root, 'prior_conflict')
     prior = pretrain_prior(osp.join(root, 'prior_llm'), log=log)
     paths = make_benchmark_data(osp.join(root, 'data'))
@@ -217,7 +220,7 @@ def format_table(table: dict) -> str:
     lines = ['| variant | ' + ' | '.join(names) + ' | mean | vs vanilla (paired, per seed) '
              '| no image | CMO weight content / style (align) |',
              '|---' * (len(names) + 5) + '|']
-    for variant in [v for v in VARIANTS if v in table['variants']]:
+    for variant in [v for v in VARIANTS + EXTRA_VARIANTS if v in table['variants']]:
         e = table['variants'][variant]
         paired = ', '.join(f'{d:+.3f}' for d in e.get('paired_vs_vanilla', [])) or '-'
         weights = (f"{e['align_weight_content']:.3f} / {e['align_weight_style']:.3f}"
@@ -231,7 +234,8 @@ def format_table(table: dict) -> str:
                  f'no-image control <= {GATE_NO_IMAGE}): '
                  + ('passed' if g['passed'] else f'NOT passed ({g}): the comparison does not '
                     'count'))
-    relevance = [v for v in VARIANTS if 'align_relevance' in table['variants'].get(v, {})]
+    relevance = [v for v in VARIANTS + EXTRA_VARIANTS
+                 if 'align_relevance' in table['variants'].get(v, {})]
     if relevance:
         chance = ' / '.join(f'1/{len(values)}' for values in ATTRIBUTES.values())
         lines += ['', "What each align stage's projector tells the LLM it was aligned against "
