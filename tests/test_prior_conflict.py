@@ -118,3 +118,36 @@ def test_relevance_table_and_merged_results(tmp_path):
     assert '| dpa | proxy | 0.300 / 0.100 |' in text
     with pytest.raises(ValueError, match='vanilla seed 0 is in two'):
         benchmark.merge_results([paths[0], paths[0]])
+
+
+# What each variant is, stage by stage: (runs the proxy stage, align trains
+# against the proxy, align loss, finetune loss).
+VARIANT_SHAPES = {'vanilla': (False, False, 'vanilla', 'vanilla'),
+                  'cal': (False, False, 'cal', 'cal'),
+                  'pmo_only': (True, True, 'vanilla', 'vanilla'),
+                  'cmo_only': (False, False, 'cmo', 'cmo'),
+                  'dpa': (True, True, 'cmo', 'cmo'),
+                  'pmo_cmo_align': (True, True, 'cmo', 'vanilla'),
+                  'pmo_cmo_finetune': (True, True, 'vanilla', 'cmo')}
+
+
+def test_every_variant_config_plans_what_it_names(tmp_path):
+    from mmengine.config import Config
+
+    from dpa.engine.dry_run import dry_run
+    assert set(VARIANT_SHAPES) == set(benchmark.VARIANTS + benchmark.EXTRA_VARIANTS)
+    root = tmp_path / 'prior_conflict'
+    tokenizer = build_tokenizer()
+    new_model(len(tokenizer), RECIPE).save_pretrained(root / 'prior_llm')
+    tokenizer.save_pretrained(root / 'prior_llm')
+    make_benchmark_data(str(root / 'data'), num_captions=6, num_instructions=5, num_eval=2)
+    for variant, (proxy, use_proxy, align_loss, finetune_loss) in VARIANT_SHAPES.items():
+        cfg = Config.fromfile(benchmark.variant_config(variant))
+        cfg.data_root, cfg.work_dir = str(tmp_path), str(tmp_path / variant)
+        plan = dry_run(cfg)  # every check the run makes before loading a model
+        sections = {part.split(']')[0]: part for part in plan.split('\n[')[1:]}
+        assert ('proxy' in sections) == proxy, variant
+        assert (variant in benchmark.USES_PROXY) == use_proxy, variant
+        assert ('llm_adapter of stage proxy' in sections['align']) == use_proxy, variant
+        assert f'loss: {align_loss}' in sections['align'], variant
+        assert f'loss: {finetune_loss}' in sections['finetune'], variant
