@@ -183,8 +183,9 @@ def _plain(value):
 def result_config(cfg, stage: str, processes: int) -> dict:
     """The parts of the resolved config that change a stage's result: its
     recipe (optimizer, schedule, batch arithmetic, loss), its data, the model
-    parts, and the number of processes. Logging, checkpoint cadence, workers
-    and hooks are left out."""
+    parts, the number of processes, and the GPU switches that change the
+    arithmetic (TF32 matmuls, compiled layers). Logging, checkpoint cadence,
+    workers and hooks are left out."""
     recipe = _plain(cfg[stage])
     for key in ('num_workers', 'checkpoint_interval'):
         recipe.pop(key, None)
@@ -192,7 +193,7 @@ def result_config(cfg, stage: str, processes: int) -> dict:
     if isinstance(recipe.get('data'), str):
         parts[recipe['data']] = _plain(cfg.get(recipe['data']))
     keys = ['model', 'llm', 'tokenizer', 'seed', 'synthetic_data', 'skip_nonfinite_steps',
-            'strategy', 'mixed_precision']
+            'strategy', 'mixed_precision', 'tf32', 'compile']
     if stage != 'proxy':
         keys += ['vision_tower', 'image_processor', 'pad_to_square', 'max_image_pixels']
     for key in keys:
