@@ -14,10 +14,10 @@ import torch
 from mmengine.config import Config
 
 import dpa  # noqa: F401
-from dpa.engine.compile import apply_gpu_switches, compile_options
+from dpa.engine.compile import apply_gpu_switches, check_compile, compile_options
 from dpa.engine.errors import ConfigError
 from test_families import build_model
-from tiny import REPO
+from tiny import REPO, tiny_config
 
 
 def loss_and_grads(model, ids):
@@ -70,3 +70,21 @@ def test_tf32_is_switched_on_only_for_a_cuda_run(monkeypatch):
     finally:
         torch.set_float32_matmul_precision(before)
     assert Config.fromfile(f'{REPO}/configs/dpa_qwen2_5_7b.py').tf32 is True
+
+
+def test_a_compile_mistake_fails_before_any_model_loads(tmp_path, monkeypatch):
+    import transformers
+
+    from dpa.engine.pipeline import run_pipeline
+
+    def no_model(*args, **kwargs):
+        raise AssertionError('a model was built before the config was checked')
+
+    monkeypatch.setattr(transformers.PreTrainedModel, '__init__', no_model)
+    with pytest.raises(ConfigError, match='compile=.yes.: give True, False'):
+        run_pipeline(tiny_config(tmp_path, tmp_path / 'data', compile='yes'))
+    deepspeed = Config(dict(compile=True, strategy=dict(type='DeepSpeedStrategy')))
+    with pytest.raises(ConfigError, match='DeepSpeed'):
+        check_compile(deepspeed)
+    check_compile(Config(dict(compile=False, strategy=dict(type='DeepSpeedStrategy'))))
+    check_compile(Config(dict(compile=True, strategy=dict(type='FSDP2Strategy'))))

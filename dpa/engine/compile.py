@@ -30,6 +30,10 @@ from dpa.engine.errors import ConfigError
 from dpa.engine.fsdp import sharded_units
 
 
+DEEPSPEED_COMPILE = ('compile: this strategy builds the model when training starts '
+                     '(DeepSpeed); compile=True works with DDP and FSDP2')
+
+
 def compile_options(value: Union[bool, dict, None]) -> Union[dict, None]:
     """The ``torch.compile`` keyword arguments a ``compile`` config value asks for
     (None: no compilation).
@@ -45,6 +49,19 @@ def compile_options(value: Union[bool, dict, None]) -> Union[dict, None]:
         return dict(dict(backend='inductor'), **value)
     raise ConfigError(f'compile={value!r}: give True, False or the keyword arguments of '
                       "torch.compile, e.g. dict(backend='inductor', mode='max-autotune')")
+
+
+def check_compile(cfg) -> None:
+    """The ``compile`` value and its strategy, checked before any model loads.
+
+    Raises:
+        ConfigError: a value :func:`compile_options` refuses, or compile with
+            DeepSpeed (which builds the model when training starts).
+    """
+    if compile_options(cfg.get('compile', False)) is None:
+        return
+    if (cfg.get('strategy') or {}).get('type') == 'DeepSpeedStrategy':
+        raise ConfigError(DEEPSPEED_COMPILE)
 
 
 def compile_decoder_layers(llm: nn.Module, **options) -> int:
@@ -85,8 +102,7 @@ def apply_gpu_switches(cfg, runner) -> None:
         return
     model = getattr(runner.model, 'module', runner.model)  # DDP / FSDP2 wrappers
     if not isinstance(model, nn.Module):
-        raise ConfigError('compile: this strategy builds the model when training starts '
-                          '(DeepSpeed); compile=True works with DDP and FSDP2')
+        raise ConfigError(DEEPSPEED_COMPILE)
     count = compile_decoder_layers(model.llm, **options)
     print_log(f'compile: {count} decoder layers of the LLM compiled with {options}',
               logger='current', level=logging.INFO)

@@ -23,7 +23,7 @@ from dpa.datasets.samplers import PER_IMAGE
 from dpa.datasets.synthetic import make_synthetic_data
 from dpa.engine.artifacts import read_manifest, stage_work_dir
 from dpa.engine.checkpoint import latest_complete_checkpoint
-from dpa.engine.compile import apply_gpu_switches
+from dpa.engine.compile import apply_gpu_switches, check_compile
 from dpa.engine.config_guard import prepare_stage_start, record_config_changes
 from dpa.engine.console import (ConsoleProgressHook, announce, build_with_console, log_file,
                                 stage_console, stage_start_line)
@@ -127,6 +127,7 @@ def check_config(cfg: Config, stages: Sequence[str]) -> None:
         if key not in cfg:
             raise ConfigError(f'the config has no `{key}`')
     check_strategy(cfg)
+    check_compile(cfg)
     _check_reused_stages(cfg, stages)
     check_precision(cfg, {s: cfg[s].get('trainable', TRAINABLE[s]) for s in stages})
     _check_paths(cfg, stages)
