@@ -107,6 +107,19 @@ def test_analyze_relevance_writes_records_html_and_plots(finished, data_root, tm
     assert 'align stage\'s projector' in result['models']['proxy']['description']
 
 
+def test_analyze_relevance_of_an_anyres_model(finished, data_root, tmp_path):
+    """AnyRes rows have their own number of image tokens: the analysis model
+    merges tiles with the rows' image sizes, as training does."""
+    anyres_config = osp.join(REPO, 'configs', 'dpa_tiny_anyres.py')
+    cfg = tiny_config(tmp_path / 'anyres', data_root, path=anyres_config)
+    result = analyze_relevance(cfg, 'align', ['base'], num=3, out_dir=str(tmp_path / 'out'))
+    assert result['samples'] == 3 and result['models']['base']['tokens'] > 0
+    with open(tmp_path / 'out' / 'tokens.jsonl') as f:
+        records = [json.loads(line) for line in f]
+    # The image moves the probabilities (an anyres model that dropped the image would not).
+    assert any(abs(r['p_img'] - r['p_txt']) > 1e-6 for r in records)
+
+
 def test_analyze_relevance_refuses_what_it_cannot_run(tmp_path, data_root):
     cfg = tiny_config(tmp_path / 'empty', data_root)
     with pytest.raises(Exception, match='stage .proxy.'):

@@ -59,6 +59,8 @@ def build_analysis_model(cfg: Config, stage: str, which: str):
                  loss=dict(type='VisualRelevanceLoss', mode='vanilla'),
                  trainable=['projector'])
     model.pop('gradient_checkpointing', None)
+    if cfg.get('anyres'):
+        model['anyres'] = copy.deepcopy(cfg.anyres)
     align = read_manifest(stage_work_dir(cfg, 'align'), 'align')
     if align is not None:
         model['projector_weights'] = osp.join(align['artifact'], 'projector.safetensors')

@@ -55,7 +55,7 @@ def token_records(model, loss: VisualRelevanceLoss, samples, tokenizer,
     for row_id, sample in samples:
         batch = dpa_collate([sample])
         inputs = model.loss_inputs(batch['input_ids'], batch['attention_mask'], batch['labels'],
-                                   batch['pixel_values'])
+                                   batch['pixel_values'], image_sizes=batch.get('image_sizes'))
         scores = (loss.token_scores(**inputs, score_all_text=True) if loss.mode != 'vanilla'
                   else None)
         # CMO scores with the probabilities already; CAL (logits) and vanilla need them.
