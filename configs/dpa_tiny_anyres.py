@@ -6,8 +6,6 @@
 # LlavaNextForConditionalGeneration (artifact/hf_llava). See docs/anyres.md.
 #   python tools/train.py configs/dpa_tiny_anyres.py
 _base_ = ['dpa_tiny.py']
-# The eval stage scores fixed-size images only (dpa/evaluation): not run here.
-stages = ['proxy', 'align', 'finetune']
 pad_to_square = False
 # Rows x columns of 32 px tiles: 32x64, 64x32, 64x64, 32x96 and 96x32 pixels
 # (max_tiles=4 keeps them all; a smaller one drops the larger grids).

@@ -195,6 +195,79 @@ def test_native_round_trip_keeps_anyres(tmp_path, exported, tokenizer, clip_proc
                                atol=0, rtol=0)
 
 
+def test_native_and_exported_anyres_models_evaluate_alike(tmp_path, exported, tokenizer,
+                                                          clip_processor):
+    """tools/eval.py on an AnyRes model: the native model tiles as training
+    did, the LLaVA-NeXT export as its processor does, and they score and
+    generate alike on a left-padded batch of images of several sizes."""
+    from dpa.evaluation.data import read_eval_rows
+    from dpa.evaluation.evaluator import predict
+    from dpa.evaluation.models import AnyResImage, load_eval_model, load_image
+    save_native(exported['model'], tokenizer, clip_processor, str(tmp_path / 'native'))
+    native = load_eval_model(str(tmp_path / 'native'))
+    hf = load_eval_model(exported['out_dir'])
+    assert (native.kind, hf.kind) == ('native', 'hf_llava')
+    rows = []
+    for i, size in enumerate(SIZES):
+        image(size, seed=i).save(tmp_path / f'{i}.png')
+        rows.append(dict(id=f'choice_{i}', image=f'{i}.png', question='What colour is it?',
+                         answer='red', options=['red', 'green', 'blue'], type='colour'))
+    rows.append(dict(id='open', image='1.png', question='Describe it.', answer='a shape'))
+    with open(tmp_path / 'eval.jsonl', 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in rows)
+    rows, problems = read_eval_rows(str(tmp_path / 'eval.jsonl'), str(tmp_path))
+    assert not problems
+    counts = set()
+    for row in rows:
+        ours = native.prompt(row['question'], load_image(row['image_path']))
+        theirs = hf.prompt(row['question'], load_image(row['image_path']))
+        assert ours[0] == theirs[0]  # the same number of <image> ids
+        assert isinstance(ours[1], AnyResImage) and isinstance(theirs[1], AnyResImage)
+        assert torch.equal(ours[1].tiles, theirs[1].tiles)
+        assert torch.equal(ours[1].size, theirs[1].size)
+        counts.add(ours[0].count(exported['model'].image_token_id))
+    assert len(counts) > 2  # the batch mixes image token counts: rows are left-padded
+    a = predict(native, rows, batch_size=5, show_progress=False, max_new_tokens=6)
+    b = predict(hf, rows, batch_size=5, show_progress=False, max_new_tokens=6)
+    assert [r['prediction'] for r in a] == [r['prediction'] for r in b]
+    for x, y in zip(a, b):
+        if 'option_scores' in x:
+            assert x['option_scores'] == pytest.approx(y['option_scores'], abs=1e-4)
+    # Not blind to the images: the rows differ only in their image.
+    scores = [json.dumps(r['option_scores']) for r in a if 'option_scores' in r]
+    assert len(set(scores)) == len(scores)
+    # Batched like the rest: each row scores as it does alone.
+    alone = [predict(native, [row], batch_size=1, show_progress=False, max_new_tokens=6)[0]
+             for row in rows]
+    assert [r['prediction'] for r in alone] == [r['prediction'] for r in a]
+
+
+def test_chat_with_two_images_of_different_sizes_natively_and_exported(
+        tmp_path, exported, tokenizer, clip_processor):
+    """tools/chat.py: each image of the conversation gets its own number of
+    <image> ids and tiles; the native model and the export answer alike."""
+    from dpa.evaluation.chat import ChatSession
+    from dpa.evaluation.models import load_eval_model
+    save_native(exported['model'], tokenizer, clip_processor, str(tmp_path / 'native'))
+    for i, size in enumerate(SIZES[:2]):
+        image(size, seed=i).save(tmp_path / f'{i}.png')
+    transcripts = {}
+    for kind, path in (('native', str(tmp_path / 'native')), ('hf_llava', exported['out_dir'])):
+        session = ChatSession(load_eval_model(path), max_new_tokens=4)
+        session.attach(str(tmp_path / '0.png'))
+        first = session.ask('What is it?')
+        session.attach(str(tmp_path / '1.png'))
+        ids, pixels = session.prompt('And this one?')
+        transcripts[kind] = (first, session.ask('And this one?'), ids)
+        assert len(pixels) == 2
+        assert [p.size.tolist() for p in pixels] == [[30, 90], [100, 30]]
+    model = exported['model']
+    ids = transcripts['native'][2]
+    assert ids.count(model.image_token_id) == sum(model.anyres.num_tokens(s)
+                                                  for s in ([30, 90], [100, 30]))
+    assert transcripts['native'] == transcripts['hf_llava']
+
+
 # --------------------------------------------------------------------------- #
 # Dataset, collation, truncation
 # --------------------------------------------------------------------------- #
@@ -335,10 +408,6 @@ def test_anyres_config_mistakes_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match='pad_to_square=False'):
         check_config(cfg, ['proxy', 'align', 'finetune'])
     cfg.pad_to_square = False
-    cfg.stages = ['proxy', 'align', 'finetune', 'eval']
-    with pytest.raises(ConfigError, match="'eval' stage feeds fixed-size images"):
-        check_config(cfg, ['proxy', 'align', 'finetune'])
-    cfg.stages = ['proxy', 'align', 'finetune']
     cfg.anyres = dict(grid_pinpoints=[[30, 60]])
     with pytest.raises(ConfigError, match='not positive multiples'):
         check_config(cfg, ['proxy', 'align', 'finetune'])

@@ -194,9 +194,6 @@ def _check_data_switches(cfg: Config, stage: str) -> None:
 
 
 def _check_anyres(cfg: Config, stage: str) -> None:
-    if EVAL_STAGE in cfg.get('stages', STAGES):
-        raise ConfigError(f'stages: the {EVAL_STAGE!r} stage feeds fixed-size images and cannot '
-                          'score an anyres model yet; remove it from `stages`')
     if stage_pads_images(cfg, stage):
         raise ConfigError(f'{stage}: anyres resizes and pads images to its grid itself; set '
                           f'pad_to_square=False and leave {stage}.image_mode out')

@@ -12,9 +12,8 @@ from typing import Callable, List
 
 from transformers import TextStreamer
 
-from dpa.evaluation.models import load_image
+from dpa.evaluation.models import image_inputs, load_image
 from dpa.models.builders import IMAGE_TOKEN
-from dpa.models.image_preprocessing import preprocess_image
 
 COMMANDS = ('/image PATH', '/reset', '/quit')
 
@@ -68,16 +67,20 @@ class ChatSession:
             # The template already holds any bos token; training adds none either.
             inputs = self.model.processor(text=text, images=images or None,
                                           add_special_tokens=False, return_tensors='pt')
-            pixels = list(inputs['pixel_values']) if images else []
+            pixels = image_inputs(inputs) if images else []
             return inputs['input_ids'][0].tolist(), pixels
         ids = tokenizer(text, add_special_tokens=False).input_ids
         image_id = self.model.image_token_id
-        expanded = []
+        counts, pixels = zip(*[self.model.image_input(image) for image in images]) if images \
+            else ((), ())
+        expanded, seen = [], 0
         for token in ids:
-            expanded += [image_id] * self.model.image_tokens if token == image_id else [token]
-        pixels = [preprocess_image(image, self.model.image_processor, self.model.pad_to_square)
-                  for image in images]
-        return expanded, pixels
+            if token == image_id:
+                expanded += [image_id] * counts[seen]
+                seen += 1
+            else:
+                expanded.append(token)
+        return expanded, list(pixels)
 
     def _generate(self, ids, pixels, streamer) -> List[int]:
         return self.model.generate([ids], pixels or None, self.max_new_tokens,

@@ -7,12 +7,16 @@ see :func:`dpa.models.export.save_native`) and a transformers LLaVA export
 scorer: the prompt of a row as token ids with its image, left-padded forward
 passes that return the logits of the last positions only, and greedy
 generation.
+
+An image is one ``pixel_values`` tensor (channels, height, width), or for an
+AnyRes (LLaVA-NeXT) model an :class:`AnyResImage`: its tiles and its size,
+with as many ``<image>`` ids in the prompt as that size gives.
 """
 import inspect
 import json
 import logging
 import os.path as osp
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 from mmengine.logging import print_log
@@ -31,6 +35,13 @@ DEFAULT_PAD_TO_SQUARE = True
 
 class ModelLoadError(ValueError):
     """The path is not a model or work dir the evaluator can load."""
+
+
+class AnyResImage(NamedTuple):
+    """One image of an AnyRes model: ``tiles`` (tiles, channels, height,
+    width), the base tile first, and ``size`` (height, width) of the original."""
+    tiles: torch.Tensor
+    size: torch.Tensor
 
 
 def chat_prompt(tokenizer, question: str, has_image: bool) -> str:
@@ -94,11 +105,25 @@ class NativeEvalModel:
         self.model = model.to(device).eval()
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.image_tokens, self.pad_to_square = image_tokens, pad_to_square
+        self.anyres = model.anyres
+        if self.anyres is not None:
+            # The dataset's tiling processor, so the tiles are training's.
+            self.image_processor = self.anyres.image_processor(image_processor)
         self.device, self.name = torch.device(device), name
         self.image_token_id = model.image_token_id
         self.pad_id = tokenizer.pad_token_id
         self.end_of_turn_ids = end_of_turn_ids(tokenizer, getattr(model.llm, 'generation_config',
                                                                   None))
+
+    def image_input(self, image: Image.Image):
+        """``(number of <image> ids, pixel values)`` of one image, as training
+        preprocesses it (an :class:`AnyResImage` for an AnyRes model)."""
+        if self.anyres is None:
+            return self.image_tokens, preprocess_image(image, self.image_processor,
+                                                       self.pad_to_square)
+        out = self.anyres.preprocess(image, self.image_processor)
+        return (self.anyres.num_tokens(out['image_size'].tolist()),
+                AnyResImage(out['pixel_values'], out['image_size']))
 
     def prompt(self, question: str, image: Optional[Image.Image]):
         """``(token ids, pixel values or None)`` of one row, as training builds them."""
@@ -106,15 +131,20 @@ class NativeEvalModel:
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
         if image is None:
             return ids, None
+        count, pixels = self.image_input(image)
         at = ids.index(self.image_token_id)
-        ids = ids[:at] + [self.image_token_id] * self.image_tokens + ids[at + 1:]
-        return ids, preprocess_image(image, self.image_processor, self.pad_to_square)
+        return ids[:at] + [self.image_token_id] * count + ids[at + 1:], pixels
 
     def _inputs(self, sequences, pixel_values):
         input_ids, attention_mask, position_ids = (
             t.to(self.device) for t in left_pad(sequences, self.pad_id))
-        pixels = torch.stack(pixel_values).to(self.device) if pixel_values else None
-        embeds, _ = self.model.embed(input_ids, pixels)
+        pixels = image_sizes = None
+        if pixel_values and self.anyres is not None:
+            pixels = torch.cat([image.tiles for image in pixel_values]).to(self.device)
+            image_sizes = torch.stack([image.size for image in pixel_values]).to(self.device)
+        elif pixel_values:
+            pixels = torch.stack(pixel_values).to(self.device)
+        embeds, _ = self.model.embed(input_ids, pixels, image_sizes)
         return embeds, attention_mask, position_ids
 
     @torch.no_grad()
@@ -145,8 +175,9 @@ class NativeEvalModel:
 
 
 class HFLlavaEvalModel:
-    """A transformers ``LlavaForConditionalGeneration`` export with its
-    processor (``AutoProcessor``), fed as any transformers user would.
+    """A transformers ``LlavaForConditionalGeneration`` (or, from an AnyRes
+    model, ``LlavaNextForConditionalGeneration``) export with its processor
+    (``AutoProcessor``), fed as any transformers user would.
 
     Args:
         model_dir: the ``hf_llava`` directory.
@@ -155,8 +186,8 @@ class HFLlavaEvalModel:
     kind = 'hf_llava'
 
     def __init__(self, model_dir: str, device='cpu'):
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
-        self.model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype='auto')
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+        self.model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype='auto')
         self.model.to(device).eval()
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.tokenizer = self.processor.tokenizer
@@ -171,16 +202,26 @@ class HFLlavaEvalModel:
         # The template already holds any bos token; training adds none either.
         inputs = self.processor(text=text, images=[image] if image is not None else None,
                                 add_special_tokens=False, return_tensors='pt')
-        pixels = inputs['pixel_values'][0] if image is not None else None
+        pixels = image_inputs(inputs)[0] if image is not None else None
         return inputs['input_ids'][0].tolist(), pixels
 
     def _inputs(self, sequences, pixel_values):
         input_ids, attention_mask, position_ids = (
             t.to(self.device) for t in left_pad(sequences, self.pad_id))
-        pixels = (torch.stack(pixel_values).to(self.device, self.model.dtype)
-                  if pixel_values else None)
-        return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels), \
-            position_ids
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=None)
+        if pixel_values and isinstance(pixel_values[0], AnyResImage):
+            # LLaVA-NeXT takes (images, tiles, ...) padded to the most tiles and
+            # drops each image's padding by its size.
+            most = max(len(image.tiles) for image in pixel_values)
+            inputs['pixel_values'] = torch.stack([
+                torch.cat([image.tiles, image.tiles.new_zeros(most - len(image.tiles),
+                                                              *image.tiles.shape[1:])])
+                for image in pixel_values]).to(self.device, self.model.dtype)
+            inputs['image_sizes'] = torch.stack([image.size for image in pixel_values]
+                                                ).to(self.device)
+        elif pixel_values:
+            inputs['pixel_values'] = torch.stack(pixel_values).to(self.device, self.model.dtype)
+        return inputs, position_ids
 
     @torch.no_grad()
     def last_logits(self, sequences, pixel_values, keep: int) -> torch.Tensor:
@@ -202,6 +243,16 @@ class HFLlavaEvalModel:
                                   eos_token_id=self.end_of_turn_ids, pad_token_id=self.pad_id,
                                   streamer=streamer)
         return out[:, inputs['input_ids'].shape[1]:].tolist()
+
+
+def image_inputs(processed) -> list:
+    """The images of a transformers processor's output, one per image: a
+    ``pixel_values`` tensor, or an :class:`AnyResImage` when the processor
+    tiles (LLaVA-NeXT: ``image_sizes`` present)."""
+    if 'image_sizes' not in processed:
+        return list(processed['pixel_values'])
+    return [AnyResImage(tiles, size.long())
+            for tiles, size in zip(processed['pixel_values'], processed['image_sizes'])]
 
 
 def _native_pad_to_square(config: dict, model_dir: str, override: Optional[bool]) -> bool:
@@ -273,9 +324,10 @@ def load_eval_model(path: str, device='cpu', pad_to_square: Optional[bool] = Non
         return load_native_for_eval(model_dir, device, pad_to_square)
     with open(osp.join(model_dir, 'config.json')) as f:
         model_type = json.load(f).get('model_type')
-    if model_type != 'llava':
+    if model_type not in ('llava', 'llava_next'):
         raise ModelLoadError(f'{model_dir}/config.json is a {model_type!r} model, not a '
-                             'transformers LLaVA export (model_type "llava")')
+                             'transformers LLaVA or LLaVA-NeXT export (model_type "llava" or '
+                             '"llava_next")')
     if pad_to_square is not None:
         raise ModelLoadError('--pad-to-square applies to native models; an hf_llava export '
                              'preprocesses images with its own processor')
