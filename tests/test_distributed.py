@@ -156,6 +156,26 @@ def test_fsdp_artifacts_equal_the_ddp_ones(two_process_run, fsdp_run, stage):
         assert any(f.startswith('hf_llava') for f, _ in fsdp)
 
 
+def test_fsdp_and_ddp_train_anyres_alike(tmp_path, data_dir):
+    """AnyRes under both strategies: tiles and image_newline (a projector
+    parameter outside the decoder layers) train to the same artifacts."""
+    runs = {}
+    for name, config in (('ddp', 'dist_tiny_anyres.py'), ('fsdp', 'dist_tiny_fsdp_anyres.py')):
+        result = dist_train(config, tmp_path / name, data_dir)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        runs[name] = {stage: artifact_tensors(tmp_path / name, stage)
+                      for stage in ('align', 'finetune')}
+    for stage in ('align', 'finetune'):
+        ddp, fsdp = runs['ddp'][stage], runs['fsdp'][stage]
+        assert fsdp.keys() == ddp.keys()
+        for key, value in fsdp.items():
+            torch.testing.assert_close(value, ddp[key], rtol=0, atol=1e-5, msg=str(key))
+    newline = ('projector.safetensors', 'image_newline')
+    # Trained on in stage 3, and exported.
+    assert not torch.equal(runs['ddp']['align'][newline], runs['ddp']['finetune'][newline])
+    assert ('hf_llava/model.safetensors', 'image_newline') in runs['fsdp']['finetune']
+
+
 def test_the_fsdp_comparison_has_steps_where_one_rank_alone_has_an_image(two_process_run):
     """Such a step, under FSDP2, must not desynchronise the ranks' collectives
     (the vision tower runs on one rank only; the projector has a gradient on
