@@ -151,3 +151,15 @@ def test_every_variant_config_plans_what_it_names(tmp_path):
         assert ('llm_adapter of stage proxy' in sections['align']) == use_proxy, variant
         assert f'loss: {align_loss}' in sections['align'], variant
         assert f'loss: {finetune_loss}' in sections['finetune'], variant
+
+
+def test_extra_cfg_options_are_checked_first_and_reach_every_run():
+    from dpa.engine.errors import ConfigError
+    with pytest.raises(ConfigError, match='dpa: .*align.max_epoch.*did you mean'):
+        benchmark.check_options(['dpa', 'cmo_only'], ['align.max_epochs=16',
+                                                      'align.max_epoch=16'])
+    benchmark.check_options(list(VARIANT_SHAPES), ['align.max_epochs=16',
+                                                   'align.loss.clamp=(0.01,0.5)'])
+    options = benchmark._options('dpa', 3, '/data', '/out', ['align.max_epochs=16'])
+    assert options == ['seed=3', 'data_root=/data', 'align.max_epochs=16',
+                       'proxy.from_work_dir=/out/proxy_seed3']

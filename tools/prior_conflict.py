@@ -6,6 +6,7 @@ table.
     python tools/prior_conflict.py                              # all variants, 3 seeds
     python tools/prior_conflict.py --variants vanilla dpa --seeds 0
     python tools/prior_conflict.py --merge A/results.json B/results.json  # one table
+    python tools/prior_conflict.py --cfg-options align.max_epochs=16 --out DIR  # a sweep
 """
 import argparse
 import os.path as osp
@@ -18,6 +19,7 @@ from dpa.analysis.prior_conflict.benchmark import (EXTRA_VARIANTS, VARIANTS,  # 
                                                    merge_results, run_benchmark,
                                                    write_results)
 from dpa.analysis.prior_conflict.prior_llm import PriorGateError  # noqa: E402
+from dpa.engine.errors import ConfigError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -31,6 +33,9 @@ def parse_args(argv=None):
                         help='the prior LLM and the data are cached under DATA_ROOT/prior_conflict')
     parser.add_argument('--out', default='work_dirs/prior_conflict', help='runs and results')
     parser.add_argument('--parallel', type=int, default=2, help='runs at a time')
+    parser.add_argument('--cfg-options', nargs='+', default=[], metavar='KEY=VALUE',
+                        help='more --cfg-options for every run (checked against each '
+                        'variant\'s config first), e.g. align.max_epochs=16')
     parser.add_argument('--merge', nargs='+', metavar='RESULTS_JSON',
                         help='train nothing: one table of these results.json files (e.g. '
                         'more seeds run later), written to --out')
@@ -48,9 +53,12 @@ def main(argv=None):
     else:
         try:
             result = run_benchmark(args.variants, args.seeds, osp.abspath(args.data_root),
-                                   osp.abspath(args.out), args.parallel)
+                                   osp.abspath(args.out), args.parallel,
+                                   extra=args.cfg_options)
         except PriorGateError as err:
             sys.exit(f'benchmark stopped: {err}')
+        except ConfigError as err:
+            sys.exit(f'config error: {err}')
     print(format_table(result['table']))
     print(f'written to {args.out}/results.json and results.md')
 

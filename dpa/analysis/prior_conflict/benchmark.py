@@ -5,6 +5,7 @@ stage's CMO weights on content and on style (template) tokens; and what
 each align stage's projector tells the LLM it was aligned against (the
 probability of the caption's colour, shape, position and style tokens with
 and without the image)."""
+import argparse
 import json
 import os
 import os.path as osp
@@ -15,9 +16,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, List, Sequence
 
+from mmengine.config import Config, DictAction
+
 from dpa.analysis.prior_conflict.data import make_benchmark_data
 from dpa.analysis.prior_conflict.language import ATTRIBUTES
 from dpa.analysis.relevance import read_jsonl
+from dpa.engine.config_guard import check_cfg_options
+from dpa.engine.errors import ConfigError
 from dpa.analysis.prior_conflict.prior_llm import pretrain_prior
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
@@ -56,8 +61,9 @@ def proxy_dir(out_dir: str, seed: int) -> str:
     return osp.join(out_dir, f'proxy_seed{seed}')
 
 
-def _options(variant: str, seed: int, data_root: str, out_dir: str) -> List[str]:
-    options = [f'seed={seed}', f'data_root={data_root}']
+def _options(variant: str, seed: int, data_root: str, out_dir: str,
+             extra: Sequence[str] = ()) -> List[str]:
+    options = [f'seed={seed}', f'data_root={data_root}', *extra]
     if variant in USES_PROXY:
         options.append(f'proxy.from_work_dir={proxy_dir(out_dir, seed)}')
     return options
@@ -85,7 +91,8 @@ def projector_relevance(records: Sequence[dict]) -> Dict[str, dict]:
             for name, rows in classes.items()}
 
 
-def align_relevance(variant: str, seed: int, data_root: str, out_dir: str) -> Dict[str, dict]:
+def align_relevance(variant: str, seed: int, data_root: str, out_dir: str,
+                    extra: Sequence[str] = ()) -> Dict[str, dict]:
     """Analyse a finished run's align stage against the LLM it was aligned
     against (the proxy or the base LLM) on the first caption rows; written to
     ``<run>/relevance`` and summarised by token class."""
@@ -94,18 +101,20 @@ def align_relevance(variant: str, seed: int, data_root: str, out_dir: str) -> Di
     _run([sys.executable, osp.join(REPO, 'tools', 'analyze_relevance.py'),
           variant_config(variant), '--work-dir', work_dir, '--stage', 'align', '--model',
           'trained', '--num', str(RELEVANCE_ROWS), '--out', relevance_dir, '--cfg-options',
-          *_options(variant, seed, data_root, out_dir)], osp.join(work_dir, 'relevance.log'))
+          *_options(variant, seed, data_root, out_dir, extra)],
+         osp.join(work_dir, 'relevance.log'))
     return projector_relevance(read_jsonl(osp.join(relevance_dir, 'tokens.jsonl')))
 
 
 def run_variant(variant: str, seed: int, data_root: str, out_dir: str,
-                paths: dict) -> dict:
+                paths: dict, extra: Sequence[str] = ()) -> dict:
     """Train one variant at one seed (its eval stage scores it; a variant with
     a proxy reuses the seed's, see :func:`run_benchmark`), score the no-image
     control, and collect the numbers."""
     work_dir = osp.join(out_dir, f'{variant}_seed{seed}')
     start = time.time()
-    _train(variant_config(variant), work_dir, _options(variant, seed, data_root, out_dir))
+    _train(variant_config(variant), work_dir,
+           _options(variant, seed, data_root, out_dir, extra))
     control_dir = osp.join(work_dir, 'no_image')
     _run([sys.executable, osp.join(REPO, 'tools', 'eval.py'), work_dir, '--data',
           paths['eval_no_image'], '--image-folder', paths['image_folder'], '--out', control_dir,
@@ -116,7 +125,7 @@ def run_variant(variant: str, seed: int, data_root: str, out_dir: str,
         control = json.load(f)
     with open(osp.join(work_dir, 'align', 'manifest.json')) as f:
         cmo = json.load(f).get('cmo', {})
-    relevance = align_relevance(variant, seed, data_root, out_dir)
+    relevance = align_relevance(variant, seed, data_root, out_dir, extra)
     return dict(variant=variant, seed=seed, seconds=round(time.time() - start),
                 accuracy={name: metrics['per_type'][name]['accuracy'] for name in ATTRIBUTES},
                 mean=statistics.mean(metrics['per_type'][name]['accuracy']
@@ -128,15 +137,36 @@ def run_variant(variant: str, seed: int, data_root: str, out_dir: str,
                 align_relevance=relevance)
 
 
+def check_options(variants: Sequence[str], extra: Sequence[str]) -> None:
+    """Refuse ``--cfg-options`` a variant's config does not take before
+    anything trains (the runs would fail one by one in their logs).
+
+    Raises:
+        ConfigError: naming the key and the variant.
+    """
+    if not extra:
+        return
+    namespace = argparse.Namespace()
+    DictAction(option_strings=[], dest='options')(None, namespace, list(extra))
+    for variant in variants:
+        try:
+            check_cfg_options(Config.fromfile(variant_config(variant)), namespace.options)
+        except ConfigError as err:
+            raise ConfigError(f'{variant}: {err}') from None
+
+
 def run_benchmark(variants: Sequence[str], seeds: Sequence[int], data_root: str, out_dir: str,
-                  parallel: int = 2, log: Callable[[str], None] = print) -> dict:
+                  parallel: int = 2, log: Callable[[str], None] = print,
+                  extra: Sequence[str] = ()) -> dict:
     """Prior LLM and data (cached under ``data_root/prior_conflict``), then
     every (variant, seed), ``parallel`` at a time; writes ``results.json`` and
-    ``results.md`` to ``out_dir``."""
+    ``results.md`` to ``out_dir``. ``extra``: more ``--cfg-options`` (``key=value``)
+    for every run, e.g. ``align.max_epochs=16``."""
     unknown = set(variants) - set(VARIANTS + EXTRA_VARIANTS)
     if unknown:
         raise ValueError(f'unknown variants {sorted(unknown)}; '
                          f'choose among {VARIANTS + EXTRA_VARIANTS}')
+    check_options(variants, extra)
     root = osp.join(data_root, 'prior_conflict')
     prior = pretrain_prior(osp.join(root, 'prior_llm'), log=log)
     paths = make_benchmark_data(osp.join(root, 'data'))
@@ -144,20 +174,23 @@ def run_benchmark(variants: Sequence[str], seeds: Sequence[int], data_root: str,
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         # One proxy per seed, shared by the variants that use it.
         proxies = [pool.submit(_train, variant_config('dpa'), proxy_dir(out_dir, seed),
-                               [f'seed={seed}', f'data_root={data_root}'], '--stage', 'proxy')
+                               [f'seed={seed}', f'data_root={data_root}', *extra],
+                               '--stage', 'proxy')
                    for seed in seeds if set(variants) & set(USES_PROXY)]
         for future in proxies:
             future.result()
     jobs = [(v, s) for s in seeds for v in variants]
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        futures = {job: pool.submit(run_variant, job[0], job[1], data_root, out_dir, paths)
+        futures = {job: pool.submit(run_variant, job[0], job[1], data_root, out_dir, paths,
+                                    extra)
                    for job in jobs}
         runs = []
         for job, future in futures.items():
             runs.append(future.result())
             log(f"{job[0]} seed {job[1]}: mean {runs[-1]['mean']:.3f} "
                 f"({runs[-1]['seconds']} s)")
-    result = dict(prior=prior, runs=runs, chance=CHANCE, table=summarise(runs))
+    result = dict(prior=prior, runs=runs, chance=CHANCE, table=summarise(runs),
+                  cfg_options=list(extra))
     write_results(result, out_dir)
     return result
 
