@@ -84,13 +84,17 @@ def test_table_pairs_seeds_and_applies_the_gates():
 def test_projector_relevance_by_token_class():
     records = [dict(token='red', p_img=0.5, p_txt=0.1, weight=0.4),
                dict(token='pink', p_img=0.3, p_txt=0.1, weight=0.2),
-               dict(token='[', p_img=0.9, p_txt=0.9, weight=0.05),
+               dict(token='[', p_img=0.9, p_txt=0.7, weight=0.05),
                dict(token='<|im_end|>', p_img=0.7, p_txt=0.5, weight=0.2),
-               dict(token='center', p_img=0.2, p_txt=0.2, weight=0.05)]
+               dict(token='center', p_img=0.2, p_txt=0.1, weight=0.05),
+               # Right after the image: no probability without it (p_txt repeats p_img).
+               dict(token='[', p_img=0.3, p_txt=0.3, weight=0.05),
+               dict(token='top', p_img=0.3, p_txt=0.3, weight=0.05)]
     classes = benchmark.projector_relevance(records)
     assert set(classes) == {'colour', 'position', 'style'}
+    assert classes['position']['tokens'] == 1
     assert classes['colour'] == pytest.approx(dict(tokens=2, p_img=0.4, p_txt=0.1, weight=0.3))
-    assert classes['style'] == pytest.approx(dict(tokens=2, p_img=0.8, p_txt=0.7, weight=0.125))
+    assert classes['style'] == pytest.approx(dict(tokens=2, p_img=0.8, p_txt=0.6, weight=0.125))
     assert benchmark.token_class('diamond') == 'shape'
 
 

@@ -81,10 +81,17 @@ def token_class(token: str) -> str:
 def projector_relevance(records: Sequence[dict]) -> Dict[str, dict]:
     """Per token class of ``tools/analyze_relevance.py`` records: how many
     tokens, the mean probability with the image (``p_img``) and without it
-    (``p_txt``), and the mean CMO weight."""
+    (``p_txt``), and the mean CMO weight.
+
+    A token with nothing before it but the image (a caption's first token
+    under the plain template) has no probability without the image: its
+    record repeats ``p_img`` as ``p_txt`` (weight delta_min). Such tokens are
+    left out, so a class compares real no-image probabilities.
+    """
     classes: Dict[str, List[dict]] = {}
     for record in records:
-        classes.setdefault(token_class(record['token']), []).append(record)
+        if record['p_img'] != record['p_txt']:
+            classes.setdefault(token_class(record['token']), []).append(record)
     return {name: dict(tokens=len(rows), p_img=statistics.mean(r['p_img'] for r in rows),
                        p_txt=statistics.mean(r['p_txt'] for r in rows),
                        weight=statistics.mean(r['weight'] for r in rows))
@@ -203,6 +210,10 @@ def write_results(result: dict, out_dir: str) -> None:
         f.write(format_table(result['table']) + '\n')
 
 
+def _probability(value: float) -> str:
+    return f'{value:.3f}' if value >= 0.001 else f'{value:.1e}'
+
+
 def _mean_std(values: List[float]) -> str:
     if len(values) == 1:
         return f'{values[0]:.3f}'
@@ -279,9 +290,9 @@ def format_table(table: dict) -> str:
                   + ' |', '|---' * (len(TOKEN_CLASSES) + 3) + '|']
         for variant in relevance:
             classes = table['variants'][variant]['align_relevance']
-            cells = [f"{statistics.mean(classes[n]['p_img']):.3f} / "
-                     f"{statistics.mean(classes[n]['p_txt']):.3f}" if classes[n]['p_img']
-                     else '-' for n in TOKEN_CLASSES]
+            cells = [f"{_probability(statistics.mean(classes[n]['p_img']))} / "
+                     f"{_probability(statistics.mean(classes[n]['p_txt']))}"
+                     if classes[n]['p_img'] else '-' for n in TOKEN_CLASSES]
             weights = ' / '.join(f"{statistics.mean(classes[n]['weight']):.3f}"
                                  if classes[n]['weight'] else '-' for n in TOKEN_CLASSES)
             against = 'proxy' if variant in USES_PROXY else 'base LLM'
