@@ -139,7 +139,7 @@ def test_every_variant_config_plans_what_it_names(tmp_path):
     from mmengine.config import Config
 
     from dpa.engine.dry_run import dry_run
-    assert set(VARIANT_SHAPES) == set(benchmark.VARIANTS + benchmark.EXTRA_VARIANTS)
+    assert set(VARIANT_SHAPES) == set(benchmark.ALL_VARIANTS)
     root = tmp_path / 'prior_conflict'
     tokenizer = build_tokenizer()
     new_model(len(tokenizer), RECIPE).save_pretrained(root / 'prior_llm')

@@ -14,7 +14,8 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import dpa  # noqa: E402,F401
-from dpa.analysis.prior_conflict.benchmark import (EXTRA_VARIANTS, VARIANTS,  # noqa: E402
+from dpa.analysis.prior_conflict.benchmark import (ALL_VARIANTS, EXTRA_VARIANTS,  # noqa: E402
+                                                   VARIANTS,
                                                    format_table,
                                                    merge_results, run_benchmark,
                                                    write_results)
@@ -25,7 +26,7 @@ from dpa.engine.errors import ConfigError  # noqa: E402
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Language-prior-conflict benchmark')
     parser.add_argument('--variants', nargs='+', default=list(VARIANTS),
-                        choices=VARIANTS + EXTRA_VARIANTS,
+                        choices=ALL_VARIANTS,
                         help=f'default: {" ".join(VARIANTS)}; {" and ".join(EXTRA_VARIANTS)} '
                         'are DPA with CMO in one stage only')
     parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])

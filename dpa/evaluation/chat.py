@@ -71,16 +71,13 @@ class ChatSession:
             return inputs['input_ids'][0].tolist(), pixels
         ids = tokenizer(text, add_special_tokens=False).input_ids
         image_id = self.model.image_token_id
-        counts, pixels = zip(*[self.model.image_input(image) for image in images]) if images \
-            else ((), ())
-        expanded, seen = [], 0
+        # Each image has its own number of <image> ids (AnyRes: by its size).
+        inputs = [self.model.image_input(image) for image in images]
+        counts = iter(count for count, _ in inputs)
+        expanded = []
         for token in ids:
-            if token == image_id:
-                expanded += [image_id] * counts[seen]
-                seen += 1
-            else:
-                expanded.append(token)
-        return expanded, list(pixels)
+            expanded += [image_id] * next(counts) if token == image_id else [token]
+        return expanded, [pixels for _, pixels in inputs]
 
     def _generate(self, ids, pixels, streamer) -> List[int]:
         return self.model.generate([ids], pixels or None, self.max_new_tokens,

@@ -20,15 +20,16 @@ from mmengine.config import Config, DictAction
 
 from dpa.analysis.prior_conflict.data import make_benchmark_data
 from dpa.analysis.prior_conflict.language import ATTRIBUTES
+from dpa.analysis.prior_conflict.prior_llm import pretrain_prior
 from dpa.analysis.relevance import read_jsonl
 from dpa.engine.config_guard import check_cfg_options
 from dpa.engine.errors import ConfigError
-from dpa.analysis.prior_conflict.prior_llm import pretrain_prior
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 VARIANTS = ('vanilla', 'cal', 'pmo_only', 'cmo_only', 'dpa')
 # DPA with CMO in one stage only; not run unless named (--variants).
 EXTRA_VARIANTS = ('pmo_cmo_align', 'pmo_cmo_finetune')
+ALL_VARIANTS = VARIANTS + EXTRA_VARIANTS
 USES_PROXY = ('pmo_only', 'dpa') + EXTRA_VARIANTS
 CHANCE = statistics.mean(1 / len(values) for values in ATTRIBUTES.values())
 # Caption rows the align projector is analysed on (tools/analyze_relevance.py).
@@ -61,9 +62,18 @@ def proxy_dir(out_dir: str, seed: int) -> str:
     return osp.join(out_dir, f'proxy_seed{seed}')
 
 
+def run_dir(out_dir: str, variant: str, seed: int) -> str:
+    return osp.join(out_dir, f'{variant}_seed{seed}')
+
+
+def _seed_options(seed: int, data_root: str, extra: Sequence[str]) -> List[str]:
+    return [f'seed={seed}', f'data_root={data_root}', *extra]
+
+
 def _options(variant: str, seed: int, data_root: str, out_dir: str,
              extra: Sequence[str] = ()) -> List[str]:
-    options = [f'seed={seed}', f'data_root={data_root}', *extra]
+    """A variant's ``--cfg-options`` at one seed; one with a proxy reuses the seed's."""
+    options = _seed_options(seed, data_root, extra)
     if variant in USES_PROXY:
         options.append(f'proxy.from_work_dir={proxy_dir(out_dir, seed)}')
     return options
@@ -103,7 +113,7 @@ def align_relevance(variant: str, seed: int, data_root: str, out_dir: str,
     """Analyse a finished run's align stage against the LLM it was aligned
     against (the proxy or the base LLM) on the first caption rows; written to
     ``<run>/relevance`` and summarised by token class."""
-    work_dir = osp.join(out_dir, f'{variant}_seed{seed}')
+    work_dir = run_dir(out_dir, variant, seed)
     relevance_dir = osp.join(work_dir, 'relevance')
     _run([sys.executable, osp.join(REPO, 'tools', 'analyze_relevance.py'),
           variant_config(variant), '--work-dir', work_dir, '--stage', 'align', '--model',
@@ -118,7 +128,7 @@ def run_variant(variant: str, seed: int, data_root: str, out_dir: str,
     """Train one variant at one seed (its eval stage scores it; a variant with
     a proxy reuses the seed's, see :func:`run_benchmark`), score the no-image
     control, and collect the numbers."""
-    work_dir = osp.join(out_dir, f'{variant}_seed{seed}')
+    work_dir = run_dir(out_dir, variant, seed)
     start = time.time()
     _train(variant_config(variant), work_dir,
            _options(variant, seed, data_root, out_dir, extra))
@@ -169,10 +179,9 @@ def run_benchmark(variants: Sequence[str], seeds: Sequence[int], data_root: str,
     every (variant, seed), ``parallel`` at a time; writes ``results.json`` and
     ``results.md`` to ``out_dir``. ``extra``: more ``--cfg-options`` (``key=value``)
     for every run, e.g. ``align.max_epochs=16``."""
-    unknown = set(variants) - set(VARIANTS + EXTRA_VARIANTS)
+    unknown = set(variants) - set(ALL_VARIANTS)
     if unknown:
-        raise ValueError(f'unknown variants {sorted(unknown)}; '
-                         f'choose among {VARIANTS + EXTRA_VARIANTS}')
+        raise ValueError(f'unknown variants {sorted(unknown)}; choose among {ALL_VARIANTS}')
     check_options(variants, extra)
     root = osp.join(data_root, 'prior_conflict')
     prior = pretrain_prior(osp.join(root, 'prior_llm'), log=log)
@@ -181,8 +190,7 @@ def run_benchmark(variants: Sequence[str], seeds: Sequence[int], data_root: str,
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         # One proxy per seed, shared by the variants that use it.
         proxies = [pool.submit(_train, variant_config('dpa'), proxy_dir(out_dir, seed),
-                               [f'seed={seed}', f'data_root={data_root}', *extra],
-                               '--stage', 'proxy')
+                               _seed_options(seed, data_root, extra), '--stage', 'proxy')
                    for seed in seeds if set(variants) & set(USES_PROXY)]
         for future in proxies:
             future.result()
@@ -264,7 +272,7 @@ def format_table(table: dict) -> str:
     lines = ['| variant | ' + ' | '.join(names) + ' | mean | vs vanilla (paired, per seed) '
              '| no image | CMO weight content / style (align) |',
              '|---' * (len(names) + 5) + '|']
-    for variant in [v for v in VARIANTS + EXTRA_VARIANTS if v in table['variants']]:
+    for variant in [v for v in ALL_VARIANTS if v in table['variants']]:
         e = table['variants'][variant]
         paired = ', '.join(f'{d:+.3f}' for d in e.get('paired_vs_vanilla', [])) or '-'
         weights = (f"{e['align_weight_content']:.3f} / {e['align_weight_style']:.3f}"
@@ -278,8 +286,7 @@ def format_table(table: dict) -> str:
                  f'no-image control <= {GATE_NO_IMAGE}): '
                  + ('passed' if g['passed'] else f'NOT passed ({g}): the comparison does not '
                     'count'))
-    relevance = [v for v in VARIANTS + EXTRA_VARIANTS
-                 if 'align_relevance' in table['variants'].get(v, {})]
+    relevance = [v for v in ALL_VARIANTS if 'align_relevance' in table['variants'].get(v, {})]
     if relevance:
         chance = ' / '.join(f'1/{len(values)}' for values in ATTRIBUTES.values())
         lines += ['', "What each align stage's projector tells the LLM it was aligned against "
