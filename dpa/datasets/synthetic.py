@@ -183,8 +183,17 @@ def _terse_caption(rng, scene):
                     for shape in scene['shapes'])
 
 
+def _bracket_caption(rng, scene):
+    """The scene as "[ top ] circle / red .": a style a pretrained LLM's prior
+    finds very unlikely (SmolLM2-135M-Instruct: 8.6 nats a token, against 4.1
+    for "A red circle at the top.")."""
+    _caption(rng, scene)  # the same draws as 'plain': the other rows stay the same
+    return ' '.join(f"[ {shape['position']} ] {shape['shape']} / {shape['colour']} ."
+                    for shape in scene['shapes'])
+
+
 # How stage 1 and 2's captions are worded (make_synthetic_data's caption_style).
-CAPTION_STYLES = {'plain': _caption, 'terse': _terse_caption}
+CAPTION_STYLES = {'plain': _caption, 'terse': _terse_caption, 'bracket': _bracket_caption}
 
 
 def _image_qa(rng, scene):
@@ -319,9 +328,10 @@ def make_synthetic_data(root, num_captions=64, num_instructions=48, image_size=6
 
     Args:
         caption_style: the captions' wording, a key of :data:`CAPTION_STYLES`:
-            ``'plain'`` as the instruction answers speak, ``'terse'`` in a
-            conflicting style ("top: circle, red.") with the same content
-            words, to give the captions a language prior of their own.
+            ``'plain'`` as the instruction answers speak, ``'terse'``
+            ("top: circle, red.") or ``'bracket'`` ("[ top ] circle / red .")
+            in a conflicting style with the same content words, to give the
+            captions a language prior of their own.
     """
     if caption_style not in CAPTION_STYLES:
         raise ValueError(f'synthetic_data.caption_style={caption_style!r}: choose one of '

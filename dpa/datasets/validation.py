@@ -5,7 +5,7 @@ from typing import Iterable, List, Sequence
 
 from dpa.datasets.llava import (BadSampleError, bad_row_record, check_image_tags, open_image,
                                 read_rows, validate_row)
-from dpa.models.builders import hf_config
+from dpa.models.builders import llm_config
 from dpa.models.export import tokenizer_round_trip_problems
 
 
@@ -86,9 +86,8 @@ def tokenizer_round_trip(llm: dict, tokenizer: dict, datasets, rows: int = 8) ->
                       if isinstance(turn, dict) and isinstance(turn.get('value'), str)]
     if not datasets:
         return []
-    llm_config = hf_config(llm.get('pretrained'), llm.get('config'),
-                           llm.get('trust_remote_code', False))
+    text_config = llm_config(llm)
     name = tokenizer.get('pretrained') or tokenizer.get('type')
     return [dict(file=name, row=None, id=None, reason='tokenizer_round_trip', detail=detail)
             for detail in tokenizer_round_trip_problems(datasets[0].tokenizer, texts,
-                                                        llm_config)]
+                                                        text_config)]

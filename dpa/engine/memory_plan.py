@@ -82,10 +82,13 @@ def architecture(part: dict, text: bool = True) -> dict:
     """The sizes of a model part: its checkpoint's config when the directory
     exists, its stand-in ``config``, or :data:`PUBLISHED` by directory name."""
     from dpa.models.builders import hf_config  # transformers: only when a config is read
+    from dpa.models.gguf import gguf_path
     pretrained, config = part.get('pretrained'), part.get('config')
-    if config is not None or (pretrained is not None and osp.isdir(pretrained)):
+    gguf = gguf_path(pretrained, part.get('gguf_file'))
+    if config is not None or gguf is not None or (pretrained is not None
+                                                  and osp.isdir(pretrained)):
         cfg = hf_config(None if config is not None else pretrained, config,
-                        part.get('trust_remote_code', False))
+                        part.get('trust_remote_code', False), part.get('gguf_file'))
         cfg = cfg.get_text_config() if text else (getattr(cfg, 'vision_config', None) or cfg)
         return {key: getattr(cfg, key, None) for key in (
             'hidden_size', 'num_hidden_layers', 'intermediate_size', 'num_attention_heads',

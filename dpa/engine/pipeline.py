@@ -43,7 +43,8 @@ from dpa.evaluation.stage import (EVAL_STAGE, check_eval_config, eval_summary_li
                                   point_at_synthetic_split, run_eval_stage)
 from dpa.models.anyres import AnyRes, anyres_settings
 from dpa.models.attention import packs_into_one_row
-from dpa.models.builders import hf_config, num_image_tokens
+from dpa.models.builders import hf_config, llm_config, num_image_tokens
+from dpa.models.gguf import gguf_path
 from dpa.models.losses import VisualRelevanceLoss
 from dpa.models.mllm import REFERENCE_NEEDS_MASKED
 from dpa.models.proxy import check_lora
@@ -210,8 +211,7 @@ def _check_sliding_window(cfg: Config, stage: str) -> None:
     if cfg.model.get('text_pass', 'removed') != 'removed':
         return
     llm = cfg.llm
-    text_cfg = hf_config(llm.get('pretrained'), llm.get('config'),
-                         llm.get('trust_remote_code', False)).get_text_config()
+    text_cfg = llm_config(llm).get_text_config()
     window = getattr(text_cfg, 'sliding_window', None)
     if window and 'sliding_attention' in (getattr(text_cfg, 'layer_types', None) or []):
         if cfg[stage].max_length > window:
@@ -266,8 +266,7 @@ def _check_projector_shape(cfg: Config, path: str) -> None:
         raise ConfigError(f'vision_tower: its features have {expected.hidden_size} channels but '
                           f'the projector in {path} takes {vision_dim}')
     llm = cfg.llm
-    llm_cfg = hf_config(llm.get('pretrained'), llm.get('config'),
-                        llm.get('trust_remote_code', False))
+    llm_cfg = llm_config(llm)
     if llm_cfg.get_text_config().hidden_size != llm_dim:
         raise ConfigError(f'llm: its hidden size is {llm_cfg.get_text_config().hidden_size} but '
                           f'the projector in {path} outputs {llm_dim}')
@@ -275,10 +274,16 @@ def _check_projector_shape(cfg: Config, path: str) -> None:
 
 def _check_paths(cfg: Config, stages: Sequence[str]) -> None:
     for key in ('llm', 'tokenizer', 'vision_tower', 'image_processor'):
-        path = (cfg.get(key) or {}).get('pretrained')
+        part = cfg.get(key) or {}
+        gguf = gguf_path(part.get('pretrained'), part.get('gguf_file'))
+        if gguf is not None:
+            if not osp.isfile(gguf):
+                raise ConfigError(f'{key}: the GGUF checkpoint {gguf!r} does not exist')
+            continue
+        path = part.get('pretrained')
         if path is not None and not osp.isdir(path):
             raise ConfigError(f'{key}.pretrained={path!r} is not a directory; point it at a local '
-                              'checkpoint (nothing is downloaded)')
+                              'checkpoint directory or GGUF file (nothing is downloaded)')
     if cfg.get('synthetic_data'):
         return  # made on first use, below
     for data_key in sorted({cfg[s].data for s in stages}):

@@ -16,6 +16,7 @@ from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelFo
 
 from dpa.models.attention import resolve_attn_implementation
 from dpa.models.checkpoint_code import checkpoint_code_class
+from dpa.models.gguf import gguf_checkpoint, gguf_config, gguf_path
 from dpa.models.internlm2 import InternLM2Tokenizer, is_internlm2_tokenizer_dir
 from dpa.models.standin_checkpoint import reload_as_checkpoint
 from dpa.registry import MODELS
@@ -37,16 +38,26 @@ def _seeded(seed: int):
 
 
 def hf_config(pretrained: Optional[str] = None, config: Optional[dict] = None,
-              trust_remote_code: bool = False):
+              trust_remote_code: bool = False, gguf_file: Optional[str] = None):
     """The transformers config of a component, read without loading weights."""
-    if (pretrained is None) == (config is None):
-        raise ValueError('give exactly one of `pretrained` (a local checkpoint directory) '
-                         'or `config` (a dict with `model_type` for a random stand-in)')
+    if (pretrained is None and gguf_file is None) == (config is None):
+        raise ValueError('give exactly one of `pretrained` (a local checkpoint directory or '
+                         'GGUF file) or `config` (a dict with `model_type` for a random stand-in)')
+    gguf = gguf_path(pretrained, gguf_file)
+    if gguf is not None:
+        return gguf_config(gguf)
     if pretrained is not None:
         return AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
     config = dict(config)
     # InternLM2 too: `import dpa` registers the project's own implementation.
     return AutoConfig.for_model(config.pop('model_type'), **config)
+
+
+def llm_config(llm: dict):
+    """The transformers config of an ``HFCausalLM`` config dict, read without
+    loading weights."""
+    return hf_config(llm.get('pretrained'), llm.get('config'),
+                     llm.get('trust_remote_code', False), llm.get('gguf_file'))
 
 
 @MODELS.register_module()
@@ -56,8 +67,14 @@ def HFCausalLM(pretrained: Optional[str] = None,
                attn_implementation: Union[str, Sequence[str]] = 'sdpa',
                trust_remote_code: bool = False,
                init_seed: int = 0,
-               use_checkpoint_code: bool = False):
+               use_checkpoint_code: bool = False,
+               gguf_file: Optional[str] = None):
     """Any ``AutoModelForCausalLM``, from a local checkpoint or a config.
+
+    A GGUF file (``pretrained='/dir/model.gguf'``, or transformers' spelling
+    ``pretrained='/dir', gguf_file='model.gguf'``) is dequantized once to a
+    float32 checkpoint directory and loaded from there
+    (:mod:`dpa.models.gguf`).
 
     A stand-in built from ``config`` is saved and loaded back with
     ``from_pretrained`` like a user's checkpoint, so what fails on loading a
@@ -84,6 +101,9 @@ def HFCausalLM(pretrained: Optional[str] = None,
             directory, dtype=dtype, attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code)
 
+    gguf = gguf_path(pretrained, gguf_file)
+    if gguf is not None:
+        return load(gguf_checkpoint(gguf))
     if pretrained is not None:
         return load(pretrained)
     cfg = hf_config(config=config, trust_remote_code=trust_remote_code)
@@ -139,8 +159,11 @@ GENERIC_TOKENIZER_CLASSES = ('TokenizersBackend', 'PreTrainedTokenizerFast')
 
 @PROCESSORS.register_module()
 def HFTokenizer(pretrained: str, trust_remote_code: bool = False,
-                use_checkpoint_code: bool = False, **kwargs):
+                use_checkpoint_code: bool = False, gguf_file: Optional[str] = None, **kwargs):
     """A local tokenizer, with the ``<image>`` placeholder token added.
+
+    A GGUF file (as for :func:`HFCausalLM`) gives the tokenizer of its
+    converted checkpoint directory, chat template included.
 
     A tokenizer saved as a generic ``tokenizer.json`` one is loaded as exactly
     that: ``AutoTokenizer`` would pick the class of the ``config.json`` beside
@@ -149,6 +172,9 @@ def HFTokenizer(pretrained: str, trust_remote_code: bool = False,
     vocabulary. ``use_checkpoint_code=True`` (with ``trust_remote_code``) runs
     the tokenizer class the directory's ``auto_map`` names (see HFCausalLM).
     """
+    gguf = gguf_path(pretrained, gguf_file)
+    if gguf is not None:
+        pretrained = gguf_checkpoint(gguf)
     if use_checkpoint_code:
         tokenizer_cls = checkpoint_code_class(pretrained, 'AutoTokenizer', trust_remote_code)
         tokenizer = tokenizer_cls.from_pretrained(pretrained, **kwargs)

