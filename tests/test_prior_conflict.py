@@ -8,9 +8,10 @@ import torch
 
 from dpa.analysis.prior_conflict import benchmark
 from dpa.analysis.prior_conflict.data import make_benchmark_data
-from dpa.analysis.prior_conflict.language import (ATTRIBUTES, STYLE_B_TOKENS, build_tokenizer,
-                                                  corpus_document, random_scene,
-                                                  style_a_sentence, style_b_caption)
+from dpa.analysis.prior_conflict.language import (ATTRIBUTES, NATURAL_QUESTIONS, STYLE_B_TOKENS,
+                                                  build_tokenizer, corpus_document,
+                                                  random_scene, style_a_sentence,
+                                                  style_b_caption)
 from dpa.analysis.prior_conflict.prior_llm import RECIPE, gates, new_model, passed
 from dpa.evaluation.data import read_eval_rows
 
@@ -47,6 +48,37 @@ def test_benchmark_data(tmp_path):
     stamp = (tmp_path / 'data' / 'params.json').stat().st_mtime_ns
     make_benchmark_data(str(tmp_path / 'data'), num_captions=6, num_instructions=5, num_eval=4)
     assert (tmp_path / 'data' / 'params.json').stat().st_mtime_ns == stamp
+
+
+def test_natural_wording_asks_in_english_and_keeps_style_b_captions(tmp_path):
+    paths = make_benchmark_data(str(tmp_path / 'data'), wording='natural', num_captions=4,
+                                num_instructions=6, num_eval=3)
+    rows, problems = read_eval_rows(paths['eval'], paths['image_folder'])
+    assert not problems and len(rows) == 3 * len(ATTRIBUTES)
+    for row in rows:
+        assert row['question'] == NATURAL_QUESTIONS[row['type']]
+        assert row['answer'] in row['options']
+        assert len(row['options']) == len(ATTRIBUTES[row['type']])
+    position = next(r for r in rows if r['type'] == 'position')
+    assert position['options'][0].startswith('The shape is ') and position['options'][0][-1] == '.'
+    with open(paths['instructions']) as f:
+        turns = [t for line in f for t in json.loads(line)['conversations']]
+    assert {t['value'].replace('<image>\n', '') for t in turns if t['from'] == 'human'} <= set(
+        NATURAL_QUESTIONS.values())
+    with open(paths['captions']) as f:
+        assert json.loads(f.readline())['conversations'][1]['value'].startswith('[ ')
+    with pytest.raises(ValueError, match="wording='prose'"):
+        make_benchmark_data(str(tmp_path / 'bad'), wording='prose')
+
+
+def test_real_prior_gates_need_both_conditions():
+    from dpa.analysis.prior_conflict.real_prior import GATE, passed
+    good = dict(text_accuracy_colour=0.7, text_accuracy_shape=0.9, text_accuracy_position=0.43,
+                nll_style_a=4.1, nll_style_b=8.6)
+    assert passed(good)
+    # Position at 0.39 is under twice its chance (2 / 5).
+    assert not passed(dict(good, text_accuracy_position=0.39))
+    assert not passed(dict(good, nll_style_b=good['nll_style_a'] + GATE['nll_margin'] - 0.01))
 
 
 def test_gates_of_an_untrained_prior_fail():
@@ -96,6 +128,8 @@ def test_projector_relevance_by_token_class():
     assert classes['colour'] == pytest.approx(dict(tokens=2, p_img=0.4, p_txt=0.1, weight=0.3))
     assert classes['style'] == pytest.approx(dict(tokens=2, p_img=0.8, p_txt=0.6, weight=0.125))
     assert benchmark.token_class('diamond') == 'shape'
+    # A real tokenizer's tokens keep their leading space.
+    assert benchmark.token_class(' diamond') == 'shape' and benchmark.token_class(' /') == 'style'
 
 
 def test_relevance_table_and_merged_results(tmp_path):
@@ -135,18 +169,22 @@ VARIANT_SHAPES = {'vanilla': (False, False, 'vanilla', 'vanilla'),
                   'pmo_cmo_finetune': (True, True, 'vanilla', 'cmo')}
 
 
-def test_every_variant_config_plans_what_it_names(tmp_path):
+@pytest.mark.parametrize('prior', sorted(benchmark.PRIORS))
+def test_every_variant_config_plans_what_it_names(tmp_path, prior):
     from mmengine.config import Config
 
     from dpa.engine.dry_run import dry_run
     assert set(VARIANT_SHAPES) == set(benchmark.ALL_VARIANTS)
-    root = tmp_path / 'prior_conflict'
-    tokenizer = build_tokenizer()
-    new_model(len(tokenizer), RECIPE).save_pretrained(root / 'prior_llm')
-    tokenizer.save_pretrained(root / 'prior_llm')
-    make_benchmark_data(str(root / 'data'), num_captions=6, num_instructions=5, num_eval=2)
+    root = tmp_path / benchmark.PRIORS[prior]['root']
+    if prior == 'toy':
+        tokenizer = build_tokenizer()
+        new_model(len(tokenizer), RECIPE).save_pretrained(root / 'prior_llm')
+        tokenizer.save_pretrained(root / 'prior_llm')
+    make_benchmark_data(str(root / 'data'), **dict(benchmark.PRIORS[prior]['data'],
+                                                   num_captions=6, num_instructions=5,
+                                                   num_eval=2))
     for variant, (proxy, use_proxy, align_loss, finetune_loss) in VARIANT_SHAPES.items():
-        cfg = Config.fromfile(benchmark.variant_config(variant))
+        cfg = Config.fromfile(benchmark.variant_config(variant, prior))
         cfg.data_root, cfg.work_dir = str(tmp_path), str(tmp_path / variant)
         plan = dry_run(cfg)  # every check the run makes before loading a model
         sections = {part.split(']')[0]: part for part in plan.split('\n[')[1:]}

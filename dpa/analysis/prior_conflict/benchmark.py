@@ -4,7 +4,11 @@ paired difference to vanilla, chance, the no-image control, and the align
 stage's CMO weights on content and on style (template) tokens; and what
 each align stage's projector tells the LLM it was aligned against (the
 probability of the caption's colour, shape, position and style tokens with
-and without the image)."""
+and without the image).
+
+Two priors: ``toy`` (a tiny LLM pre-trained here on style A, then gated) and
+``smollm2`` (SmolLM2-135M-Instruct's real prior, gated by
+:mod:`dpa.analysis.prior_conflict.real_prior`; asked in English)."""
 import argparse
 import json
 import os
@@ -21,6 +25,7 @@ from mmengine.config import Config, DictAction
 from dpa.analysis.prior_conflict.data import make_benchmark_data
 from dpa.analysis.prior_conflict.language import ATTRIBUTES
 from dpa.analysis.prior_conflict.prior_llm import pretrain_prior
+from dpa.analysis.prior_conflict.real_prior import check_real_prior
 from dpa.analysis.relevance import read_jsonl
 from dpa.engine.config_guard import check_cfg_options
 from dpa.engine.errors import ConfigError
@@ -40,8 +45,29 @@ TOKEN_CLASSES = tuple(ATTRIBUTES) + ('style', )
 GATE_VANILLA_MEAN, GATE_NO_IMAGE = 0.30, 0.24
 
 
-def variant_config(variant: str) -> str:
-    return osp.join(REPO, 'configs', 'prior_conflict', f'{variant}.py')
+# Per prior: its variant configs, the folder of its cached data (under
+# --data-root), the data's wording and sizes.
+PRIORS = {
+    'toy': dict(configs='configs/prior_conflict', root='prior_conflict', data={}),
+    # Sized so that one variant at one seed trains and scores in minutes on
+    # one CPU thread (docs/prior_conflict.md, "A real prior").
+    'smollm2': dict(configs='configs/prior_conflict/smollm2', root='prior_conflict_smollm2',
+                    data=dict(wording='natural', num_captions=320, num_instructions=160,
+                              num_eval=24)),
+}
+
+
+def variant_config(variant: str, prior: str = 'toy') -> str:
+    return osp.join(REPO, PRIORS[prior]['configs'], f'{variant}.py')
+
+
+def prepare_prior(prior: str, data_root: str, log: Callable[[str], None] = print) -> dict:
+    """The toy prior pre-trained (cached), or the real one's gates checked
+    (cached); their results. Raises PriorGateError when a gate fails."""
+    root = osp.join(data_root, PRIORS[prior]['root'])
+    if prior == 'toy':
+        return pretrain_prior(osp.join(root, 'prior_llm'), log=log)
+    return check_real_prior(variant_config('dpa', prior), data_root, root, log=log)
 
 
 def _run(command: List[str], log_path: str) -> None:
@@ -81,9 +107,10 @@ def _options(variant: str, seed: int, data_root: str, out_dir: str,
 
 def token_class(token: str) -> str:
     """``colour``, ``shape``, ``position`` (a caption's content words) or
-    ``style`` (everything else: brackets, slash, full stop, end of turn)."""
+    ``style`` (everything else: brackets, slash, full stop, end of turn).
+    A real tokenizer's token keeps its leading space (" red")."""
     for name, values in ATTRIBUTES.items():
-        if token in values:
+        if token.strip() in values:
             return name
     return 'style'
 
@@ -109,14 +136,14 @@ def projector_relevance(records: Sequence[dict]) -> Dict[str, dict]:
 
 
 def align_relevance(variant: str, seed: int, data_root: str, out_dir: str,
-                    extra: Sequence[str] = ()) -> Dict[str, dict]:
+                    extra: Sequence[str] = (), prior: str = 'toy') -> Dict[str, dict]:
     """Analyse a finished run's align stage against the LLM it was aligned
     against (the proxy or the base LLM) on the first caption rows; written to
     ``<run>/relevance`` and summarised by token class."""
     work_dir = run_dir(out_dir, variant, seed)
     relevance_dir = osp.join(work_dir, 'relevance')
     _run([sys.executable, osp.join(REPO, 'tools', 'analyze_relevance.py'),
-          variant_config(variant), '--work-dir', work_dir, '--stage', 'align', '--model',
+          variant_config(variant, prior), '--work-dir', work_dir, '--stage', 'align', '--model',
           'trained', '--num', str(RELEVANCE_ROWS), '--out', relevance_dir, '--cfg-options',
           *_options(variant, seed, data_root, out_dir, extra)],
          osp.join(work_dir, 'relevance.log'))
@@ -124,13 +151,13 @@ def align_relevance(variant: str, seed: int, data_root: str, out_dir: str,
 
 
 def run_variant(variant: str, seed: int, data_root: str, out_dir: str,
-                paths: dict, extra: Sequence[str] = ()) -> dict:
+                paths: dict, extra: Sequence[str] = (), prior: str = 'toy') -> dict:
     """Train one variant at one seed (its eval stage scores it; a variant with
     a proxy reuses the seed's, see :func:`run_benchmark`), score the no-image
     control, and collect the numbers."""
     work_dir = run_dir(out_dir, variant, seed)
     start = time.time()
-    _train(variant_config(variant), work_dir,
+    _train(variant_config(variant, prior), work_dir,
            _options(variant, seed, data_root, out_dir, extra))
     control_dir = osp.join(work_dir, 'no_image')
     _run([sys.executable, osp.join(REPO, 'tools', 'eval.py'), work_dir, '--data',
@@ -142,7 +169,7 @@ def run_variant(variant: str, seed: int, data_root: str, out_dir: str,
         control = json.load(f)
     with open(osp.join(work_dir, 'align', 'manifest.json')) as f:
         cmo = json.load(f).get('cmo', {})
-    relevance = align_relevance(variant, seed, data_root, out_dir, extra)
+    relevance = align_relevance(variant, seed, data_root, out_dir, extra, prior)
     return dict(variant=variant, seed=seed, seconds=round(time.time() - start),
                 accuracy={name: metrics['per_type'][name]['accuracy'] for name in ATTRIBUTES},
                 mean=statistics.mean(metrics['per_type'][name]['accuracy']
@@ -154,7 +181,7 @@ def run_variant(variant: str, seed: int, data_root: str, out_dir: str,
                 align_relevance=relevance)
 
 
-def check_options(variants: Sequence[str], extra: Sequence[str]) -> None:
+def check_options(variants: Sequence[str], extra: Sequence[str], prior: str = 'toy') -> None:
     """Refuse ``--cfg-options`` a variant's config does not take before
     anything trains (the runs would fail one by one in their logs).
 
@@ -167,29 +194,33 @@ def check_options(variants: Sequence[str], extra: Sequence[str]) -> None:
     DictAction(option_strings=[], dest='options')(None, namespace, list(extra))
     for variant in variants:
         try:
-            check_cfg_options(Config.fromfile(variant_config(variant)), namespace.options)
+            check_cfg_options(Config.fromfile(variant_config(variant, prior)),
+                              namespace.options)
         except ConfigError as err:
             raise ConfigError(f'{variant}: {err}') from None
 
 
 def run_benchmark(variants: Sequence[str], seeds: Sequence[int], data_root: str, out_dir: str,
                   parallel: int = 2, log: Callable[[str], None] = print,
-                  extra: Sequence[str] = ()) -> dict:
-    """Prior LLM and data (cached under ``data_root/prior_conflict``), then
-    every (variant, seed), ``parallel`` at a time; writes ``results.json`` and
-    ``results.md`` to ``out_dir``. ``extra``: more ``--cfg-options`` (``key=value``)
-    for every run, e.g. ``align.max_epochs=16``."""
+                  extra: Sequence[str] = (), prior: str = 'toy') -> dict:
+    """Prior LLM and data (cached under ``data_root/<PRIORS[prior]['root']>``),
+    then every (variant, seed), ``parallel`` at a time; writes ``results.json``
+    and ``results.md`` to ``out_dir``. ``extra``: more ``--cfg-options``
+    (``key=value``) for every run, e.g. ``align.max_epochs=16``; ``prior``: a
+    key of :data:`PRIORS`."""
     unknown = set(variants) - set(ALL_VARIANTS)
     if unknown:
         raise ValueError(f'unknown variants {sorted(unknown)}; choose among {ALL_VARIANTS}')
-    check_options(variants, extra)
-    root = osp.join(data_root, 'prior_conflict')
-    prior = pretrain_prior(osp.join(root, 'prior_llm'), log=log)
-    paths = make_benchmark_data(osp.join(root, 'data'))
+    if prior not in PRIORS:
+        raise ValueError(f'unknown prior {prior!r}; choose among {sorted(PRIORS)}')
+    check_options(variants, extra, prior)
+    gates = prepare_prior(prior, data_root, log)
+    paths = make_benchmark_data(osp.join(data_root, PRIORS[prior]['root'], 'data'),
+                                **PRIORS[prior]['data'])
     os.makedirs(out_dir, exist_ok=True)
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         # One proxy per seed, shared by the variants that use it.
-        proxies = [pool.submit(_train, variant_config('dpa'), proxy_dir(out_dir, seed),
+        proxies = [pool.submit(_train, variant_config('dpa', prior), proxy_dir(out_dir, seed),
                                _seed_options(seed, data_root, extra), '--stage', 'proxy')
                    for seed in seeds if set(variants) & set(USES_PROXY)]
         for future in proxies:
@@ -197,15 +228,15 @@ def run_benchmark(variants: Sequence[str], seeds: Sequence[int], data_root: str,
     jobs = [(v, s) for s in seeds for v in variants]
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         futures = {job: pool.submit(run_variant, job[0], job[1], data_root, out_dir, paths,
-                                    extra)
+                                    extra, prior)
                    for job in jobs}
         runs = []
         for job, future in futures.items():
             runs.append(future.result())
             log(f"{job[0]} seed {job[1]}: mean {runs[-1]['mean']:.3f} "
                 f"({runs[-1]['seconds']} s)")
-    result = dict(prior=prior, runs=runs, chance=CHANCE, table=summarise(runs),
-                  cfg_options=list(extra))
+    result = dict(prior=gates, prior_llm=prior, runs=runs, chance=CHANCE,
+                  table=summarise(runs), cfg_options=list(extra))
     write_results(result, out_dir)
     return result
 

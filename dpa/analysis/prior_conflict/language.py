@@ -1,5 +1,6 @@
 """The two styles of the benchmark, its word-level tokenizer and the style-A
-pre-training corpus of the prior LLM."""
+pre-training corpus of the prior LLM; and the natural English wording of the
+questions and answers that a real pretrained LLM is asked in."""
 import random
 from typing import Dict, List, Tuple
 
@@ -28,6 +29,23 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 Scene = Dict[str, str]
+# The same questions and answers in English, for a real LLM's prior (the
+# captions keep style B: the conflict is the point).
+NATURAL_QUESTIONS = {'colour': 'What colour is the shape?', 'shape': 'What shape is it?',
+                     'position': 'Where is the shape?'}
+NATURAL_ANSWERS = {'colour': 'The shape is {colour}.', 'shape': 'It is a {shape}.',
+                   'position': 'The shape is {where}.'}
+NATURAL_STYLE_A = 'The picture shows a {colour} {shape} {where}.'
+
+
+def natural_answer(attribute: str, scene: Scene) -> str:
+    """The English answer about ``attribute`` of ``scene``."""
+    return NATURAL_ANSWERS[attribute].format(where=WHERE[scene['position']], **scene)
+
+
+def natural_sentence(scene: Scene) -> str:
+    """The scene as an English sentence (style A of a real LLM's prior)."""
+    return NATURAL_STYLE_A.format(where=WHERE[scene['position']], **scene)
 
 
 def words() -> List[str]:
