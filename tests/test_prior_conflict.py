@@ -158,6 +158,32 @@ def test_relevance_table_and_merged_results(tmp_path):
         benchmark.merge_results([paths[0], paths[0]])
 
 
+def test_weight_budget_and_merge_summarises_again_from_the_records(tmp_path):
+    records = [dict(token=' red', p_img=0.5, p_txt=0.1, delta=0.4, weight=0.3),
+               dict(token=' circle', p_img=0.2, p_txt=0.18, delta=0.02, weight=0.05),
+               dict(token=' [', p_img=0.9, p_txt=0.9, delta=0.0, weight=0.05),
+               dict(token=' /', p_img=0.9, p_txt=0.88, delta=0.02, weight=0.1)]
+    budget = benchmark.weight_budget(records, 0.05)
+    assert budget['colour'] == pytest.approx(dict(token_share=0.25, loss_share=0.6,
+                                                  below_floor=0.0, at_floor=0.0))
+    assert budget['style'] == pytest.approx(dict(token_share=0.5, loss_share=0.3,
+                                                 below_floor=1.0, at_floor=0.5))
+    assert budget['shape']['at_floor'] == 1.0
+
+    run = _run('dpa', 0, 0.5)
+    with open(tmp_path / 'results.json', 'w') as f:
+        json.dump(dict(prior={}, prior_llm='toy', runs=[run]), f)
+    (tmp_path / 'dpa_seed0' / 'relevance').mkdir(parents=True)
+    with open(tmp_path / 'dpa_seed0' / 'relevance' / 'tokens.jsonl', 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in records)
+    merged = benchmark.merge_results([str(tmp_path / 'results.json')])
+    entry = merged['table']['variants']['dpa']
+    assert entry['align_budget']['colour']['loss_share'] == pytest.approx(0.6)
+    assert entry['align_relevance']['colour']['p_img'] == [0.5]
+    text = benchmark.format_table(merged['table'])
+    assert '| dpa | colour | 0.250 | 0.600 | 0.000 | 0.000 |' in text
+
+
 # What each variant is, stage by stage: (runs the proxy stage, align trains
 # against the proxy, align loss, finetune loss).
 VARIANT_SHAPES = {'vanilla': (False, False, 'vanilla', 'vanilla'),

@@ -40,6 +40,7 @@ CHANCE = statistics.mean(1 / len(values) for values in ATTRIBUTES.values())
 # Caption rows the align projector is analysed on (tools/analyze_relevance.py).
 RELEVANCE_ROWS = 60
 TOKEN_CLASSES = tuple(ATTRIBUTES) + ('style', )
+BUDGET_KEYS = ('token_share', 'loss_share', 'below_floor', 'at_floor')
 # A comparison counts only when vanilla learnt something from the image and
 # the questions cannot be answered without it.
 GATE_VANILLA_MEAN, GATE_NO_IMAGE = 0.30, 0.24
@@ -135,8 +136,40 @@ def projector_relevance(records: Sequence[dict]) -> Dict[str, dict]:
             for name, rows in classes.items()}
 
 
+def weight_budget(records: Sequence[dict], delta_min: float) -> Dict[str, dict]:
+    """Where a CMO loss's weight goes, per token class, over every supervised
+    token of the records: the share of the tokens (``token_share``) and of
+    the summed weight (``loss_share``: the normalised loss sum w CE / sum w
+    gives a class this share of the gradient's weight, where a plain mean
+    gives it ``token_share``), the share whose raw ``p_img - p_txt`` is at
+    most ``delta_min`` (``below_floor``: the clamp's floor decides them) and
+    the share whose weight, after smoothing, is still the floor
+    (``at_floor``)."""
+    total_weight = sum(r['weight'] for r in records) or 1.0
+    classes: Dict[str, List[dict]] = {}
+    for record in records:
+        classes.setdefault(token_class(record['token']), []).append(record)
+    return {name: dict(token_share=len(rows) / len(records),
+                       loss_share=sum(r['weight'] for r in rows) / total_weight,
+                       below_floor=statistics.mean(r['delta'] <= delta_min for r in rows),
+                       at_floor=statistics.mean(r['weight'] <= delta_min + 1e-6 for r in rows))
+            for name, rows in classes.items()}
+
+
+def relevance_of_run(work_dir: str, cfg: Config) -> dict:
+    """``align_relevance`` (:func:`projector_relevance`) of a run's records
+    in ``<work_dir>/relevance``, and ``align_budget`` (:func:`weight_budget`)
+    when its align loss (in ``cfg``, the run's config) weights tokens."""
+    records = read_jsonl(osp.join(work_dir, 'relevance', 'tokens.jsonl'))
+    out = dict(align_relevance=projector_relevance(records))
+    loss = cfg.align.loss
+    if loss.mode != 'vanilla':
+        out['align_budget'] = weight_budget(records, loss.clamp[0])
+    return out
+
+
 def align_relevance(variant: str, seed: int, data_root: str, out_dir: str,
-                    extra: Sequence[str] = (), prior: str = 'toy') -> Dict[str, dict]:
+                    extra: Sequence[str] = (), prior: str = 'toy') -> dict:
     """Analyse a finished run's align stage against the LLM it was aligned
     against (the proxy or the base LLM) on the first caption rows; written to
     ``<run>/relevance`` and summarised by token class."""
@@ -147,7 +180,7 @@ def align_relevance(variant: str, seed: int, data_root: str, out_dir: str,
           'trained', '--num', str(RELEVANCE_ROWS), '--out', relevance_dir, '--cfg-options',
           *_options(variant, seed, data_root, out_dir, extra)],
          osp.join(work_dir, 'relevance.log'))
-    return projector_relevance(read_jsonl(osp.join(relevance_dir, 'tokens.jsonl')))
+    return relevance_of_run(work_dir, variant_cfg(variant, prior, extra))
 
 
 def run_variant(variant: str, seed: int, data_root: str, out_dir: str,
@@ -177,8 +210,7 @@ def run_variant(variant: str, seed: int, data_root: str, out_dir: str,
                 no_image=control['accuracy'],
                 align_weight_content=cmo.get('w_mean_content'),
                 align_weight_style=cmo.get('w_mean_template'),
-                align_at_min=cmo.get('at_min'),
-                align_relevance=relevance)
+                align_at_min=cmo.get('at_min'), **relevance)
 
 
 def check_options(variants: Sequence[str], extra: Sequence[str], prior: str = 'toy') -> None:
@@ -190,14 +222,26 @@ def check_options(variants: Sequence[str], extra: Sequence[str], prior: str = 't
     """
     if not extra:
         return
-    namespace = argparse.Namespace()
-    DictAction(option_strings=[], dest='options')(None, namespace, list(extra))
     for variant in variants:
         try:
             check_cfg_options(Config.fromfile(variant_config(variant, prior)),
-                              namespace.options)
+                              _parse_options(extra))
         except ConfigError as err:
             raise ConfigError(f'{variant}: {err}') from None
+
+
+def _parse_options(extra: Sequence[str]) -> dict:
+    namespace = argparse.Namespace()
+    DictAction(option_strings=[], dest='options')(None, namespace, list(extra))
+    return namespace.options
+
+
+def variant_cfg(variant: str, prior: str = 'toy', extra: Sequence[str] = ()) -> Config:
+    """A variant's config with the sweep's ``--cfg-options`` merged."""
+    cfg = Config.fromfile(variant_config(variant, prior))
+    if extra:
+        cfg.merge_from_dict(_parse_options(extra))
+    return cfg
 
 
 def run_benchmark(variants: Sequence[str], seeds: Sequence[int], data_root: str, out_dir: str,
@@ -288,6 +332,12 @@ def summarise(runs: List[dict]) -> dict:
                 name: {key: [r[name][key] for r in relevance if name in r]
                        for key in ('p_img', 'p_txt', 'weight')}
                 for name in TOKEN_CLASSES}
+        budgets = [r['align_budget'] for r in rows if r.get('align_budget')]
+        if budgets:
+            entry['align_budget'] = {
+                name: {key: statistics.mean(b[name][key] for b in budgets if name in b)
+                       for key in BUDGET_KEYS}
+                for name in TOKEN_CLASSES if any(name in b for b in budgets)}
         table[variant] = entry
     gates = {}
     if 'vanilla' in table:
@@ -335,21 +385,42 @@ def format_table(table: dict) -> str:
                                  if classes[n]['weight'] else '-' for n in TOKEN_CLASSES)
             against = 'proxy' if variant in USES_PROXY else 'base LLM'
             lines.append(f'| {variant} | {against} | ' + ' | '.join(cells) + f' | {weights} |')
+    budget = [v for v in ALL_VARIANTS if 'align_budget' in table['variants'].get(v, {})]
+    if budget:
+        lines += ['', "Where the align stage's weighted loss puts its weight (the same tokens, "
+                  'every supervised one; per class: share of the tokens / share of the summed '
+                  'weight, i.e. of sum w CE / sum w; raw p_img - p_txt at or under the floor; '
+                  'weight at the floor after smoothing):', '',
+                  '| variant | class | tokens | weight | raw delta <= floor | weight at floor |',
+                  '|---|---|---|---|---|---|']
+        for variant in budget:
+            for name, b in table['variants'][variant]['align_budget'].items():
+                lines.append(f"| {variant} | {name} | {b['token_share']:.3f} | "
+                             f"{b['loss_share']:.3f} | {b['below_floor']:.3f} | "
+                             f"{b['at_floor']:.3f} |")
     return '\n'.join(lines)
 
 
 def merge_results(paths: Sequence[str]) -> dict:
     """One table from several ``results.json`` (e.g. more seeds run later);
-    a (variant, seed) in two files is an error."""
+    a (variant, seed) in two files is an error. A run whose relevance
+    records lie beside its ``results.json`` is summarised again from them
+    (the records are the source; the summary may be newer than the run)."""
     runs, seen, prior = [], set(), None
     for path in paths:
         with open(path) as f:
             result = json.load(f)
         prior = prior or result.get('prior')
+        out_dir = osp.dirname(osp.abspath(path))
         for run in result['runs']:
             key = (run['variant'], run['seed'])
             if key in seen:
                 raise ValueError(f'{run["variant"]} seed {run["seed"]} is in two of {list(paths)}')
             seen.add(key)
+            work_dir = run_dir(out_dir, run['variant'], run['seed'])
+            if osp.isfile(osp.join(work_dir, 'relevance', 'tokens.jsonl')):
+                cfg = variant_cfg(run['variant'], result.get('prior_llm', 'toy'),
+                                  result.get('cfg_options', ()))
+                run = dict(run, **relevance_of_run(work_dir, cfg))
             runs.append(run)
     return dict(prior=prior, runs=runs, chance=CHANCE, table=summarise(runs))
