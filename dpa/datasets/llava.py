@@ -2,6 +2,7 @@
 to an image folder) and ``conversations`` of human/gpt turns."""
 import json
 import math
+from collections import Counter
 import os.path as osp
 import warnings
 from typing import List, Optional, Sequence, Tuple, Union
@@ -26,6 +27,10 @@ CAPTION_SUFFIXES = ('eos', '\n')
 LABEL_MODES = ('assistant', 'reference')
 ROLES = {'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assistant': 'assistant',
          'system': 'system'}
+
+
+class AllRowsBad(ValueError):
+    """Every row of a dataset is bad: there is nothing to train on."""
 
 
 class BadSampleError(ValueError):
@@ -158,7 +163,32 @@ def conversation_messages(row) -> List[dict]:
         messages.append(dict(role=role, content=content))
     if not any(m['role'] == 'assistant' for m in messages):
         raise BadSampleError('empty_text', 'row has no gpt turn to learn from')
+    if messages[-1]['role'] == 'user':
+        # Truncated data, or turns in the wrong order: the question is unanswered.
+        raise BadSampleError('ends_with_user_turn', 'the last turn is a human turn with no gpt '
+                             'answer after it; end the conversation with a gpt turn')
     return messages
+
+
+def duplicate_ids(rows) -> List[dict]:
+    """Records for every row whose ``id`` an earlier row already has.
+
+    Args:
+        rows: (file, row index, row) triples, in reading order.
+    """
+    first_seen, problems = {}, []
+    for source, index, row in rows:
+        row_id = row.get('id') if isinstance(row, dict) else None
+        if row_id is None or isinstance(row_id, bool) or not isinstance(row_id, (str, int)):
+            continue  # reported as bad_id by the schema check
+        if row_id in first_seen:
+            where = first_seen[row_id]
+            err = BadSampleError('duplicate_id', f'id {row_id!r} is also at {where[0]} row '
+                                 f'{where[1]}')
+            problems.append(bad_row_record(source, index, row, err))
+        else:
+            first_seen[row_id] = (source, index)
+    return problems
 
 
 def check_image_tags(image: Optional[str], messages: List[dict]) -> None:
@@ -358,6 +388,10 @@ class LLaVADataset(BaseDataset):
         for path in self.data_files:
             for row_index, row in read_rows(path, self.load_problems):
                 data.append(dict(row=row, source=path, row_index=row_index))
+        # A repeated id is a repeated row (or a mislabelled one): trained once,
+        # the later ones skipped and listed, as check_data reports them.
+        self.duplicates = {(d['file'], d['row']): d['detail'] for d in duplicate_ids(
+            (info['source'], info['row_index'], info['row']) for info in data)}
         return data
 
     def __getitem__(self, idx: int) -> dict:
@@ -375,10 +409,19 @@ class LLaVADataset(BaseDataset):
             if skipped:
                 sample['skipped'] = skipped
             return sample
-        raise RuntimeError(f'every row of {self.data_files} is bad, e.g. {skipped[:3]}')
+        reasons = Counter(record['reason'] for record in skipped)
+        raise AllRowsBad(
+            f'every row of {self.data_files} is bad ('
+            + ', '.join(f'{count} x {reason}' for reason, count in reasons.most_common())
+            + f'), e.g. {skipped[0]["file"]} row {skipped[0]["row"]}: {skipped[0]["detail"]}. '
+            'Fix the data: tools/check_data.py lists every problem')
 
     def prepare_data(self, idx: int) -> dict:
-        return self.tokenize(self.get_data_info(idx)['row'])
+        info = self.get_data_info(idx)
+        duplicate = self.duplicates.get((info['source'], info['row_index']))
+        if duplicate is not None:
+            raise BadSampleError('duplicate_id', duplicate)
+        return self.tokenize(info['row'])
 
     def image_tokens(self, idx: int) -> int:
         """How many ``<image>`` ids row ``idx``'s image becomes (0 without one),

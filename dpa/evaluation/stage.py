@@ -17,7 +17,8 @@ from mmengine.dist import barrier, is_main_process
 from dpa.engine.artifacts import read_manifest, write_artifact_dir, write_manifest
 from dpa.engine.errors import ConfigError
 from dpa.evaluation.data import EvalDataError
-from dpa.evaluation.evaluator import METRICS_FILE, BadRowsError, evaluate
+from dpa.engine.interrupts import TrainingInterrupted, requested_signal
+from dpa.evaluation.evaluator import METRICS_FILE, BadRowsError, EvaluationInterrupted, evaluate
 from dpa.models.export import NATIVE_CONFIG
 
 EVAL_STAGE = 'eval'
@@ -68,10 +69,13 @@ def run_eval_stage(cfg) -> dict:
     """Score the final model (rank 0) and write the stage's manifest; return
     it, with ``skipped`` True when an up-to-date one existed."""
     work_dir = cfg.work_dir
-    final = read_manifest(work_dir, FINAL_STAGE)
+    # Checked here, once: the scores must be those of the model training wrote.
+    final = read_manifest(work_dir, FINAL_STAGE, verify=True)
     manifest = read_manifest(work_dir, EVAL_STAGE)
     if manifest is not None and manifest.get('model_finished_at') == final['finished_at']:
         return dict(manifest, skipped=True)
+    if requested_signal():
+        raise TrainingInterrupted(EVAL_STAGE, requested_signal(), 0, None)
     if is_main_process():
         spec = cfg[EVAL_STAGE]
         target = osp.join(work_dir, EVAL_STAGE, 'artifact')
@@ -82,12 +86,16 @@ def run_eval_stage(cfg) -> dict:
                 final['artifact'], spec['data'], spec.get('image_folder') or '', tmp_dir,
                 batch_size=spec.get('batch_size', 8), device=spec.get('device'),
                 skip_bad_rows=spec.get('skip_bad_rows', False),
-                pad_to_square=_pad_to_square(cfg, final['artifact']), show_progress=False))
+                pad_to_square=_pad_to_square(cfg, final['artifact']), show_progress=False,
+                verify=False, interrupted=requested_signal))
 
         try:
             write_artifact_dir(target, write)
         except (BadRowsError, EvalDataError) as err:
             raise ConfigError(f'eval.data: {err}') from None
+        except EvaluationInterrupted as err:
+            # Nothing to save: a re-run scores the model again from the start.
+            raise TrainingInterrupted(EVAL_STAGE, err.signum, 0, None) from None
         # The manifest keys every stage has; no training happens here.
         write_manifest(work_dir, EVAL_STAGE, dict(
             artifact_kind=ARTIFACT_KIND, artifact=osp.abspath(target),
