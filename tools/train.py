@@ -19,7 +19,8 @@ from mmengine.config import DictAction
 from mmengine.dist import is_main_process
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from dpa.engine.artifacts import ArtifactError  # noqa: E402
+from dpa.engine.artifacts import ArtifactError, manifest_path  # noqa: E402
+from dpa.engine.checkpoint import latest_complete_checkpoint  # noqa: E402
 from dpa.datasets.llava import AllRowsBad  # noqa: E402
 from dpa.engine.config_file import load_config  # noqa: E402
 from dpa.engine.config_guard import apply_cfg_options  # noqa: E402
@@ -102,11 +103,23 @@ def main(argv=None):
         if not disk_full(err):
             raise
         sys.exit(f'error: no space left on the disk of {cfg.work_dir} ({err}). Nothing '
-                 'half-written is kept: free space, then resume with:\n  '
-                 f'{resume_command(argv, cfg.work_dir)}')
+                 'half-written is kept: free space, then run\n  '
+                 f'{restart_command(argv, cfg.work_dir)}')
     if is_main_process():  # one summary per run, not one per process
         print(format_summary(manifests))
     close_process_group()
+
+
+def restart_command(argv, work_dir: str) -> str:
+    """After a failure: the command that resumes when an unfinished stage has
+    a checkpoint, else the same command again."""
+    resumable = any(latest_complete_checkpoint(osp.join(work_dir, stage))
+                    and not osp.exists(manifest_path(work_dir, stage)) for stage in STAGES)
+    if resumable:
+        return resume_command(argv, work_dir)
+    args = list(sys.argv[1:] if argv is None else argv)
+    return shlex.join(['python', 'tools/train.py'] + args
+                      + ([] if '--work-dir' in args else ['--work-dir', work_dir]))
 
 
 def resume_command(argv, work_dir: str) -> str:

@@ -25,6 +25,7 @@ from dpa.engine.artifacts import atomic_write, read_manifest, sha256_of, write_m
 from dpa.engine.checkpoint import latest_complete_checkpoint
 from dpa.engine.errors import ConfigError
 from dpa.engine.paths import PLACEHOLDER
+from dpa.engine.staleness import INPUT_CHECKSUMS
 from dpa.models.builders import PROCESSORS
 from dpa.registry import MODELS
 
@@ -236,7 +237,8 @@ def config_differences(saved: dict, current: dict) -> Dict[str, list]:
 
 
 def prepare_stage_start(cfg, stage: str, resume: bool, first_unfinished: bool,
-                        processes: int, allow_config_change: bool = False):
+                        processes: int, allow_config_change: bool = False,
+                        inputs: Optional[Dict[str, str]] = None):
     """Decide how an unfinished stage starts, before any model loads.
 
     Without a checkpoint to resume, the stage starts fresh and its resolved
@@ -250,6 +252,9 @@ def prepare_stage_start(cfg, stage: str, resume: bool, first_unfinished: bool,
             finished, the one ``--resume`` is about.
         processes: the number of training processes.
         allow_config_change: resume even when the config changed.
+        inputs: the checksum digests of the earlier stages' artifacts the
+            stage is made from, by role: a resumed stage whose earlier stage
+            was trained again since would mix the two.
 
     Returns:
         ``(resume, changes)``: whether the stage resumes, and the allowed
@@ -262,6 +267,8 @@ def prepare_stage_start(cfg, stage: str, resume: bool, first_unfinished: bool,
     stage_dir = osp.join(osp.abspath(cfg.work_dir), stage)
     saved_path = osp.join(stage_dir, STAGE_CONFIG)
     current = result_config(cfg, stage, processes)
+    if inputs:
+        current[INPUT_CHECKSUMS] = inputs
     checkpoint = latest_complete_checkpoint(stage_dir) if resume else None
     if resume and checkpoint is None and first_unfinished:
         raise ConfigError(f'--resume: stage {stage!r} has no intact checkpoint in {stage_dir} to '
@@ -277,8 +284,9 @@ def prepare_stage_start(cfg, stage: str, resume: bool, first_unfinished: bool,
         return True, {}
     with open(saved_path, encoding='utf-8') as f:
         saved = json.load(f)
-    if DATA_CHECKSUMS not in saved:  # saved by a version that did not record them
-        current.pop(DATA_CHECKSUMS, None)
+    for key in (DATA_CHECKSUMS, INPUT_CHECKSUMS):
+        if key not in saved:  # saved by a version that did not record them
+            current.pop(key, None)
     changes = config_differences(saved, current)
     if changes and not allow_config_change:
         listing = '\n'.join(f'  {key}: {old!r} -> {new!r}' for key, (old, new) in changes.items())

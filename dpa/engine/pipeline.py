@@ -544,9 +544,12 @@ def run_pipeline(cfg: Config, stage: Optional[str] = None, resume: bool = False,
             if manifest is None:
                 if requested_signal():
                     raise TrainingInterrupted(name, requested_signal(), 0, None)
+                inputs = input_checksums({
+                    role: read_manifest(stage_work_dir(cfg, previous), previous)
+                    for role, previous in dependencies(cfg, name).items()})
                 resumes, changes = prepare_stage_start(cfg, name, resume, first_unfinished,
                                                        launched_processes(cfg),
-                                                       allow_config_change)
+                                                       allow_config_change, inputs)
                 first_unfinished = False
                 train_stage(cfg, name, resumes, verbose)
                 record_config_changes(cfg.work_dir, name, changes)

@@ -14,6 +14,7 @@ from typing import List, Optional
 
 from mmengine.dist import barrier, is_main_process
 
+from dpa.datasets.llava import read_rows
 from dpa.engine.artifacts import read_manifest, write_artifact_dir, write_manifest
 from dpa.engine.errors import ConfigError
 from dpa.evaluation.data import EvalDataError
@@ -49,6 +50,14 @@ def check_eval_config(cfg, stages: List[str]) -> None:
                           'rows (see README "Evaluate")')
     if spec.get('data') and not osp.isfile(spec['data']):
         raise ConfigError(f"eval.data: {spec['data']!r} does not exist")
+    if spec.get('data'):
+        # Parsed now, not after training: bad rows are the evaluator's to report.
+        try:
+            rows = read_rows(spec['data'], [])
+        except (OSError, ValueError) as err:
+            raise ConfigError(f'eval.data: {err}') from None
+        if not rows:
+            raise ConfigError(f"eval.data: {spec['data']} holds no rows")
     folder = spec.get('image_folder')
     if folder and spec.get('data') and not osp.isdir(folder):
         raise ConfigError(f'eval.image_folder: {folder!r} is not a directory')
