@@ -418,10 +418,12 @@ class LLaVADataset(BaseDataset):
 
     def prepare_data(self, idx: int) -> dict:
         info = self.get_data_info(idx)
+        # The row's own problem first, the one check_data names beside duplicate_id.
+        sample = self.tokenize(info['row'])
         duplicate = self.duplicates.get((info['source'], info['row_index']))
         if duplicate is not None:
             raise BadSampleError('duplicate_id', duplicate)
-        return self.tokenize(info['row'])
+        return sample
 
     def image_tokens(self, idx: int) -> int:
         """How many ``<image>`` ids row ``idx``'s image becomes (0 without one),
