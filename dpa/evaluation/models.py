@@ -337,8 +337,11 @@ def check_device(device: str) -> str:
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
             raise ModelLoadError(f'--device {device!r}: there are only '
                                  f'{torch.cuda.device_count()} CUDA devices')
-    elif parsed.type != 'cpu':
-        raise ModelLoadError(f'--device {device!r}: evaluation runs on cpu or cuda')
+    elif parsed.type == 'mps' and not torch.backends.mps.is_available():
+        raise ModelLoadError(f'--device {device!r}: this machine has no MPS device; use '
+                             '--device cpu')
+    elif parsed.type not in ('cpu', 'mps'):
+        raise ModelLoadError(f'--device {device!r}: evaluation runs on cpu, cuda or mps')
     return device
 
 

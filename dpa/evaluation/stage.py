@@ -17,9 +17,10 @@ from mmengine.dist import barrier, is_main_process
 from dpa.datasets.llava import read_rows
 from dpa.engine.artifacts import read_manifest, write_artifact_dir, write_manifest
 from dpa.engine.errors import ConfigError
-from dpa.evaluation.data import EvalDataError
 from dpa.engine.interrupts import TrainingInterrupted, requested_signal
+from dpa.evaluation.data import EvalDataError
 from dpa.evaluation.evaluator import METRICS_FILE, BadRowsError, EvaluationInterrupted, evaluate
+from dpa.evaluation.models import ModelLoadError, check_device
 from dpa.models.export import NATIVE_CONFIG
 
 EVAL_STAGE = 'eval'
@@ -45,6 +46,11 @@ def check_eval_config(cfg, stages: List[str]) -> None:
     batch_size = spec.get('batch_size', 8)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f'eval.batch_size must be a positive integer, got {batch_size!r}')
+    if spec.get('device'):
+        try:
+            check_device(str(spec['device']))
+        except ModelLoadError as err:
+            raise ConfigError(f'eval.device: {err}') from None
     if not spec.get('data') and not cfg.get('synthetic_data'):
         raise ConfigError('eval.data is not set: point it at a json/jsonl file of evaluation '
                           'rows (see README "Evaluate")')
@@ -78,11 +84,12 @@ def run_eval_stage(cfg) -> dict:
     """Score the final model (rank 0) and write the stage's manifest; return
     it, with ``skipped`` True when an up-to-date one existed."""
     work_dir = cfg.work_dir
-    # Checked here, once: the scores must be those of the model training wrote.
-    final = read_manifest(work_dir, FINAL_STAGE, verify=True)
+    final = read_manifest(work_dir, FINAL_STAGE)
     manifest = read_manifest(work_dir, EVAL_STAGE)
     if manifest is not None and manifest.get('model_finished_at') == final['finished_at']:
         return dict(manifest, skipped=True)
+    # Checked here, once, before scoring: the scores must be the model's training wrote.
+    read_manifest(work_dir, FINAL_STAGE, verify=True)
     if requested_signal():
         raise TrainingInterrupted(EVAL_STAGE, requested_signal(), 0, None)
     if is_main_process():
