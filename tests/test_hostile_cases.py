@@ -142,6 +142,14 @@ def flipped_final_model(run, *tool_args, tool='eval', file='llm/model.safetensor
     return run.train()  # the pipeline's eval stage
 
 
+def flipped_proxy_adapter(run):
+    work_dir = run.copy_run(['proxy'])
+    flip_bytes(osp.join(work_dir, 'proxy', 'artifact', 'adapter_model.safetensors'))
+    return run.tool('analyze_prior', TINY, '--work-dir', work_dir, '--num', 2, '--out',
+                    run.tmp / 'prior.json', '--cfg-options',
+                    f'synthetic_data.root={run.data_root}')
+
+
 def align_trained_again(run):
     run.copy_run()
     os.remove(osp.join(run.work_dir, 'align', 'manifest.json'))
@@ -315,6 +323,8 @@ CASES = [
          says=['llm/model.safetensors does not match the sha256', '--stage finetune']),
     Case('1 flipped final model: analysis', lambda r: flipped_final_model(r, tool='analysis'),
          says=['does not match the sha256', '--stage finetune']),
+    Case('1 flipped proxy adapter: the prior diagnostic', flipped_proxy_adapter,
+         says=['adapter_model.safetensors does not match the sha256', '--stage proxy']),
     Case('2 align trains again: finetune is stale', align_trained_again,
          says=['stale stage(s) finetune', "stage 'align'", '--rerun-stale'],
          then=lambda r: not r.exists('align', 'manifest.json')),
@@ -372,6 +382,10 @@ CASES = [
     Case('9 config whose base has a syntax error',
          lambda r: config_file(r, {'top.py': "_base_ = ['base.py']\n", 'base.py': 'y = [\n'}),
          says=['config syntax error in', 'base.py, line 1']),
+    Case('9 analysis tool, config with a syntax error',
+         lambda r: r.tool('analyze_relevance', r.write('bad.py', 'x = (1,\n'), '--stage', 'align',
+                          '--out', r.tmp / 'relevance'),
+         says=['config syntax error in', 'bad.py, line 1']),
     Case('9 config file that does not exist',
          lambda r: r.train(config=str(r.tmp / 'nope.py')), says=['nope.py', 'does not exist']),
     *[Case(f'10 {option}', lambda r, o=option: r.train('--dry-run', options=[o]),

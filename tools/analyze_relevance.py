@@ -43,8 +43,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = load_run_config(args.config, args.cfg_options, args.work_dir)
     try:
+        cfg = load_run_config(args.config, args.cfg_options, args.work_dir)
         result = analyze_relevance(cfg, args.stage, args.model, args.num, args.out,
                                    args.data, args.image_folder)
     except (ConfigError, ValueError) as err:

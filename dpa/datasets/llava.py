@@ -2,9 +2,9 @@
 to an image folder) and ``conversations`` of human/gpt turns."""
 import json
 import math
-from collections import Counter
 import os.path as osp
 import warnings
+from collections import Counter
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -114,7 +114,7 @@ def validate_row(row) -> Tuple[List[dict], Optional[str]]:
     Raises:
         BadSampleError: ``not_an_object``, ``bad_id``, ``bad_image_field``,
             ``no_conversations``, ``bad_turn``, ``unknown_role``, ``empty_text``,
-            ``bad_text`` or ``image_tag_misplaced``.
+            ``ends_with_user_turn``, ``bad_text`` or ``image_tag_misplaced``.
     """
     if not isinstance(row, dict):
         raise BadSampleError('not_an_object', f'a row is a json object, got {_describe(row)}')
@@ -333,7 +333,9 @@ class LLaVADataset(BaseDataset):
 
     A bad row never stops training: ``dataset[i]`` replaces it by the next good
     row (deterministically) and lists what it skipped under the sample's
-    ``skipped`` key; invalid jsonl lines are listed in ``load_problems``.
+    ``skipped`` key; invalid jsonl lines are listed in ``load_problems``. A
+    row whose ``id`` an earlier row has is bad (``duplicate_id``); a dataset
+    whose every row is bad raises :class:`AllRowsBad`.
     ``prepare_data(i)`` raises :class:`BadSampleError` instead.
     """
 

@@ -4,7 +4,8 @@ is finished exactly when its manifest exists; the manifest is written last.
 
 A manifest stores paths relative to the work dir, so a copied or moved work
 dir is self-contained, and the sha256 of every artifact file, which the next
-stage verifies before it uses the artifact."""
+stage verifies before it uses the artifact, as do the tools that load the
+final model (:func:`verify_artifact_folder`)."""
 import contextlib
 import hashlib
 import json
