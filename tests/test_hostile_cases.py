@@ -27,6 +27,7 @@ import dpa  # noqa: F401
 from dpa.datasets.validation import check_files
 from dpa.engine import checkpoint as dpa_checkpoint
 from dpa.engine.config_guard import result_config
+from dpa.engine.curves import CURVES_FILE, plot_curves
 from dpa.engine.hooks import DPAHook, sort_adapter_config
 from dpa.engine.pipeline import (STAGES, format_summary, prepare_synthetic_data, resolve_config,
                                  stage_dataset_config)
@@ -262,6 +263,23 @@ def nothing_half_written(run):
         'proxy', 'artifact')
 
 
+def curves_on_full_disk(run):
+    """The disk fills while curves.png is written: no png is left, whole or cut."""
+    stage_dir = osp.join(run.copy_run(['proxy']), 'proxy')
+    os.remove(osp.join(stage_dir, CURVES_FILE))
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    run.monkeypatch.setattr(os, 'fsync', no_space)
+    try:
+        plot_curves(stage_dir)
+        return Outcome(-1, 'plot_curves wrote on a full disk')
+    except OSError as err:
+        left = [name for name in os.listdir(stage_dir) if name.startswith(CURVES_FILE)]
+        return Outcome(1 if not left else -1, f'{err}; left: {left}')
+
+
 def truncated(run, name):
     work_dir = run.copy_run()
     path = osp.join(work_dir, 'finetune', name)
@@ -406,6 +424,7 @@ CASES = [
          then=lambda r: nothing_half_written(r) and '--resume' not in r.last.text),
     Case('12 disk full writing the artifact', lambda r: full_disk(r, 'artifact'),
          says=['no space left', '--resume'], then=nothing_half_written),
+    Case('12 disk full writing curves.png', curves_on_full_disk, says=['No space left']),
     Case('13 tools/eval: truncated final manifest',
          lambda r: r.eval(truncated(r, 'manifest.json')),
          says=['is not a readable manifest', '--stage finetune']),
