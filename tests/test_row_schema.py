@@ -122,8 +122,8 @@ def test_rows_of_random_shapes_are_reported_by_both_paths_never_raised(image_fol
                 ds.prepare_data(index)
             except BadSampleError as err:
                 assert err.reason and err.detail
-                if template == 'chat':
-                    assert row in bad_in_training
+                if template == 'chat':  # a good row with an earlier row's id is skipped too
+                    assert row in bad_in_training or err.reason == 'duplicate_id'
             else:
                 if template == 'chat':
                     assert row not in bad_in_training

@@ -17,6 +17,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import dpa  # noqa: E402,F401
 from dpa.analysis.commands import load_run_config, resolve_config  # noqa: E402
 from dpa.analysis.prior import diagnose_prior, format_prior_table  # noqa: E402
+from dpa.engine.artifacts import ArtifactError  # noqa: E402
+from dpa.engine.errors import ConfigError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -36,8 +38,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = load_run_config(args.config, args.cfg_options, args.work_dir)
-    result = diagnose_prior(resolve_config(copy.deepcopy(cfg)), args.num)
+    try:
+        cfg = load_run_config(args.config, args.cfg_options, args.work_dir)
+        result = diagnose_prior(resolve_config(copy.deepcopy(cfg)), args.num)
+    except ConfigError as err:
+        sys.exit(f'config error: {err}')
+    except ArtifactError as err:
+        sys.exit(f'error: {err.explain(args.config)}')
     print(format_prior_table(result))
     out = args.out or osp.join(cfg.work_dir, 'prior_diagnostic.json')
     if osp.dirname(out):

@@ -17,6 +17,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import dpa  # noqa: E402,F401
 from dpa.analysis.commands import analyze_relevance, load_run_config  # noqa: E402
 from dpa.analysis.models import MODEL_CHOICES  # noqa: E402
+from dpa.engine.artifacts import ArtifactError  # noqa: E402
 from dpa.engine.errors import ConfigError  # noqa: E402
 
 
@@ -42,12 +43,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = load_run_config(args.config, args.cfg_options, args.work_dir)
     try:
+        cfg = load_run_config(args.config, args.cfg_options, args.work_dir)
         result = analyze_relevance(cfg, args.stage, args.model, args.num, args.out,
                                    args.data, args.image_folder)
     except (ConfigError, ValueError) as err:
         sys.exit(f'error: {err}')
+    except ArtifactError as err:
+        sys.exit(f'error: {err.explain(args.config)}')
     print(f"{result['samples']} rows of stage {args.stage}, loss {result['loss']['mode']} "
           f"clamp {result['loss']['clamp']}")
     for name, stats in result['models'].items():

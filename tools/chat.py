@@ -29,6 +29,9 @@ def parse_args(argv=None):
     parser.add_argument('--prompt', help='answer this one question and exit (not interactive)')
     parser.add_argument('--max-new-tokens', type=int, default=256, help='longest answer')
     parser.add_argument('--device', help='cpu, cuda, cuda:1, ... (default: cuda if available)')
+    parser.add_argument('--no-verify', action='store_true',
+                        help="load the model without checking its files against its "
+                        "manifest's sha256 (for very large checkpoints you trust)")
     return parser.parse_args(argv)
 
 
@@ -36,7 +39,8 @@ def main(argv=None):
     args = parse_args(argv)
     hf_logging.disable_progress_bar()  # the weight-loading bars
     try:
-        model = load_eval_model(args.model, args.device or default_device())
+        model = load_eval_model(args.model, args.device or default_device(),
+                                verify=not args.no_verify)
     except ModelLoadError as err:
         sys.exit(f'chat error: {err}')
     session = ChatSession(model, args.max_new_tokens)

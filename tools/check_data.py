@@ -11,6 +11,7 @@ and exits 1 when it found any.
 """
 import argparse
 import json
+import os
 import os.path as osp
 import sys
 from collections import defaultdict
@@ -19,8 +20,11 @@ from mmengine.config import Config, DictAction
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import dpa  # noqa: E402,F401
+from dpa.datasets.llava import read_rows  # noqa: E402
+from dpa.datasets.mixture import data_sources  # noqa: E402
 from dpa.datasets.validation import (check_dataset, check_files,  # noqa: E402
                                      tokenizer_round_trip)
+from dpa.engine.config_file import load_config  # noqa: E402
 from dpa.engine.config_guard import apply_cfg_options  # noqa: E402
 from dpa.engine.errors import ConfigError  # noqa: E402
 from dpa.engine.pipeline import (prepare_synthetic_data, selected_stages,  # noqa: E402
@@ -43,9 +47,34 @@ def check_config_data(cfg: Config):
     prepare_synthetic_data(cfg)
     problems, datasets = [], []
     for stage in selected_stages(cfg):
+        unreadable = unreadable_files(cfg[cfg[stage].data])
+        if unreadable:  # the stage's dataset cannot be built: report, go on
+            problems += [dict(record, stage=stage) for record in unreadable]
+            continue
         datasets.append(DATASETS.build(stage_dataset_config(cfg, stage)))
         problems += [dict(record, stage=stage) for record in check_dataset(datasets[-1])]
     return problems + tokenizer_round_trip(cfg.llm, cfg.tokenizer, datasets)
+
+
+def unreadable_files(data) -> list:
+    """An ``unreadable_file`` problem for each data file that is missing or
+    is not a json list / jsonl file."""
+    problems = []
+    for source in data_sources(data).values():
+        files = source.data_files
+        for path in [files] if isinstance(files, str) else files:
+            try:
+                read_rows(path, [])
+            except FileNotFoundError:
+                detail = (f'{path} does not exist (a relative path is relative to the current '
+                          f'directory, {os.getcwd()})')
+            except (OSError, ValueError) as err:
+                detail = str(err)
+            else:
+                continue
+            problems.append(dict(file=path, row=None, id=None, reason='unreadable_file',
+                                 detail=detail))
+    return problems
 
 
 def summarise(problems) -> str:
@@ -56,6 +85,7 @@ def summarise(problems) -> str:
     for reason, records in sorted(by_reason.items(), key=lambda item: -len(item[1])):
         examples = ', '.join(f"{osp.basename(r['file'])}:{r['row']}"
                              + (f" (id {r['id']})" if r['id'] is not None else '')
+                             if r['row'] is not None else r['detail']  # a whole file
                              for r in records[:3])
         lines.append(f'  {reason:<20} {len(records):>7}  e.g. {examples}')
     return '\n'.join(lines)
@@ -64,13 +94,18 @@ def summarise(problems) -> str:
 def main(argv=None):
     args = parse_args(argv)
     if len(args.inputs) == 1 and args.inputs[0].endswith('.py'):
-        cfg = Config.fromfile(args.inputs[0])
+        if args.image_folder:
+            sys.exit('--image-folder applies to data files; in config mode set '
+                     '--cfg-options caption_data.image_folder=DIR (or instruct_data.)')
         try:
+            cfg = load_config(args.inputs[0])
             apply_cfg_options(cfg, args.cfg_options)
         except ConfigError as err:
             sys.exit(f'config error: {err}')
         problems = check_config_data(cfg)
     else:
+        if args.cfg_options:
+            sys.exit('--cfg-options applies to a config file; data files take --image-folder')
         problems = check_files(args.inputs, args.image_folder)
     print(summarise(problems))
     if args.report:

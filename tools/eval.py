@@ -2,19 +2,23 @@
 
     python tools/eval.py WORK_DIR_OR_MODEL_DIR --data FILE.jsonl [--image-folder DIR]
         [--out DIR] [--batch-size N] [--device cpu|cuda|cuda:1] [--skip-bad-rows]
-        [--lmms-eval TASKS [--lmms-eval-python PYTHON]]
+        [--lmms-eval TASKS [--lmms-eval-python PYTHON]] [--no-verify]
 
 WORK_DIR_OR_MODEL_DIR is a finished work dir (its final model), a native model
 dir (``dpa_model.json``) or an ``hf_llava`` export. Rows are
 ``{"id", "image", "question", "answer", "options", "type"}`` (image, options
 and type optional). Writes metrics.json and predictions.jsonl to --out
 (default: WORK_DIR_OR_MODEL_DIR/evaluation/<data file name>) and prints a
-table. Exits 1 when the data cannot be read or has bad rows (listed in
-bad_rows.jsonl; --skip-bad-rows scores the others), 2 on a usage error.
+table. The model's files are first checked against the sha256 its manifest
+recorded (--no-verify skips that). Exits 1 when the model or the data cannot
+be read, the data has bad rows (listed in bad_rows.jsonl; --skip-bad-rows
+scores the others) or --out is not writable, 2 on a usage error.
 """
 import argparse
+import os
 import os.path as osp
 import sys
+import tempfile
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import dpa  # noqa: E402,F401
@@ -22,7 +26,7 @@ from dpa.evaluation import (BadRowsError, EvalDataError, ModelLoadError, evaluat
                             format_table, read_eval_rows)
 from dpa.evaluation.evaluator import write_metrics  # noqa: E402
 from dpa.evaluation.lmms_eval import LmmsEvalError, run_lmms_eval  # noqa: E402
-from dpa.evaluation.models import default_device, resolve_model_dir  # noqa: E402
+from dpa.evaluation.models import check_device, default_device, resolve_model_dir  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -45,6 +49,9 @@ def parse_args(argv=None):
     parser.add_argument('--lmms-eval-python',
                         help='python of the lmms-eval environment (default: $LMMS_EVAL_PYTHON, '
                         'else this one)')
+    parser.add_argument('--no-verify', action='store_true',
+                        help="load the model without checking its files against its "
+                        "manifest's sha256 (for very large checkpoints you trust)")
     return parser.parse_args(argv)
 
 
@@ -56,19 +63,33 @@ def main(argv=None):
     out = args.out or osp.join(args.model, 'evaluation',
                                osp.splitext(osp.basename(args.data))[0])
     try:
+        device = check_device(args.device or default_device())
+        check_writable(out)
         metrics = evaluate(args.model, args.data, args.image_folder, out, args.batch_size,
-                           args.device, args.skip_bad_rows, args.pad_to_square)
+                           device, args.skip_bad_rows, args.pad_to_square,
+                           verify=not args.no_verify)
         if args.lmms_eval:
             rows, _ = read_eval_rows(args.data, args.image_folder)
             tasks = [t for t in args.lmms_eval.split(',') if t]
             metrics['lmms_eval'] = run_lmms_eval(
-                resolve_model_dir(args.model), tasks, rows, out, args.lmms_eval_python,
-                args.device or default_device())
+                resolve_model_dir(args.model, verify=False), tasks, rows, out,
+                args.lmms_eval_python, device)
             write_metrics(metrics, out)
     except (EvalDataError, BadRowsError, ModelLoadError, LmmsEvalError) as err:
         sys.exit(f'eval error: {err}')
     print(format_table(metrics))
     print(f'metrics: {osp.join(out, "metrics.json")}')
+
+
+def check_writable(out: str) -> None:
+    """Fail before the model loads when the results could not be written."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise EvalDataError(f'cannot write the results to {out} ({err.strerror}): pass --out '
+                            'with a writable folder') from None
 
 
 if __name__ == '__main__':

@@ -6,18 +6,23 @@
     python tools/train.py CONFIG --dry-run       # check it and print the plan, load nothing
 
 Exit status: 0 done, 1 a config, data or work-dir problem (the message names it),
-128 + N stopped by signal N after saving a checkpoint (resume command printed).
+stale stages (the command that re-runs them printed) or a full disk (the resume
+command printed), 128 + N stopped by signal N after saving a checkpoint (resume
+command printed).
 """
 import argparse
 import os.path as osp
 import shlex
 import sys
 
-from mmengine.config import Config, DictAction
+from mmengine.config import DictAction
 from mmengine.dist import is_main_process
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from dpa.engine.artifacts import ArtifactError  # noqa: E402
+from dpa.engine.artifacts import ArtifactError, manifest_path  # noqa: E402
+from dpa.engine.checkpoint import latest_complete_checkpoint  # noqa: E402
+from dpa.datasets.llava import AllRowsBad  # noqa: E402
+from dpa.engine.config_file import load_config  # noqa: E402
 from dpa.engine.config_guard import apply_cfg_options  # noqa: E402
 from dpa.engine.distributed import close_process_group  # noqa: E402
 from dpa.engine.dry_run import dry_run  # noqa: E402
@@ -25,7 +30,9 @@ from dpa.engine.hooks import TooManyBadSamples  # noqa: E402
 from dpa.engine.interrupts import TrainingInterrupted  # noqa: E402
 from dpa.engine.optim import NonFiniteLossError  # noqa: E402
 from dpa.engine.pipeline import STAGES, ConfigError, format_summary, run_pipeline  # noqa: E402
-from dpa.engine.workdir import WorkDirBusy  # noqa: E402
+from dpa.engine.errors import disk_full  # noqa: E402
+from dpa.engine.staleness import StaleStagesError  # noqa: E402
+from dpa.engine.workdir import WorkDirError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -41,6 +48,10 @@ def parse_args(argv=None):
     parser.add_argument('--allow-config-change', action='store_true',
                         help='with --resume: resume even though the config changed (the '
                         "stage's manifest records the change)")
+    parser.add_argument('--rerun-stale', action='store_true',
+                        help='train again the finished stages made from an earlier artifact '
+                        'that has changed since (their folders are moved aside); without it '
+                        'such stages are refused')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config keys, e.g. align.batch_size=8 '
                         'llm.pretrained=/ckpt/llm')
@@ -60,8 +71,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.allow_config_change and not args.resume:
         sys.exit('--allow-config-change only applies with --resume')
-    cfg = Config.fromfile(args.config)
     try:
+        cfg = load_config(args.config)
         apply_cfg_options(cfg, args.cfg_options)
     except ConfigError as err:
         sys.exit(f'config error: {err}')
@@ -74,21 +85,41 @@ def main(argv=None):
             return
         manifests = run_pipeline(cfg, stage=args.stage, resume=args.resume,
                                  allow_config_change=args.allow_config_change,
-                                 verbose=args.verbose)
+                                 verbose=args.verbose, rerun_stale=args.rerun_stale)
     except ConfigError as err:
         sys.exit(f'config error: {err}')
     except ArtifactError as err:
         sys.exit(f'error: {err.explain(args.config)}')
-    except WorkDirBusy as err:
+    except StaleStagesError as err:
+        sys.exit(f'error: {err.explain(shlex.join(["python", "tools/train.py", args.config]))}')
+    except WorkDirError as err:
         sys.exit(f'error: {err}')
-    except (NonFiniteLossError, TooManyBadSamples) as err:
+    except (NonFiniteLossError, TooManyBadSamples, AllRowsBad) as err:
         sys.exit(f'training stopped: {err}')
     except TrainingInterrupted as err:
         print(f'{err}\nresume with:\n  {resume_command(argv, cfg.work_dir)}', file=sys.stderr)
         sys.exit(128 + err.signum)
+    except Exception as err:  # noqa: BLE001 - only a full disk is turned into a message
+        if not disk_full(err):
+            raise
+        sys.exit(f'error: no space left on the disk of {cfg.work_dir} ({err}). Nothing '
+                 'half-written is kept: free space, then run\n  '
+                 f'{restart_command(argv, cfg.work_dir)}')
     if is_main_process():  # one summary per run, not one per process
         print(format_summary(manifests))
     close_process_group()
+
+
+def restart_command(argv, work_dir: str) -> str:
+    """After a failure: the command that resumes when an unfinished stage has
+    a checkpoint, else the same command again."""
+    resumable = any(latest_complete_checkpoint(osp.join(work_dir, stage))
+                    and not osp.exists(manifest_path(work_dir, stage)) for stage in STAGES)
+    if resumable:
+        return resume_command(argv, work_dir)
+    args = list(sys.argv[1:] if argv is None else argv)
+    return shlex.join(['python', 'tools/train.py'] + args
+                      + ([] if '--work-dir' in args else ['--work-dir', work_dir]))
 
 
 def resume_command(argv, work_dir: str) -> str:

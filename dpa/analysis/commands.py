@@ -11,6 +11,7 @@ from dpa.analysis.models import build_analysis_model
 from dpa.analysis.plots import matplotlib_available, plot_relevance
 from dpa.analysis.relevance import (analysis_rows, summary, token_records, write_html,
                                     write_jsonl)
+from dpa.engine.config_file import load_config
 from dpa.engine.paths import fill_path_variables
 from dpa.engine.pipeline import prepare_synthetic_data, stage_dataset_config
 from dpa.engine.standin import make_tiny
@@ -22,7 +23,7 @@ def load_run_config(path: str, cfg_options: Optional[dict] = None,
                     work_dir: Optional[str] = None) -> Config:
     """A config file with its ``--cfg-options`` and the work dir that
     ``tools/train.py`` gives it (default ``work_dirs/<config name>``)."""
-    cfg = Config.fromfile(path)
+    cfg = load_config(path)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     cfg.work_dir = work_dir or cfg.get('work_dir') or osp.join(

@@ -15,7 +15,8 @@ MODEL_CHOICES = ('base', 'proxy', 'trained')
 
 def _artifact(cfg: Config, stage: str, needed_for: str) -> str:
     work_dir = stage_work_dir(cfg, stage)
-    manifest = read_manifest(work_dir, stage)
+    # The analysis must describe the artifact the stage wrote, not a damaged one.
+    manifest = read_manifest(work_dir, stage, verify=True)
     if manifest is None:
         raise ConfigError(f'{needed_for} needs the artifact of stage {stage!r}, but '
                           f'{osp.join(work_dir, stage)} holds no finished stage: run '

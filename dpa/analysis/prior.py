@@ -75,7 +75,7 @@ def diagnose_prior(cfg, num: int = 200) -> dict:
     """The diagnostic of every caption source of ``cfg`` (already resolved:
     stand-ins, paths, data), on its first ``num`` usable rows."""
     llms = {'base': cfg.llm}
-    proxy: Optional[dict] = read_manifest(cfg.work_dir, 'proxy')
+    proxy: Optional[dict] = read_manifest(cfg.work_dir, 'proxy', verify=True)
     if proxy is not None:
         llms['proxy'] = dict(type='ProxyLLMWrapper', llm=cfg.llm, adapter=proxy['artifact'])
     sources = {name: analysis_rows(dataset, num) for name, dataset in source_datasets(cfg).items()}

@@ -4,6 +4,7 @@ import json
 import math
 import os.path as osp
 import warnings
+from collections import Counter
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -26,6 +27,10 @@ CAPTION_SUFFIXES = ('eos', '\n')
 LABEL_MODES = ('assistant', 'reference')
 ROLES = {'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assistant': 'assistant',
          'system': 'system'}
+
+
+class AllRowsBad(ValueError):
+    """Every row of a dataset is bad: there is nothing to train on."""
 
 
 class BadSampleError(ValueError):
@@ -109,7 +114,7 @@ def validate_row(row) -> Tuple[List[dict], Optional[str]]:
     Raises:
         BadSampleError: ``not_an_object``, ``bad_id``, ``bad_image_field``,
             ``no_conversations``, ``bad_turn``, ``unknown_role``, ``empty_text``,
-            ``bad_text`` or ``image_tag_misplaced``.
+            ``ends_with_user_turn``, ``bad_text`` or ``image_tag_misplaced``.
     """
     if not isinstance(row, dict):
         raise BadSampleError('not_an_object', f'a row is a json object, got {_describe(row)}')
@@ -158,7 +163,32 @@ def conversation_messages(row) -> List[dict]:
         messages.append(dict(role=role, content=content))
     if not any(m['role'] == 'assistant' for m in messages):
         raise BadSampleError('empty_text', 'row has no gpt turn to learn from')
+    if messages[-1]['role'] == 'user':
+        # Truncated data, or turns in the wrong order: the question is unanswered.
+        raise BadSampleError('ends_with_user_turn', 'the last turn is a human turn with no gpt '
+                             'answer after it; end the conversation with a gpt turn')
     return messages
+
+
+def duplicate_ids(rows) -> List[dict]:
+    """Records for every row whose ``id`` an earlier row already has.
+
+    Args:
+        rows: (file, row index, row) triples, in reading order.
+    """
+    first_seen, problems = {}, []
+    for source, index, row in rows:
+        row_id = row.get('id') if isinstance(row, dict) else None
+        if row_id is None or isinstance(row_id, bool) or not isinstance(row_id, (str, int)):
+            continue  # reported as bad_id by the schema check
+        if row_id in first_seen:
+            where = first_seen[row_id]
+            err = BadSampleError('duplicate_id', f'id {row_id!r} is also at {where[0]} row '
+                                 f'{where[1]}')
+            problems.append(bad_row_record(source, index, row, err))
+        else:
+            first_seen[row_id] = (source, index)
+    return problems
 
 
 def check_image_tags(image: Optional[str], messages: List[dict]) -> None:
@@ -303,7 +333,9 @@ class LLaVADataset(BaseDataset):
 
     A bad row never stops training: ``dataset[i]`` replaces it by the next good
     row (deterministically) and lists what it skipped under the sample's
-    ``skipped`` key; invalid jsonl lines are listed in ``load_problems``.
+    ``skipped`` key; invalid jsonl lines are listed in ``load_problems``. A
+    row whose ``id`` an earlier row has is bad (``duplicate_id``); a dataset
+    whose every row is bad raises :class:`AllRowsBad`.
     ``prepare_data(i)`` raises :class:`BadSampleError` instead.
     """
 
@@ -358,6 +390,10 @@ class LLaVADataset(BaseDataset):
         for path in self.data_files:
             for row_index, row in read_rows(path, self.load_problems):
                 data.append(dict(row=row, source=path, row_index=row_index))
+        # A repeated id is a repeated row (or a mislabelled one): trained once,
+        # the later ones skipped and listed, as check_data reports them.
+        self.duplicates = {(d['file'], d['row']): d['detail'] for d in duplicate_ids(
+            (info['source'], info['row_index'], info['row']) for info in data)}
         return data
 
     def __getitem__(self, idx: int) -> dict:
@@ -375,10 +411,21 @@ class LLaVADataset(BaseDataset):
             if skipped:
                 sample['skipped'] = skipped
             return sample
-        raise RuntimeError(f'every row of {self.data_files} is bad, e.g. {skipped[:3]}')
+        reasons = Counter(record['reason'] for record in skipped)
+        raise AllRowsBad(
+            f'every row of {self.data_files} is bad ('
+            + ', '.join(f'{count} x {reason}' for reason, count in reasons.most_common())
+            + f'), e.g. {skipped[0]["file"]} row {skipped[0]["row"]}: {skipped[0]["detail"]}. '
+            'Fix the data: tools/check_data.py lists every problem')
 
     def prepare_data(self, idx: int) -> dict:
-        return self.tokenize(self.get_data_info(idx)['row'])
+        info = self.get_data_info(idx)
+        # The row's own problem first, the one check_data names beside duplicate_id.
+        sample = self.tokenize(info['row'])
+        duplicate = self.duplicates.get((info['source'], info['row_index']))
+        if duplicate is not None:
+            raise BadSampleError('duplicate_id', duplicate)
+        return sample
 
     def image_tokens(self, idx: int) -> int:
         """How many ``<image>`` ids row ``idx``'s image becomes (0 without one),

@@ -1,33 +1,12 @@
 """Up-front validation of LLaVA data: every problem a training run would skip,
 found before the run, with the row it is in."""
 import os.path as osp
-from typing import Iterable, List, Sequence
+from typing import List, Sequence
 
-from dpa.datasets.llava import (BadSampleError, bad_row_record, check_image_tags, open_image,
-                                read_rows, validate_row)
+from dpa.datasets.llava import (BadSampleError, bad_row_record, check_image_tags,
+                                duplicate_ids, open_image, read_rows, validate_row)
 from dpa.models.builders import llm_config
 from dpa.models.export import tokenizer_round_trip_problems
-
-
-def duplicate_ids(rows: Iterable[tuple]) -> List[dict]:
-    """Records for every row whose ``id`` an earlier row already has.
-
-    Args:
-        rows: (file, row index, row) triples, in reading order.
-    """
-    first_seen, problems = {}, []
-    for source, index, row in rows:
-        row_id = row.get('id') if isinstance(row, dict) else None
-        if row_id is None or not isinstance(row_id, (str, int)):
-            continue  # reported as bad_id by the schema check
-        if row_id in first_seen:
-            where = first_seen[row_id]
-            err = BadSampleError('duplicate_id', f'id {row_id!r} is also at {where[0]} row '
-                                 f'{where[1]}')
-            problems.append(bad_row_record(source, index, row, err))
-        else:
-            first_seen[row_id] = (source, index)
-    return problems
 
 
 def check_files(data_files: Sequence[str], image_folder: str) -> List[dict]:
@@ -54,17 +33,15 @@ def check_files(data_files: Sequence[str], image_folder: str) -> List[dict]:
 
 def check_dataset(dataset) -> List[dict]:
     """Every row of an ``LLaVADataset`` that training would skip (tokenised with
-    the stage's template, tokenizer and ``max_length``), and duplicate ids."""
+    the stage's template, tokenizer and ``max_length``; duplicate ids too)."""
     problems = list(dataset.load_problems)
-    rows = []
     for index in range(len(dataset)):
         info = dataset.get_data_info(index)
-        rows.append((info['source'], info['row_index'], info['row']))
         try:
             dataset.prepare_data(index)
         except BadSampleError as err:
             problems.append(bad_row_record(info['source'], info['row_index'], info['row'], err))
-    return problems + duplicate_ids(rows)
+    return problems
 
 
 def tokenizer_round_trip(llm: dict, tokenizer: dict, datasets, rows: int = 8) -> List[dict]:

@@ -4,7 +4,8 @@ is finished exactly when its manifest exists; the manifest is written last.
 
 A manifest stores paths relative to the work dir, so a copied or moved work
 dir is self-contained, and the sha256 of every artifact file, which the next
-stage verifies before it uses the artifact."""
+stage verifies before it uses the artifact, as do the tools that load the
+final model (:func:`verify_artifact_folder`)."""
 import contextlib
 import hashlib
 import json
@@ -93,15 +94,61 @@ def read_manifest(work_dir: str, stage: str, verify: bool = False) -> Optional[d
         raise ArtifactError(f'the artifact {manifest["artifact"]} named by {path} does not exist',
                             work_dir, stage)
     if verify:
-        for name, digest in (manifest.get('checksums') or {}).items():
-            file = osp.join(manifest['artifact'], name)
-            if not osp.isfile(file):
-                raise ArtifactError(f'{file}, listed in {path}, is missing', work_dir, stage)
-            if sha256_of(file) != digest:
-                raise ArtifactError(f'{file} does not match the sha256 recorded in {path} '
-                                    '(changed or corrupted since the stage wrote it)', work_dir,
-                                    stage)
+        verify_checksums(manifest, work_dir, stage)
     return manifest
+
+
+def verify_checksums(manifest: dict, work_dir: str, stage: str, under: str = '') -> None:
+    """Check the artifact files (those under the folder ``under`` of the
+    artifact, when given) against the sha256 the manifest recorded.
+
+    Raises:
+        ArtifactError: a listed file is missing or changed.
+    """
+    path = manifest_path(work_dir, stage)
+    prefix = under.rstrip(os.sep) + os.sep if under else ''
+    for name, digest in (manifest.get('checksums') or {}).items():
+        if not name.startswith(prefix):
+            continue
+        file = osp.join(manifest['artifact'], name)
+        if not osp.isfile(file):
+            raise ArtifactError(f'{file}, listed in {path}, is missing', work_dir, stage)
+        if sha256_of(file) != digest:
+            raise ArtifactError(f'{file} does not match the sha256 recorded in {path} '
+                                '(changed or corrupted since the stage wrote it)', work_dir,
+                                stage)
+
+
+def verify_artifact_folder(folder: str) -> bool:
+    """Check a stage's artifact folder, or a folder inside it (the final
+    model's ``hf_llava``), against the manifest of the stage that wrote it;
+    False when no manifest covers it (e.g. a model copied out of its work
+    dir), so there is nothing to check against.
+
+    Raises:
+        ArtifactError: the manifest is unreadable or a file changed.
+    """
+    artifact, inner = osp.abspath(folder), ''
+    while osp.basename(artifact) != ARTIFACT_DIR:
+        parent = osp.dirname(artifact)
+        if parent == artifact:
+            return False
+        inner = osp.join(osp.basename(artifact), inner) if inner else osp.basename(artifact)
+        artifact = parent
+    stage_folder = osp.dirname(artifact)
+    work_dir, stage = osp.dirname(stage_folder), osp.basename(stage_folder)
+    manifest = read_manifest(work_dir, stage)
+    if manifest is None or osp.abspath(manifest['artifact']) != artifact:
+        return False
+    verify_checksums(manifest, work_dir, stage, inner)
+    return True
+
+
+def checksums_digest(manifest: dict) -> str:
+    """One sha256 over a manifest's artifact checksums: what a later stage
+    records of the artifact it was made from."""
+    listing = json.dumps(manifest.get('checksums') or {}, sort_keys=True)
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 # made_from keys that hold paths of earlier stages' artifacts.

@@ -5,9 +5,9 @@
   the resolved config, or be one a user may legitimately add (see
   :data:`ADDABLE`), and values must have the type of the value they replace.
 - ``--resume``: the stage's resolved config (the parts that change the
-  result) is saved when the stage starts; a resumed stage compares and refuses
-  any difference unless the change is allowed explicitly, which the manifest
-  then records.
+  result, and the sha256 of its data files) is saved when the stage starts;
+  a resumed stage compares and refuses any difference unless the change is
+  allowed explicitly, which the manifest then records.
 """
 import difflib
 import fnmatch
@@ -20,10 +20,12 @@ from typing import Dict, List, Optional
 from mmengine.dist import is_main_process
 from mmengine.logging import print_log
 
-from dpa.engine.artifacts import atomic_write, read_manifest, write_manifest
+from dpa.datasets.mixture import data_sources
+from dpa.engine.artifacts import atomic_write, read_manifest, sha256_of, write_manifest
 from dpa.engine.checkpoint import latest_complete_checkpoint
 from dpa.engine.errors import ConfigError
 from dpa.engine.paths import PLACEHOLDER
+from dpa.engine.staleness import INPUT_CHECKSUMS
 from dpa.models.builders import PROCESSORS
 from dpa.registry import MODELS
 
@@ -50,6 +52,7 @@ ADDABLE = (
 # Parts built from ``type=`` whose builder's other arguments may be added.
 BUILT_PARTS = ('llm', 'vision_tower', 'tokenizer', 'image_processor', 'model')
 STAGE_CONFIG = 'stage_config.json'
+DATA_CHECKSUMS = 'data_checksums'
 
 
 def _dotted_keys(node, prefix: str = '') -> List[str]:
@@ -192,6 +195,7 @@ def result_config(cfg, stage: str, processes: int) -> dict:
     parts = {stage: recipe, 'processes': processes}
     if isinstance(recipe.get('data'), str):
         parts[recipe['data']] = _plain(cfg.get(recipe['data']))
+        parts[DATA_CHECKSUMS] = data_checksums(cfg.get(recipe['data']))
     keys = ['model', 'llm', 'tokenizer', 'seed', 'synthetic_data', 'skip_nonfinite_steps',
             'strategy', 'mixed_precision', 'tf32', 'compile']
     if stage != 'proxy':
@@ -199,6 +203,21 @@ def result_config(cfg, stage: str, processes: int) -> dict:
     for key in keys:
         parts[key] = _plain(cfg.get(key))
     return parts
+
+
+def data_checksums(data) -> Dict[str, str]:
+    """sha256 of every data file of a dataset config, by path: an edited file
+    (rows removed, as check_data suggests) changes what a resumed stage
+    trains on, though its config is the same."""
+    if not data:
+        return {}
+    checksums = {}
+    for source in data_sources(data).values():
+        files = source.get('data_files') or []
+        for path in [files] if isinstance(files, str) else files:
+            if osp.isfile(path):
+                checksums[path] = sha256_of(path)
+    return checksums
 
 
 def _flatten(node, prefix: str = '') -> Dict[str, object]:
@@ -218,7 +237,8 @@ def config_differences(saved: dict, current: dict) -> Dict[str, list]:
 
 
 def prepare_stage_start(cfg, stage: str, resume: bool, first_unfinished: bool,
-                        processes: int, allow_config_change: bool = False):
+                        processes: int, allow_config_change: bool = False,
+                        inputs: Optional[Dict[str, str]] = None):
     """Decide how an unfinished stage starts, before any model loads.
 
     Without a checkpoint to resume, the stage starts fresh and its resolved
@@ -232,6 +252,9 @@ def prepare_stage_start(cfg, stage: str, resume: bool, first_unfinished: bool,
             finished, the one ``--resume`` is about.
         processes: the number of training processes.
         allow_config_change: resume even when the config changed.
+        inputs: the checksum digests of the earlier stages' artifacts the
+            stage is made from, by role: a resumed stage whose earlier stage
+            was trained again since would mix the two.
 
     Returns:
         ``(resume, changes)``: whether the stage resumes, and the allowed
@@ -244,6 +267,8 @@ def prepare_stage_start(cfg, stage: str, resume: bool, first_unfinished: bool,
     stage_dir = osp.join(osp.abspath(cfg.work_dir), stage)
     saved_path = osp.join(stage_dir, STAGE_CONFIG)
     current = result_config(cfg, stage, processes)
+    if inputs:
+        current[INPUT_CHECKSUMS] = inputs
     checkpoint = latest_complete_checkpoint(stage_dir) if resume else None
     if resume and checkpoint is None and first_unfinished:
         raise ConfigError(f'--resume: stage {stage!r} has no intact checkpoint in {stage_dir} to '
@@ -258,7 +283,11 @@ def prepare_stage_start(cfg, stage: str, resume: bool, first_unfinished: bool,
                   logger='current', level=logging.WARNING)
         return True, {}
     with open(saved_path, encoding='utf-8') as f:
-        changes = config_differences(json.load(f), current)
+        saved = json.load(f)
+    for key in (DATA_CHECKSUMS, INPUT_CHECKSUMS):
+        if key not in saved:  # saved by a version that did not record them
+            current.pop(key, None)
+    changes = config_differences(saved, current)
     if changes and not allow_config_change:
         listing = '\n'.join(f'  {key}: {old!r} -> {new!r}' for key, (old, new) in changes.items())
         raise ConfigError(

@@ -4,6 +4,7 @@ iterations, read from mmengine's scalar log (``LocalVisBackend``'s
 stage has several). matplotlib is optional (``pip install matplotlib``);
 without it the stage logs a one-line note and draws nothing."""
 import glob
+import io
 import json
 import logging
 import os.path as osp
@@ -12,6 +13,8 @@ from typing import Dict, Optional
 from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
+
+from dpa.engine.artifacts import atomic_write
 
 CURVES_FILE = 'curves.png'
 _noted_missing_matplotlib = []
@@ -31,9 +34,11 @@ def read_scalar_log(stage_dir: str) -> Dict[int, dict]:
     for path in sorted(glob.glob(osp.join(stage_dir, '*', 'vis_data', 'scalars.json'))):
         with open(path) as f:
             for line in f:
-                if line.strip():
+                try:
                     record = json.loads(line)
-                    records[int(record['step'])] = record
+                except ValueError:
+                    continue  # blank, or cut short by a kill or a full disk
+                records[int(record['step'])] = record
     return dict(sorted(records.items()))
 
 
@@ -67,7 +72,9 @@ def plot_curves(stage_dir: str, title: str = '') -> Optional[str]:
         ax.grid(alpha=0.3)
     figure.tight_layout()
     path = osp.join(stage_dir, CURVES_FILE)
-    figure.savefig(path, dpi=100)
+    image = io.BytesIO()
+    figure.savefig(image, format='png', dpi=100)
+    atomic_write(image.getvalue(), path)  # a full disk leaves no truncated png
     return path
 
 

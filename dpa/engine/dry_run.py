@@ -9,7 +9,7 @@ with what it is made from. Nothing is written.
 """
 import math
 import os.path as osp
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from mmengine.config import Config
 
@@ -17,9 +17,10 @@ from dpa.datasets.llava import read_rows
 from dpa.datasets.mixture import data_sources
 from dpa.engine.artifacts import read_manifest
 from dpa.engine.errors import ConfigError
-from dpa.engine.pipeline import (ARTIFACTS, TRAINABLE, dependencies, evaluates,
+from dpa.engine.pipeline import (ARTIFACTS, TRAINABLE, check_data_files, dependencies, evaluates,
                                  gradient_accumulation, launched_processes, resolve_config,
                                  stage_work_dir)
+from dpa.engine.staleness import stale_stages
 from dpa.evaluation.stage import EVAL_STAGE
 
 SYNTHETIC_ROWS = {'caption_data': 'num_captions', 'instruct_data': 'num_instructions'}
@@ -45,7 +46,7 @@ def _data_lines(cfg: Config, data_key: str) -> Tuple[List[str], int]:
     lines, samples = [], 0
     for name, source in data_sources(cfg[data_key]).items():
         ratio = source.get('ratio', 1.0)
-        if synthetic:  # every source reads the synthetic file
+        if synthetic and not source.get('data_files'):  # it reads the synthetic file
             rows = synthetic.get(SYNTHETIC_ROWS[data_key])
             lines.append(f'synthetic {data_key}: {rows} rows, made under {synthetic["root"]} on '
                          'first run')
@@ -73,12 +74,18 @@ def _strategy(cfg: Config) -> str:
     return f'DDP on {processes} processes' if processes > 1 else 'one process'
 
 
-def stage_plan(cfg: Config, stage: str, stages: List[str]) -> List[str]:
-    """The plan of one training stage, as lines."""
+def stage_plan(cfg: Config, stage: str, stages: List[str],
+               stale: Optional[Dict[str, str]] = None) -> List[str]:
+    """The plan of one training stage, as lines (``stale``: the stale
+    stages, see :mod:`dpa.engine.staleness`)."""
+    stale = stale or {}
     recipe = cfg[stage]
     lines = [f'[{stage}]']
     status = read_manifest(stage_work_dir(cfg, stage), stage)
-    if status is not None:
+    if stage in stale:
+        lines.append(f'  finished but stale ({stale[stage]}): refused, or trained again with '
+                     '--rerun-stale')
+    elif status is not None:
         lines.append(f'  already finished in {stage_work_dir(cfg, stage)}: skipped')
     data_lines, samples = _data_lines(cfg, recipe.data)
     lines += [f'  data: {line}' for line in data_lines]
@@ -114,8 +121,9 @@ def stage_plan(cfg: Config, stage: str, stages: List[str]) -> List[str]:
     for role, previous in dependencies(cfg, stage).items():
         made_from.append(f'{role} of stage {previous} '
                          f'({osp.join(stage_work_dir(cfg, previous), previous, "artifact")})')
-    lines.append(f'  writes: {ARTIFACT_FORMATS[ARTIFACTS[stage]]} in '
-                 f'{osp.join(cfg.work_dir, stage, "artifact")}')
+    if status is None or stage in stale:
+        lines.append(f'  writes: {ARTIFACT_FORMATS[ARTIFACTS[stage]]} in '
+                     f'{osp.join(cfg.work_dir, stage, "artifact")}')
     lines.append(f"  made from: {'; '.join(made_from)}")
     return lines
 
@@ -129,9 +137,13 @@ def dry_run(cfg: Config, stage: Optional[str] = None) -> str:
         stage: plan this training stage only, as ``--stage`` runs it.
     """
     cfg, stages = resolve_config(cfg, stage)
+    stale = stale_stages(cfg, stages, dependencies)
+    # The data of every stage that would train (stale ones with --rerun-stale).
+    check_data_files(cfg, [s for s in stages if s in stale
+                           or read_manifest(stage_work_dir(cfg, s), s) is None])
     lines = [f"Plan of {len(stages)} stage(s) in {cfg.work_dir} (dry run: no model loaded)"]
     for name in stages:
-        lines += stage_plan(cfg, name, stages)
+        lines += stage_plan(cfg, name, stages, stale)
     if evaluates(cfg, stage):
         spec = cfg[EVAL_STAGE]
         data = spec.get('data') or 'the synthetic evaluation split'

@@ -26,6 +26,24 @@ ARTIFACT_KINDS = ('adapter', 'projector', 'model')
 SKIPPED_FILE = 'skipped_samples.jsonl'
 
 
+# PEFT keeps these as sets and writes them in set order, which changes from
+# one process to the next: two identical runs gave different bytes.
+ADAPTER_SET_KEYS = ('target_modules', 'exclude_modules', 'modules_to_save')
+
+
+def sort_adapter_config(out_dir: str) -> None:
+    """Rewrite a saved ``adapter_config.json`` with its set-valued lists
+    sorted, in PEFT's own layout (indent 2, sorted keys)."""
+    path = osp.join(out_dir, 'adapter_config.json')
+    with open(path, encoding='utf-8') as f:
+        config = json.load(f)
+    for key in ADAPTER_SET_KEYS:
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    with open(path, 'w', encoding='utf-8') as f:
+        f.write(json.dumps(config, indent=2, sort_keys=True))
+
+
 class TooManyBadSamples(RuntimeError):
     """The share of bad data rows passed ``max_bad_fraction``."""
 
@@ -173,6 +191,7 @@ class DPAHook(Hook):
     def _write(self, model, out_dir, notes):
         if self.artifact == 'adapter':
             model.llm.save_pretrained(out_dir)
+            sort_adapter_config(out_dir)
         elif self.artifact == 'projector':
             state = {k: v.detach().contiguous() for k, v in model.projector.state_dict().items()}
             save_file(state, osp.join(out_dir, 'projector.safetensors'))

@@ -28,8 +28,12 @@ class TrainingInterrupted(RuntimeError):
     def __init__(self, stage: str, signum: int, iteration: int, checkpoint: Optional[str]):
         self.stage, self.signum = stage, signum
         self.iteration, self.checkpoint = iteration, checkpoint
-        super().__init__(f'stage {stage!r} interrupted by {signal.Signals(signum).name} after '
-                         f'iteration {iteration}; checkpoint: {checkpoint}')
+        name = signal.Signals(signum).name
+        if checkpoint is None and not iteration:
+            super().__init__(f'stage {stage!r} interrupted by {name} before it saved anything')
+        else:
+            super().__init__(f'stage {stage!r} interrupted by {name} after iteration '
+                             f'{iteration}; checkpoint: {checkpoint}')
 
 
 @contextlib.contextmanager

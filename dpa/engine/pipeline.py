@@ -11,13 +11,16 @@ reads that manifest.
 import copy
 import itertools
 import json
+import logging
 import os.path as osp
 from typing import Dict, List, Optional, Sequence
 
 from mmengine.config import Config, ConfigDict
+from mmengine.dist import barrier, is_main_process
+from mmengine.logging import print_log
 from safetensors import safe_open
 
-from dpa.datasets.llava import CAPTION_SUFFIXES, LABEL_MODES
+from dpa.datasets.llava import CAPTION_SUFFIXES, LABEL_MODES, read_rows
 from dpa.datasets.mixture import data_sources
 from dpa.datasets.samplers import PER_IMAGE
 from dpa.datasets.synthetic import make_synthetic_data
@@ -32,11 +35,14 @@ from dpa.engine.dataloader import loader_settings
 from dpa.engine.distributed import (apply_strategy, build_runner, check_strategy,
                                     init_cpu_process_group, world_size)
 from dpa.engine.errors import ConfigError
+from dpa.engine.hooks import SKIPPED_FILE
 from dpa.engine.interrupts import (TrainingInterrupted, graceful_interrupts, requested_signal,
                                    stop_dataloader_workers)
 from dpa.engine.optim import GUARDED, NonFiniteLossError
 from dpa.engine.paths import fill_path_variables
 from dpa.engine.precision import check_precision
+from dpa.engine.staleness import (INPUT_CHECKSUMS, StaleStagesError, input_checksums,
+                                  set_aside, stale_stages)
 from dpa.engine.standin import make_tiny
 from dpa.engine.workdir import work_dir_lock
 from dpa.evaluation.stage import (EVAL_STAGE, check_eval_config, eval_summary_lines,
@@ -134,6 +140,10 @@ def check_config(cfg: Config, stages: Sequence[str]) -> None:
     _check_paths(cfg, stages)
     for stage in stages:
         recipe = cfg[stage]
+        for key in ('batch_size', 'global_batch_size', 'max_epochs', 'max_length'):
+            value = recipe.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f'{stage}.{key} must be a positive integer, got {value!r}')
         loss = recipe.get('loss', {})
         # Building the loss and checking LoRA is cheap and validates every key.
         try:
@@ -284,8 +294,6 @@ def _check_paths(cfg: Config, stages: Sequence[str]) -> None:
         if path is not None and not osp.isdir(path):
             raise ConfigError(f'{key}.pretrained={path!r} is not a directory; point it at a local '
                               'checkpoint directory or GGUF file (nothing is downloaded)')
-    if cfg.get('synthetic_data'):
-        return  # made on first use, below
     for data_key in sorted({cfg[s].data for s in stages}):
         data = cfg.get(data_key)
         if data is None:
@@ -293,7 +301,10 @@ def _check_paths(cfg: Config, stages: Sequence[str]) -> None:
         for name, source in data_sources(data).items():
             where = data_key if name == 'data' else f'{data_key}.sources.{name}'
             files = source.data_files
-            for path in [files] if isinstance(files, str) else files:
+            files = [files] if isinstance(files, str) else files
+            if not files and not cfg.get('synthetic_data'):
+                raise ConfigError(f'{where}.data_files is empty: name the json/jsonl files')
+            for path in files:
                 if not osp.isfile(path):
                     raise ConfigError(f'{where}.data_files: {path!r} does not exist')
             folder = source.get('image_folder')
@@ -302,15 +313,48 @@ def _check_paths(cfg: Config, stages: Sequence[str]) -> None:
 
 
 def prepare_synthetic_data(cfg: Config) -> None:
-    """Make the embedded default's data on first use and point the datasets at it."""
+    """Make the embedded default's data on first use and point the datasets
+    that name no files of their own at it: a dataset given ``data_files``
+    keeps them (your data wins over ``synthetic_data``), as does an
+    ``eval.data``. Which data each dataset reads is logged."""
     spec = cfg.get('synthetic_data')
     if not spec:
         return
     paths = make_synthetic_data(**spec)
     for data_key, files in (('caption_data', 'captions'), ('instruct_data', 'instructions')):
-        for source in data_sources(cfg[data_key]).values():
+        for name, source in data_sources(cfg[data_key]).items():
+            where = data_key if name == 'data' else f'{data_key}.sources.{name}'
+            if source.get('data_files'):
+                print_log(f'{where}: your data_files {list(_as_list(source.data_files))} '
+                          '(synthetic_data fills only datasets without data_files)',
+                          logger='current')
+                continue
             source.update(data_files=[paths[files]], image_folder=paths['image_folder'])
     point_at_synthetic_split(cfg, paths)
+
+
+def _as_list(files) -> list:
+    return [files] if isinstance(files, str) else list(files)
+
+
+def check_data_files(cfg: Config, stages: Sequence[str]) -> None:
+    """Every data file the stages read parses and holds rows, checked before
+    any model loads (a stage would otherwise fail only when it starts, after
+    the stages before it have trained). Bad rows are left to training."""
+    for data_key in sorted({cfg[s].data for s in stages}):
+        for name, source in data_sources(cfg[data_key]).items():
+            where = data_key if name == 'data' else f'{data_key}.sources.{name}'
+            for path in _as_list(source.data_files):
+                problems = []
+                try:
+                    rows = read_rows(path, problems)
+                except (OSError, ValueError) as err:
+                    raise ConfigError(f'{where}.data_files: {err}') from None
+                if not rows:
+                    invalid = f' ({len(problems)} invalid json lines)' if problems else ''
+                    raise ConfigError(f'{where}.data_files: {path} holds no rows{invalid}; a '
+                                      'LLaVA json file holds a list of rows, a jsonl file one '
+                                      'row a line (tools/check_data.py checks them)')
 
 
 def stage_pads_images(cfg: Config, stage: str) -> bool:
@@ -373,9 +417,9 @@ def stage_runner_config(cfg: Config, stage: str, resume: bool = False) -> Config
     """The mmengine Runner config of one stage."""
     recipe = cfg[stage]
     work_dir = osp.abspath(cfg.work_dir)
-    artifacts = {role: read_manifest(osp.abspath(stage_work_dir(cfg, previous)),
-                                     previous)['artifact']
-                 for role, previous in dependencies(cfg, stage).items()}
+    inputs = {role: read_manifest(osp.abspath(stage_work_dir(cfg, previous)), previous)
+              for role, previous in dependencies(cfg, stage).items()}
+    artifacts = {role: manifest['artifact'] for role, manifest in inputs.items()}
 
     llm = copy.deepcopy(cfg.llm)
     if stage == 'proxy':
@@ -399,6 +443,7 @@ def stage_runner_config(cfg: Config, stage: str, resume: bool = False) -> Config
 
     accumulation = gradient_accumulation(cfg, stage)
     made_from = dict(llm=plain(cfg.llm), **artifacts)
+    made_from[INPUT_CHECKSUMS] = input_checksums(inputs)
     if stage != 'proxy':
         made_from['vision_tower'] = plain(cfg.vision_tower)
     optim_wrapper = dict(copy.deepcopy(recipe.optim_wrapper), accumulative_counts=accumulation)
@@ -467,7 +512,8 @@ def resolve_config(cfg: Config, stage: Optional[str] = None):
 
 
 def run_pipeline(cfg: Config, stage: Optional[str] = None, resume: bool = False,
-                 allow_config_change: bool = False, verbose: bool = False) -> List[dict]:
+                 allow_config_change: bool = False, verbose: bool = False,
+                 rerun_stale: bool = False) -> List[dict]:
     """Run the config's stages (or one), skipping finished ones; return their
     manifests. ``tiny_standin=True`` runs them on tiny random stand-ins and
     synthetic data (:mod:`dpa.engine.standin`).
@@ -477,13 +523,25 @@ def run_pipeline(cfg: Config, stage: Optional[str] = None, resume: bool = False,
     started with (``allow_config_change``: even if not; the manifest records
     the change). The work dir is locked for the run (:mod:`dpa.engine.workdir`).
     ``verbose`` prints mmengine's records on the console too, not only in
-    each stage's log file."""
+    each stage's log file. A finished stage made from artifacts that changed
+    since is refused (:class:`StaleStagesError`), or with ``rerun_stale``
+    moved aside and trained again (:mod:`dpa.engine.staleness`)."""
     cfg, stages = resolve_config(cfg, stage)
     init_cpu_process_group(cfg)
     prepare_synthetic_data(cfg)
     manifests = []
     first_unfinished = True
     with work_dir_lock(cfg.work_dir, cfg.get('launcher', 'none')), graceful_interrupts():
+        stale = stale_stages(cfg, stages, dependencies)
+        if stale and not rerun_stale:
+            raise StaleStagesError(stale, cfg.work_dir)
+        if stale and is_main_process():
+            for name, folder in set_aside(cfg.work_dir, list(stale)).items():
+                print_log(f'[{name}] stale ({stale[name]}): moved to {folder}, training it again',
+                          logger='current', level=logging.WARNING)
+        barrier()
+        check_data_files(cfg, [s for s in stages
+                               if read_manifest(stage_work_dir(cfg, s), s) is None])
         for name in stages:
             manifest = read_manifest(stage_work_dir(cfg, name), name)
             if manifest is not None and stage_work_dir(cfg, name) != cfg.work_dir:
@@ -491,9 +549,12 @@ def run_pipeline(cfg: Config, stage: Optional[str] = None, resume: bool = False,
             if manifest is None:
                 if requested_signal():
                     raise TrainingInterrupted(name, requested_signal(), 0, None)
+                inputs = input_checksums({
+                    role: read_manifest(stage_work_dir(cfg, previous), previous)
+                    for role, previous in dependencies(cfg, name).items()})
                 resumes, changes = prepare_stage_start(cfg, name, resume, first_unfinished,
                                                        launched_processes(cfg),
-                                                       allow_config_change)
+                                                       allow_config_change, inputs)
                 first_unfinished = False
                 train_stage(cfg, name, resumes, verbose)
                 record_config_changes(cfg.work_dir, name, changes)
@@ -502,6 +563,8 @@ def run_pipeline(cfg: Config, stage: Optional[str] = None, resume: bool = False,
                 manifest['skipped'] = True
             manifests.append(manifest)
         if evaluates(cfg, stage):
+            if requested_signal():
+                raise TrainingInterrupted(EVAL_STAGE, requested_signal(), 0, None)
             with stage_console(verbose):
                 manifests.append(run_eval_stage(cfg))
     return manifests
@@ -566,6 +629,9 @@ def format_summary(manifests: List[dict]) -> str:
                        for name in ('content', 'template') if f'w_mean_{name}' in c]
             if classes:
                 lines.append(f"           weight mean by token class: {', '.join(classes)}")
+        if m.get('skipped_rows'):
+            lines.append(f"           {m['skipped_rows']} bad rows skipped, listed in "
+                         f"{osp.join(osp.dirname(m['artifact']), SKIPPED_FILE)}")
         lines.append(f"           {m['artifact_kind']}: {m['artifact']}")
         curves = osp.join(osp.dirname(m['artifact']), CURVES_FILE)
         if osp.isfile(curves):

@@ -31,7 +31,11 @@ TEMP_NAME = re.compile(r'\.tmp-(\d+)$')
 RANK_VARIABLES = {'pytorch': 'RANK', 'slurm': 'SLURM_PROCID', 'mpi': 'OMPI_COMM_WORLD_RANK'}
 
 
-class WorkDirBusy(RuntimeError):
+class WorkDirError(RuntimeError):
+    """The work dir cannot be used (not a directory, not writable)."""
+
+
+class WorkDirBusy(WorkDirError):
     """Another run is using the work dir."""
 
 
@@ -89,8 +93,21 @@ def acquire_lock(work_dir: str) -> str:
     Raises:
         WorkDirBusy: a live process holds it (or one on another host, whose
             liveness cannot be checked from here).
+        WorkDirError: ``work_dir`` is a file, or cannot be created or written.
     """
-    os.makedirs(work_dir, exist_ok=True)
+    if osp.exists(work_dir) and not osp.isdir(work_dir):
+        raise WorkDirError(f'--work-dir {work_dir} is a file, not a directory: choose another '
+                           '--work-dir')
+    try:
+        os.makedirs(work_dir, exist_ok=True)
+        return _take_lock(work_dir)
+    except OSError as err:
+        # Read-only, permissions, a file where a parent folder should be.
+        raise WorkDirError(f'cannot write to the work dir {work_dir} ({err.strerror}): make it '
+                           'writable or choose another --work-dir') from None
+
+
+def _take_lock(work_dir: str) -> str:
     path = osp.join(work_dir, LOCK_FILE)
     me = dict(pid=os.getpid(), host=socket.gethostname(), start=_process_start(os.getpid()),
               started=time.strftime('%Y-%m-%d %H:%M:%S'), command=' '.join(sys.argv))

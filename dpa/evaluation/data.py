@@ -45,10 +45,13 @@ def check_row(row, image_folder: str) -> dict:
     if 'type' in row and not isinstance(row['type'], str):
         raise BadSampleError('bad_type', f'type must be a string, got {row["type"]!r}')
     image_path = None
-    if row.get('image') is not None:
-        if not isinstance(row['image'], str):
-            raise BadSampleError('bad_image_field',
-                                 f'image must be a path string, got {row["image"]!r}')
+    if 'image' in row:
+        # As in training: a null or empty image is a mistake, not a text-only
+        # question (which leaves the key out).
+        if not isinstance(row['image'], str) or not row['image'].strip():
+            raise BadSampleError('bad_image_field', 'image must be a non-empty path string '
+                                 f'(leave the key out for a text-only question), got '
+                                 f'{row["image"]!r}')
         image_path = osp.join(image_folder, row['image'])
         # Decoded once here to find broken files before any model runs; not
         # kept, so a large benchmark does not sit in memory.

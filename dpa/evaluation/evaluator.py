@@ -12,13 +12,13 @@ import os
 import os.path as osp
 import sys
 from collections import defaultdict
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 from tqdm import tqdm
 
 from dpa.engine.artifacts import atomic_write
-from dpa.evaluation.data import normalize_answer, read_eval_rows
+from dpa.evaluation.data import EvalDataError, normalize_answer, read_eval_rows
 from dpa.evaluation.models import default_device, load_eval_model, load_image
 
 MAX_NEW_TOKENS = 64
@@ -35,7 +35,7 @@ class BadRowsError(ValueError):
         report: where they were written.
     """
 
-    def __init__(self, problems: List[dict], report: Optional[str]):
+    def __init__(self, problems: List[dict], report: Optional[str], all_bad: bool = False):
         reasons = defaultdict(int)
         for p in problems:
             reasons[p['reason']] += 1
@@ -45,12 +45,24 @@ class BadRowsError(ValueError):
             f'{len(problems)} bad row(s) in the evaluation data ({listing}), e.g. '
             f"{first['file']} row {first['row']}: {first['detail']}"
             + (f'; every one is listed in {report}' if report else '')
-            + '. Fix them, or pass --skip-bad-rows to score the other rows')
+            + ('. Every row is bad: fix them' if all_bad else
+               '. Fix them, or pass --skip-bad-rows to score the other rows'))
         self.problems, self.report = problems, report
 
 
-def _batches(items, size):
+class EvaluationInterrupted(RuntimeError):
+    """A signal asked the evaluation to stop (see ``interrupted`` of :func:`evaluate`)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f'evaluation interrupted by signal {signum}')
+        self.signum = signum
+
+
+def _batches(items, size, interrupted: Optional[Callable[[], Optional[int]]] = None):
     for start in range(0, len(items), size):
+        signum = interrupted() if interrupted is not None else None
+        if signum:
+            raise EvaluationInterrupted(signum)
         yield items[start:start + size]
 
 
@@ -61,7 +73,8 @@ def _option_ids(tokenizer, option: str) -> List[int]:
     return ids
 
 
-def score_options(model, prompts, rows, batch_size: int, progress=None) -> List[List[float]]:
+def score_options(model, prompts, rows, batch_size: int, progress=None,
+                  interrupted=None) -> List[List[float]]:
     """Each option's summed token log-probability after its row's prompt.
 
     Args:
@@ -74,7 +87,7 @@ def score_options(model, prompts, rows, batch_size: int, progress=None) -> List[
     items = [(r, o, _option_ids(model.tokenizer, option))
              for r, row in enumerate(rows) for o, option in enumerate(row['options'])]
     scores = [[0.0] * len(row['options']) for row in rows]
-    for batch in _batches(items, batch_size):
+    for batch in _batches(items, batch_size, interrupted):
         sequences = [prompts[r][0] + ids for r, _, ids in batch]
         pixels = [prompts[r][1] for r, _, _ in batch if prompts[r][1] is not None]
         keep = max(len(ids) for _, _, ids in batch) + 1
@@ -91,11 +104,11 @@ def score_options(model, prompts, rows, batch_size: int, progress=None) -> List[
 
 
 def generate_answers(model, prompts, batch_size: int, max_new_tokens: int = MAX_NEW_TOKENS,
-                     progress=None) -> List[str]:
+                     progress=None, interrupted=None) -> List[str]:
     """Greedy answers, cut at the first end-of-turn token, special tokens dropped."""
     answers = []
     stops = set(model.end_of_turn_ids)
-    for batch in _batches(prompts, batch_size):
+    for batch in _batches(prompts, batch_size, interrupted):
         pixels = [p for _, p in batch if p is not None]
         for new in model.generate([ids for ids, _ in batch], pixels, max_new_tokens):
             cut = next((i for i, token in enumerate(new) if token in stops), len(new))
@@ -106,9 +119,10 @@ def generate_answers(model, prompts, batch_size: int, max_new_tokens: int = MAX_
 
 
 def predict(model, rows: List[dict], batch_size: int = 8, show_progress: bool = True,
-            max_new_tokens: int = MAX_NEW_TOKENS) -> List[dict]:
+            max_new_tokens: int = MAX_NEW_TOKENS, interrupted=None) -> List[dict]:
     """One prediction record per row: id, type, prediction, answer, correct,
-    and ``option_scores`` for multiple choice."""
+    and ``option_scores`` for multiple choice. ``interrupted``: called before
+    each batch; a signal number it returns stops with :class:`EvaluationInterrupted`."""
     if batch_size < 1:
         raise ValueError(f'batch size must be at least 1, got {batch_size}')
     choice = [r for r in rows if r['options'] is not None]
@@ -119,11 +133,12 @@ def predict(model, rows: List[dict], batch_size: int = 8, show_progress: bool = 
     with bar:
         choice_prompts = [model.prompt(r['question'], load_image(r['image_path']))
                           for r in choice]
-        scores = score_options(model, choice_prompts, choice, batch_size, bar)
+        scores = score_options(model, choice_prompts, choice, batch_size, bar, interrupted)
         del choice_prompts
         open_prompts = [model.prompt(r['question'], load_image(r['image_path']))
                         for r in open_rows]
-        answers = generate_answers(model, open_prompts, batch_size, max_new_tokens, bar)
+        answers = generate_answers(model, open_prompts, batch_size, max_new_tokens, bar,
+                                   interrupted)
     records = {}
     for row, option_scores in zip(choice, scores):
         best = max(range(len(option_scores)), key=option_scores.__getitem__)  # first on ties
@@ -182,7 +197,8 @@ def format_table(metrics: dict) -> str:
 
 def evaluate(model_path: str, data: str, image_folder: str = '', out_dir: Optional[str] = None,
              batch_size: int = 8, device: Optional[str] = None, skip_bad_rows: bool = False,
-             pad_to_square: Optional[bool] = None, show_progress: bool = True) -> dict:
+             pad_to_square: Optional[bool] = None, show_progress: bool = True,
+             verify: bool = True, interrupted=None) -> dict:
     """Score the model at ``model_path`` on ``data``; write ``metrics.json``
     and ``predictions.jsonl`` (and ``bad_rows.jsonl`` when rows are bad) to
     ``out_dir``; return the metrics.
@@ -197,9 +213,11 @@ def evaluate(model_path: str, data: str, image_folder: str = '', out_dir: Option
         skip_bad_rows: score the good rows when some are bad (they are listed
             and counted in ``skipped_rows``) instead of raising.
         pad_to_square: native models: override the recorded preprocessing.
+        verify: check the model's files against its manifest's sha256 first.
+        interrupted: see :func:`predict`.
 
     Raises:
-        EvalDataError: the data file cannot be read.
+        EvalDataError: the data file cannot be read or holds no rows.
         BadRowsError: bad rows, without ``skip_bad_rows``.
         ModelLoadError: ``model_path`` is no model the evaluator knows.
     """
@@ -210,12 +228,13 @@ def evaluate(model_path: str, data: str, image_folder: str = '', out_dir: Option
     elif report and osp.exists(report):  # from an earlier run on other data
         os.remove(report)
     report = report if problems else None
-    if problems and not skip_bad_rows:
-        raise BadRowsError(problems, report)
+    if problems and not (skip_bad_rows and rows):
+        raise BadRowsError(problems, report, all_bad=not rows)
     if not rows:
-        raise BadRowsError(problems, report) if problems else ValueError(f'{data} has no rows')
-    model = load_eval_model(model_path, device or default_device(), pad_to_square)
-    predictions = predict(model, rows, batch_size, show_progress)
+        raise EvalDataError(f'{data} holds no rows: an evaluation file is a json list or jsonl '
+                            'of {"id", "image", "question", "answer", "options"} rows')
+    model = load_eval_model(model_path, device or default_device(), pad_to_square, verify)
+    predictions = predict(model, rows, batch_size, show_progress, interrupted=interrupted)
     metrics = dict(compute_metrics(predictions), skipped_rows=len(problems),
                    model=osp.abspath(model.name), model_format=model.kind,
                    data=osp.abspath(data))

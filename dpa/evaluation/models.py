@@ -21,9 +21,10 @@ from typing import List, NamedTuple, Optional, Sequence
 import torch
 from mmengine.logging import print_log
 from PIL import Image
+from safetensors import SafetensorError
 
 from dpa.datasets.llava import open_image
-from dpa.engine.artifacts import read_manifest
+from dpa.engine.artifacts import ArtifactError, read_manifest, verify_artifact_folder
 from dpa.models.builders import IMAGE_TOKEN, PROCESSORS, num_image_tokens
 from dpa.models.export import NATIVE_CONFIG, load_native, stop_token_ids
 from dpa.models.image_preprocessing import preprocess_image
@@ -291,15 +292,26 @@ def load_native_for_eval(model_dir: str, device='cpu',
                            name=model_dir)
 
 
-def resolve_model_dir(path: str) -> str:
+def resolve_model_dir(path: str, verify: bool = True) -> str:
     """The model directory behind ``path``: a work dir's final model, or
-    ``path`` itself when it is a native or ``hf_llava`` directory."""
+    ``path`` itself when it is a native or ``hf_llava`` directory.
+
+    ``verify``: check the model's files against the sha256 its stage's
+    manifest recorded (when a manifest covers them), so that a corrupted
+    or edited model is refused rather than scored.
+    """
     if not osp.isdir(path):
         raise ModelLoadError(f'{path} is not a directory; give a work dir, a native model dir '
                              '(with dpa_model.json) or an hf_llava dir (with config.json)')
-    if osp.isfile(osp.join(path, NATIVE_CONFIG)) or osp.isfile(osp.join(path, 'config.json')):
-        return path
-    manifest = read_manifest(path, FINAL_STAGE)
+    try:
+        if osp.isfile(osp.join(path, NATIVE_CONFIG)) or osp.isfile(osp.join(path, 'config.json')):
+            if verify:
+                verify_artifact_folder(path)
+            return path
+        manifest = read_manifest(path, FINAL_STAGE, verify=verify)
+    except ArtifactError as err:
+        raise ModelLoadError(f'{err}\n(--no-verify loads the model without this check, for '
+                             'very large checkpoints you trust)') from None
     if manifest is not None:
         return manifest['artifact']
     if osp.isdir(osp.join(path, FINAL_STAGE)):
@@ -311,19 +323,48 @@ def resolve_model_dir(path: str) -> str:
                          'config.json)')
 
 
-def load_eval_model(path: str, device='cpu', pad_to_square: Optional[bool] = None):
+def check_device(device: str) -> str:
+    """``device`` if this machine and torch build can run on it."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ModelLoadError(f'--device {device!r} is not a device ({err}); use cpu, cuda or '
+                             'cuda:N') from None
+    if parsed.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f'--device {device!r}: this torch build or machine has no CUDA '
+                                 'GPU; use --device cpu')
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ModelLoadError(f'--device {device!r}: there are only '
+                                 f'{torch.cuda.device_count()} CUDA devices')
+    elif parsed.type == 'mps' and not torch.backends.mps.is_available():
+        raise ModelLoadError(f'--device {device!r}: this machine has no MPS device; use '
+                             '--device cpu')
+    elif parsed.type not in ('cpu', 'mps'):
+        raise ModelLoadError(f'--device {device!r}: evaluation runs on cpu, cuda or mps')
+    return device
+
+
+def load_eval_model(path: str, device='cpu', pad_to_square: Optional[bool] = None,
+                    verify: bool = True):
     """The model at ``path`` (work dir, native dir or ``hf_llava`` dir), ready to score.
 
     Args:
         path: see :func:`resolve_model_dir`.
         device: e.g. ``'cpu'``, ``'cuda'``, ``'cuda:1'``.
         pad_to_square: native models only: override the recorded preprocessing.
+        verify: check the model's files against its manifest's sha256 first.
     """
-    model_dir = resolve_model_dir(path)
-    if osp.isfile(osp.join(model_dir, NATIVE_CONFIG)):
-        return load_native_for_eval(model_dir, device, pad_to_square)
-    with open(osp.join(model_dir, 'config.json')) as f:
-        model_type = json.load(f).get('model_type')
+    check_device(str(device))
+    model_dir = resolve_model_dir(path, verify)
+    try:
+        if osp.isfile(osp.join(model_dir, NATIVE_CONFIG)):
+            return load_native_for_eval(model_dir, device, pad_to_square)
+        with open(osp.join(model_dir, 'config.json')) as f:
+            model_type = json.load(f).get('model_type')
+    except (OSError, ValueError, SafetensorError) as err:
+        # ValueError: json or a builder refusing a broken file (--no-verify).
+        raise ModelLoadError(f'cannot load the model in {model_dir}: {err}') from None
     if model_type not in ('llava', 'llava_next'):
         raise ModelLoadError(f'{model_dir}/config.json is a {model_type!r} model, not a '
                              'transformers LLaVA or LLaVA-NeXT export (model_type "llava" or '
@@ -331,7 +372,10 @@ def load_eval_model(path: str, device='cpu', pad_to_square: Optional[bool] = Non
     if pad_to_square is not None:
         raise ModelLoadError('--pad-to-square applies to native models; an hf_llava export '
                              'preprocesses images with its own processor')
-    return HFLlavaEvalModel(model_dir, device)
+    try:
+        return HFLlavaEvalModel(model_dir, device)
+    except (OSError, ValueError, SafetensorError) as err:
+        raise ModelLoadError(f'cannot load the model in {model_dir}: {err}') from None
 
 
 def load_image(path: Optional[str]) -> Optional[Image.Image]:

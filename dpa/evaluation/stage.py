@@ -14,10 +14,13 @@ from typing import List, Optional
 
 from mmengine.dist import barrier, is_main_process
 
+from dpa.datasets.llava import read_rows
 from dpa.engine.artifacts import read_manifest, write_artifact_dir, write_manifest
 from dpa.engine.errors import ConfigError
+from dpa.engine.interrupts import TrainingInterrupted, requested_signal
 from dpa.evaluation.data import EvalDataError
-from dpa.evaluation.evaluator import METRICS_FILE, BadRowsError, evaluate
+from dpa.evaluation.evaluator import METRICS_FILE, BadRowsError, EvaluationInterrupted, evaluate
+from dpa.evaluation.models import ModelLoadError, check_device
 from dpa.models.export import NATIVE_CONFIG
 
 EVAL_STAGE = 'eval'
@@ -43,11 +46,24 @@ def check_eval_config(cfg, stages: List[str]) -> None:
     batch_size = spec.get('batch_size', 8)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f'eval.batch_size must be a positive integer, got {batch_size!r}')
+    if spec.get('device'):
+        try:
+            check_device(str(spec['device']))
+        except ModelLoadError as err:
+            raise ConfigError(f'eval.device: {err}') from None
     if not spec.get('data') and not cfg.get('synthetic_data'):
         raise ConfigError('eval.data is not set: point it at a json/jsonl file of evaluation '
                           'rows (see README "Evaluate")')
     if spec.get('data') and not osp.isfile(spec['data']):
         raise ConfigError(f"eval.data: {spec['data']!r} does not exist")
+    if spec.get('data'):
+        # Parsed now, not after training: bad rows are the evaluator's to report.
+        try:
+            rows = read_rows(spec['data'], [])
+        except (OSError, ValueError) as err:
+            raise ConfigError(f'eval.data: {err}') from None
+        if not rows:
+            raise ConfigError(f"eval.data: {spec['data']} holds no rows")
     folder = spec.get('image_folder')
     if folder and spec.get('data') and not osp.isdir(folder):
         raise ConfigError(f'eval.image_folder: {folder!r} is not a directory')
@@ -72,6 +88,10 @@ def run_eval_stage(cfg) -> dict:
     manifest = read_manifest(work_dir, EVAL_STAGE)
     if manifest is not None and manifest.get('model_finished_at') == final['finished_at']:
         return dict(manifest, skipped=True)
+    # Checked here, once, before scoring: the scores must be the model's training wrote.
+    read_manifest(work_dir, FINAL_STAGE, verify=True)
+    if requested_signal():
+        raise TrainingInterrupted(EVAL_STAGE, requested_signal(), 0, None)
     if is_main_process():
         spec = cfg[EVAL_STAGE]
         target = osp.join(work_dir, EVAL_STAGE, 'artifact')
@@ -82,12 +102,16 @@ def run_eval_stage(cfg) -> dict:
                 final['artifact'], spec['data'], spec.get('image_folder') or '', tmp_dir,
                 batch_size=spec.get('batch_size', 8), device=spec.get('device'),
                 skip_bad_rows=spec.get('skip_bad_rows', False),
-                pad_to_square=_pad_to_square(cfg, final['artifact']), show_progress=False))
+                pad_to_square=_pad_to_square(cfg, final['artifact']), show_progress=False,
+                verify=False, interrupted=requested_signal))
 
         try:
             write_artifact_dir(target, write)
         except (BadRowsError, EvalDataError) as err:
             raise ConfigError(f'eval.data: {err}') from None
+        except EvaluationInterrupted as err:
+            # Nothing to save: a re-run scores the model again from the start.
+            raise TrainingInterrupted(EVAL_STAGE, err.signum, 0, None) from None
         # The manifest keys every stage has; no training happens here.
         write_manifest(work_dir, EVAL_STAGE, dict(
             artifact_kind=ARTIFACT_KIND, artifact=osp.abspath(target),
