@@ -2,15 +2,18 @@
 
     python tools/eval.py WORK_DIR_OR_MODEL_DIR --data FILE.jsonl [--image-folder DIR]
         [--out DIR] [--batch-size N] [--device cpu|cuda|cuda:1] [--skip-bad-rows]
-        [--lmms-eval TASKS [--lmms-eval-python PYTHON]]
+        [--lmms-eval TASKS [--lmms-eval-model auto|llava_hf|dpa] [--lmms-eval-python PYTHON]]
 
 WORK_DIR_OR_MODEL_DIR is a finished work dir (its final model), a native model
 dir (``dpa_model.json``) or an ``hf_llava`` export. Rows are
 ``{"id", "image", "question", "answer", "options", "type"}`` (image, options
 and type optional). Writes metrics.json and predictions.jsonl to --out
 (default: WORK_DIR_OR_MODEL_DIR/evaluation/<data file name>) and prints a
-table. Exits 1 when the data cannot be read or has bad rows (listed in
-bad_rows.jsonl; --skip-bad-rows scores the others), 2 on a usage error.
+table. --lmms-eval also runs lmms-eval (dpa.evaluation.lmms_eval) and records
+its scores and, for the local tasks, its per-row agreement with the built-in
+evaluator. Exits 1 when the data cannot be read or has bad rows (listed in
+bad_rows.jsonl; --skip-bad-rows scores the others) or lmms-eval fails (no
+score printed), 2 on a usage error.
 """
 import argparse
 import os.path as osp
@@ -20,8 +23,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import dpa  # noqa: E402,F401
 from dpa.evaluation import (BadRowsError, EvalDataError, ModelLoadError, evaluate,  # noqa: E402
                             format_table, read_eval_rows)
-from dpa.evaluation.evaluator import write_metrics  # noqa: E402
-from dpa.evaluation.lmms_eval import LmmsEvalError, run_lmms_eval  # noqa: E402
+from dpa.evaluation.evaluator import read_predictions, write_metrics  # noqa: E402
+from dpa.evaluation.lmms_eval import LMMS_EVAL_MODELS, LmmsEvalError, run_lmms_eval  # noqa: E402
 from dpa.evaluation.models import default_device, resolve_model_dir  # noqa: E402
 
 
@@ -41,7 +44,11 @@ def parse_args(argv=None):
                         help='native models: override the recorded image preprocessing')
     parser.add_argument('--lmms-eval', metavar='TASKS',
                         help='also run these lmms-eval tasks (comma-separated; dpa_synthetic '
-                        'reads --data) on the hf_llava export')
+                        'and dpa_synthetic_mc read the open and multiple-choice rows of --data)')
+    parser.add_argument('--lmms-eval-model', choices=LMMS_EVAL_MODELS, default='auto',
+                        help="lmms-eval's llava_hf on the hf_llava export, or the project's dpa "
+                        'model (any model, multiple choice too); auto: llava_hf where there is '
+                        'an export')
     parser.add_argument('--lmms-eval-python',
                         help='python of the lmms-eval environment (default: $LMMS_EVAL_PYTHON, '
                         'else this one)')
@@ -63,7 +70,8 @@ def main(argv=None):
             tasks = [t for t in args.lmms_eval.split(',') if t]
             metrics['lmms_eval'] = run_lmms_eval(
                 resolve_model_dir(args.model), tasks, rows, out, args.lmms_eval_python,
-                args.device or default_device())
+                args.device or default_device(), args.lmms_eval_model, read_predictions(out),
+                args.batch_size)
             write_metrics(metrics, out)
     except (EvalDataError, BadRowsError, ModelLoadError, LmmsEvalError) as err:
         sys.exit(f'eval error: {err}')
