@@ -45,9 +45,10 @@ def lmms_python():
     return PYTHON
 
 
-def mixed_rows(eval_file, out_file, extra=()):
-    """The multiple-choice rows of ``eval_file`` and the same questions as open ones."""
-    rows = [json.loads(line) for line in open(eval_file)] + list(extra)
+def mixed_rows(eval_file, out_file, extra=(), limit=None):
+    """The first ``limit`` multiple-choice rows of ``eval_file`` (and
+    ``extra``) and the same questions as open ones."""
+    rows = [json.loads(line) for line in open(eval_file)][:limit] + list(extra)
     open_rows = [{k: v for k, v in r.items() if k != 'options'} for r in rows]
     for row in open_rows:
         row['id'] = f"{row['id']}_open"
@@ -88,7 +89,9 @@ def check_agreement(result, out, tasks):
 @pytest.fixture(scope='module')
 def tiny_default(finished, data_root, tmp_path_factory):
     work_dir, _ = finished
-    data = mixed_rows(data_root / 'eval.jsonl', tmp_path_factory.mktemp('rows') / 'mixed.jsonl')
+    # 16 of the 48 questions keep the test short; README "Evaluate" shows all 48.
+    data = mixed_rows(data_root / 'eval.jsonl', tmp_path_factory.mktemp('rows') / 'mixed.jsonl',
+                      limit=16)
     return work_dir, data, str(data_root / 'images')
 
 
@@ -101,7 +104,7 @@ def test_llava_hf_scores_the_export_like_the_builtin_evaluator(lmms_python, tiny
     lmms = check_agreement(result, out, ['dpa_synthetic'])
     assert lmms['model'] == 'llava_hf' and lmms['pretrained'].endswith('hf_llava')
     assert 'lmms-eval model llava_hf' in result.stdout
-    assert "answers equal to the built-in evaluator's: 48/48 rows (100.0%)" in result.stdout
+    assert "answers equal to the built-in evaluator's: 16/16 rows (100.0%)" in result.stdout
 
 
 def test_dpa_model_scores_the_native_model_generation_and_multiple_choice(
