@@ -164,3 +164,46 @@ def test_failed_lmms_eval_runs_print_no_score(lmms_python, tiny_default, tmp_pat
     assert 'Tasks not found: no_such_task' in result.stderr and result.stdout == ''
     assert 'lmms_eval' not in json.loads((out / 'metrics.json').read_text())
     assert len(os.listdir(out / 'lmms_eval')) == 3  # one fresh directory per run
+
+
+# Run with the lmms-eval python: requests as lmms-eval builds them, without a task.
+REQUESTS_SCRIPT = '''
+import json, sys
+from lmms_eval.api.instance import Instance
+from dpa.evaluation.lmms_eval_model import DPALmmsModel
+
+model = DPALmmsModel(pretrained=sys.argv[1], device='cpu', batch_size=2)
+model.task_dict = {'t': {'test': [{}]}}
+no_image = lambda doc: []
+
+
+def generate(context, **gen_kwargs):
+    request = Instance('generate_until', (context, gen_kwargs, no_image, 0, 't', 'test'), 0,
+                       metadata=dict(task='t', doc_id=0, repeats=1))
+    return model.generate_until([request])[0]
+
+
+full = generate('Describe it.', max_new_tokens=12, until=[])
+out = dict(full=full, placeholder=generate('<image>\\nDescribe it.', max_new_tokens=12),
+           cut=generate('Describe it.', max_new_tokens=12, until=[full[3:6], '']))
+try:
+    generate('Describe it.', temperature=0.7)
+except ValueError as err:
+    out['sampling'] = str(err)
+print(json.dumps(out))
+'''
+
+
+def test_dpa_model_generation_options(lmms_python, finished):
+    work_dir, _ = finished
+    result = subprocess.run([lmms_python, '-c', REQUESTS_SCRIPT, str(work_dir)],
+                            capture_output=True, text=True, cwd=REPO,
+                            env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(out['full']) > 6, 'too short an answer to cut: the test would be blind'
+    # A task's own <image> placeholder is dropped (no image here): the same prompt.
+    assert out['placeholder'] == out['full']
+    # Cut at the first stop string, as lmms-eval's models do; empty ones ignored.
+    assert out['cut'] == out['full'].split(out['full'][3:6])[0]
+    assert 'decodes greedily' in out['sampling']

@@ -131,7 +131,8 @@ class DPALmmsModel(lmms):
                     raise ValueError(f'{task}: the dpa model decodes greedily (as tools/eval.py '
                                      f'does); the task asks {gen_kwargs}')
                 until = gen_kwargs.get('until') or []
-                stops.append([until] if isinstance(until, str) else list(until))
+                until = [until] if isinstance(until, str) else until
+                stops.append([stop for stop in until if stop])
                 lengths.append(int(gen_kwargs.get('max_new_tokens') or MAX_NEW_TOKENS))
                 prompts.append(self.prompt(context, doc_to_visual, doc_id, task, split))
             if len(set(lengths)) == 1:
