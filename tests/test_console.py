@@ -280,6 +280,18 @@ def test_dry_run_of_every_config_on_its_standin(path, tmp_path, no_model_loads):
                     f'iterations: {iterations} ')
         assert any(expected in line for line in lines), (stage, lines)
         assert any(line.startswith('writes: ') for line in lines)
+        # A stand-in stage takes one optimizer step, inside the warm-up: lr 0 (issue 23).
+        if any('(1 epoch(s) of' in line and ', 1 optimizer steps)' in line for line in lines):
+            assert any(line.startswith('warning: 1 optimizer step(s), all within the warm-up')
+                       and 'its only step runs at lr 0' in line for line in lines), lines
+    # What the final stage writes: InternLM2 is no transformers architecture.
+    [final] = [line for line in blocks['finetune'] if line.startswith('writes: ')]
+    if 'internlm' in osp.basename(path):
+        assert final.startswith('writes: native model only, no transformers export (internlm2 '
+                                'is not a transformers architecture'), final
+    else:
+        export = 'LLaVA-NeXT' if cfg.get('anyres') else 'LLaVA'
+        assert final.startswith(f'writes: native model + transformers {export} export'), final
     assert not (tmp_path / 'data').exists() and not (tmp_path / 'work').exists()
 
 
@@ -307,6 +319,7 @@ def test_train_cli_dry_run(tmp_path, capsys, no_model_loads):
     main([TINY, '--dry-run', '--work-dir', str(tmp_path)])
     out = capsys.readouterr().out
     assert out.startswith('Plan of 3 stage(s)') and '[eval]' in out
+    assert 'warning' not in out  # the tiny default's stages leave their warm-up
     with pytest.raises(SystemExit, match='config error: .*is not a directory'):
         main([osp.join(REPO, 'configs', 'dpa_qwen2_5_7b.py'), '--dry-run'])
 

@@ -22,7 +22,8 @@ from dpa.engine.errors import ConfigError
 from dpa.engine.pipeline import format_summary, run_pipeline, selected_stages
 from dpa.evaluation import (BadRowsError, EvalDataError, compute_metrics, evaluate,
                             load_eval_model, normalize_answer, predict, read_eval_rows)
-from dpa.evaluation.lmms_eval import read_results, write_local_tasks
+from dpa.evaluation.lmms_eval import (LmmsEvalError, agreement, choose_model, log_errors,
+                                      read_results, write_local_tasks)
 from dpa.evaluation.models import load_image
 from dpa.evaluation.stage import check_eval_config
 from dpa.models.builders import IMAGE_TOKEN, PROCESSORS
@@ -410,25 +411,37 @@ def test_eval_stage_alone_needs_the_final_model(tmp_path, data_root):
 # lmms-eval bridge: its files (the run itself: tests/test_lmms_eval.py)
 # --------------------------------------------------------------------------- #
 
-def test_local_lmms_eval_task_gets_the_rows(tmp_path, eval_data):
+def test_local_lmms_eval_tasks_get_their_rows(tmp_path, eval_data):
     rows, _ = read_eval_rows(eval_data['mixed'], eval_data['image_folder'])
-    include = write_local_tasks(['dpa_synthetic'], rows, str(tmp_path))
-    yaml_text = open(osp.join(include, 'dpa_synthetic', 'dpa_synthetic.yaml')).read()
-    data = osp.join(str(tmp_path), 'data.jsonl')
-    assert f'data_files: "{data}"' in yaml_text and '__DATA_FILES__' not in yaml_text
-    written = [json.loads(line) for line in open(data)]
-    assert [w['id'] for w in written] == [r['id'] for r in rows]
-    assert all(w['image'] is None or osp.isabs(w['image']) for w in written)
-    assert osp.isfile(osp.join(include, 'dpa_synthetic', 'utils.py'))
+    include = write_local_tasks(['dpa_synthetic', 'dpa_synthetic_mc'], rows, str(tmp_path))
+    written = {}
+    for task in ('dpa_synthetic', 'dpa_synthetic_mc'):
+        yaml_text = open(osp.join(include, task, f'{task}.yaml')).read()
+        data = osp.join(str(tmp_path), f'{task}.jsonl')
+        assert f'data_files: "{data}"' in yaml_text and '__DATA_FILES__' not in yaml_text
+        assert sorted(os.listdir(osp.join(include, task))) == [f'{task}.yaml', 'utils.py']
+        written[task] = [json.loads(line) for line in open(data)]
+    # Open questions to the generation task, multiple choice to the loglikelihood one.
+    assert [w['id'] for w in written['dpa_synthetic']] == ['open_0', 'open_1', 'text_0']
+    assert [w['id'] for w in written['dpa_synthetic_mc']] == [r['id'] for r in rows[:12]]
+    assert all(w['image'] is None or osp.isabs(w['image'])
+               for task_rows in written.values() for w in task_rows)
     sys.path.insert(0, osp.join(include, 'dpa_synthetic'))
     try:
         import utils as task_utils
-        assert task_utils.doc_to_visual(written[0])[0].size == (32, 32)
-        assert task_utils.process_results(written[0], [' ' + written[0]['answer'].upper()]) == \
+        first = written['dpa_synthetic_mc'][0]
+        assert task_utils.doc_to_visual(first)[0].size == (32, 32)
+        assert first['options'][task_utils.doc_to_target(first)] == first['answer']
+        open_row = written['dpa_synthetic'][0]
+        assert task_utils.process_results(open_row, [' ' + open_row['answer'].upper()]) == \
             {'exact_match': 1.0}
     finally:
         sys.path.pop(0)
         sys.modules.pop('utils', None)
+    only_choice = [r for r in rows if r['options'] is not None]
+    with pytest.raises(LmmsEvalError, match='dpa_synthetic scores the open rows and the data has '
+                       'none; dpa_synthetic_mc scores the others'):
+        write_local_tasks(['dpa_synthetic'], only_choice, str(tmp_path / 'again'))
 
 
 def test_lmms_eval_results_are_read_without_filter_suffix(tmp_path):
@@ -437,5 +450,62 @@ def test_lmms_eval_results_are_read_without_filter_suffix(tmp_path):
     folder.mkdir(parents=True)
     (folder / '20261125_results.json').write_text(json.dumps({'results': {'dpa_synthetic': {
         'alias': 'dpa_synthetic', 'exact_match,none': 0.25, 'exact_match_stderr,none': 0.1}}}))
-    assert read_results(str(tmp_path / 'out')) == {
+    assert read_results(str(tmp_path / 'out'), ['dpa_synthetic']) == {
         'dpa_synthetic': {'exact_match': 0.25, 'exact_match_stderr': 0.1}}
+    # A task that was asked for and has no results fails the run.
+    with pytest.raises(LmmsEvalError, match=r"no results for \['mme'\]"):
+        read_results(str(tmp_path / 'out'), ['dpa_synthetic', 'mme'])
+    with pytest.raises(LmmsEvalError, match='wrote 0 results files'):
+        read_results(str(tmp_path / 'empty'), ['dpa_synthetic'])
+
+
+# What lmms-eval 0.7.3 logged (colours kept) when it exited 0 without results.
+FAILED_LOG = (
+    '\x1b[32m2026-12-04 03:26:40\x1b[0m | \x1b[1mINFO    \x1b[0m | lmms_eval.__main__:'
+    'cli_evaluate:516 - Verbosity set to INFO\n'
+    'Postprocessing:   0%|          | 0/48 [00:00<?, ?it/s]Traceback (most recent call last):\n'
+    '  File "lmms_eval/api/task.py", line 1606, in process_results\n'
+    '    lls, is_greedy = zip(*results)\n'
+    'ValueError: too many values to unpack (expected 2)\n'
+    '\x1b[32m2026-12-04 03:23:51\x1b[0m | \x1b[31m\x1b[1mERROR   \x1b[0m | lmms_eval.__main__:'
+    'cli_evaluate:614 - Error during evaluation: RetryError\n')
+
+
+def test_lmms_eval_failures_are_read_from_its_log():
+    errors = log_errors(FAILED_LOG)
+    assert errors[0] == 'ValueError: too many values to unpack (expected 2)'
+    assert 'Error during evaluation: RetryError' in errors[1] and len(errors) == 2
+    assert log_errors('2026-12-04 | INFO     | lmms_eval: Running generate_until requests\n'
+                      '2026-12-04 | WARNING  | lmms_eval: a warning\n') == []
+
+
+def test_lmms_eval_model_choice(model_dirs, tmp_path):
+    native, hf = model_dirs['native'], model_dirs['hf']
+    assert choose_model(native) == ('llava_hf', hf)
+    assert choose_model(hf, 'llava_hf') == ('llava_hf', hf)
+    assert choose_model(native, 'dpa') == ('dpa', native)
+    without_export = tmp_path / 'native'
+    shutil.copytree(native, without_export, ignore=shutil.ignore_patterns('hf_llava'))
+    assert choose_model(str(without_export)) == ('dpa', str(without_export))
+    with pytest.raises(LmmsEvalError, match='--lmms-eval-model dpa'):
+        choose_model(str(without_export), 'llava_hf')
+
+
+def test_agreement_compares_each_row(eval_data):
+    rows, _ = read_eval_rows(eval_data['mixed'], eval_data['image_folder'])
+    choice = [r for r in rows if r['options'] is not None][:2]
+    open_rows = [r for r in rows if r['options'] is None][:2]
+    predictions = {str(r['id']): dict(prediction=r['options'][1], option_scores={
+        option: -float(i) for i, option in enumerate(r['options'])}) for r in choice}
+    predictions.update({'open_0': dict(prediction='a red shape'), 'open_1': dict(prediction='x')})
+    # lmms-eval's records: losses (logged as strings) and generated text.
+    losses = [[[str(float(i)), 'False']] for i in (1, 0, 2, 3)]
+    samples = [dict(doc_id=0, filtered_resps=losses), dict(doc_id=1, filtered_resps=losses)]
+    record = agreement('dpa_synthetic_mc', samples, choice, predictions)
+    assert record['agree'] == 2 and record['rate'] == 1.0
+    assert record['max_score_difference'] == pytest.approx(1.0)  # option 0: -loss -1, score 0
+    samples = [dict(doc_id=0, filtered_resps=['a red shape ']), dict(doc_id=1, filtered_resps='y')]
+    record = agreement('dpa_synthetic', samples, open_rows, predictions)
+    assert (record['agree'], record['differing_ids']) == (1, ['open_1'])
+    with pytest.raises(LmmsEvalError, match='not the 2 rows'):
+        agreement('dpa_synthetic', samples[:1], open_rows, predictions)

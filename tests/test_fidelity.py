@@ -254,6 +254,23 @@ def test_first_token_after_image_is_scored_differently_by_the_two_passes():
 # Warm-up: transformers' schedule, in optimizer steps
 # --------------------------------------------------------------------------- #
 
+@pytest.mark.parametrize('iterations, accumulation, ratio, warned', [
+    (40, 1, 0.1, None), (2, 2, 0.03, 'its only step runs at lr 0: nothing trains'),
+    (4, 2, 0.6, 'the lr rises from 0 to 50% of its base value and no higher')])
+def test_a_run_inside_its_warmup_is_warned(monkeypatch, iterations, accumulation, ratio, warned):
+    import dpa.engine.schedule as schedule
+    messages = []
+    monkeypatch.setattr(schedule, 'print_log', lambda message, **kwargs: messages.append(message))
+    WarmupCosineLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
+                   warmup_ratio=ratio, accumulation=accumulation, begin=0, end=iterations,
+                   by_epoch=False)
+    if warned is None:
+        assert messages == []
+    else:
+        [message] = messages
+        assert warned in message and 'warmup_ratio=0' in message
+
+
 @pytest.mark.parametrize('iterations, accumulation, ratio',
                          [(40, 1, 0.1), (40, 4, 0.1), (37, 4, 0.03), (9, 2, 0.5)])
 def test_warmup_cosine_is_transformers_schedule(iterations, accumulation, ratio):

@@ -437,3 +437,122 @@ def test_tokenizer_checkpoint_code_runs_only_on_request(tmp_path):
     with pytest.raises(RuntimeError, match='tokenizer code was executed'):
         PROCESSORS.build(dict(type='HFTokenizer', pretrained=str(tmp_path),
                               trust_remote_code=True, use_checkpoint_code=True))
+
+
+# --------------------------------------------------------------------------- #
+# What a real checkpoint brings (issue 23): its own fast tokenizer, configs
+# re-saved by transformers 5, the final model's tokenizer, older snapshots
+# --------------------------------------------------------------------------- #
+
+# The shape of internlm2-chat-7b's published tokenization_internlm2_fast.py: a
+# PreTrainedTokenizerFast (transformers 5: a TokenizersBackend) over
+# tokenizer.model. transformers 5 builds it with ids other than SentencePiece's.
+CHECKPOINT_FAST_TOKENIZER = '''
+from transformers import PreTrainedTokenizerFast
+
+
+class InternLM2TokenizerFast(PreTrainedTokenizerFast):
+    vocab_files_names = {"vocab_file": "./tokenizer.model"}
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(self, vocab_file=None, tokenizer_file=None, unk_token="<unk>", bos_token="<s>",
+                 eos_token="</s>", pad_token="</s>", add_bos_token=True, add_eos_token=False,
+                 **kwargs):
+        super().__init__(vocab_file=vocab_file, tokenizer_file=tokenizer_file,
+                         unk_token=unk_token, bos_token=bos_token, eos_token=eos_token,
+                         pad_token=pad_token, add_bos_token=add_bos_token,
+                         add_eos_token=add_eos_token, **kwargs)
+'''
+
+
+def test_checkpoint_tokenizer_with_other_ids_is_refused_with_the_fix(tmp_path):
+    sp = published_tokenizer_dir(tmp_path, add_dummy_prefix=True)
+    (tmp_path / 'tokenization_internlm2_fast.py').write_text(CHECKPOINT_FAST_TOKENIZER)
+    spec = dict(type='HFTokenizer', pretrained=str(tmp_path), trust_remote_code=True,
+                use_checkpoint_code=True)
+    with pytest.raises(ValueError) as err:
+        PROCESSORS.build(spec)
+    message = str(err.value)
+    assert f"its tokenizer.model gives {sp.encode('Hello world')}" in message
+    assert 'Drop use_checkpoint_code (and trust_remote_code) from the tokenizer config' in message
+    # Checkpoint code that encodes as SentencePiece does is taken as it is.
+    (tmp_path / 'tokenization_internlm2_fast.py').write_text(
+        'from dpa.models.internlm2 import InternLM2Tokenizer\n\n\n'
+        'class InternLM2TokenizerFast(InternLM2Tokenizer):\n    pass\n')
+    tokenizer = PROCESSORS.build(spec)
+    assert type(tokenizer).__module__.startswith('transformers_modules.')
+    assert tokenizer('Hello world', add_special_tokens=False).input_ids == sp.encode('Hello world')
+
+
+@pytest.mark.parametrize('with_config', [True, False])
+def test_saved_tokenizer_loads_with_and_without_remote_code(tmp_path, with_config):
+    sp = published_tokenizer_dir(tmp_path, add_dummy_prefix=True)
+    tokenizer = PROCESSORS.build(dict(type='HFTokenizer', pretrained=str(tmp_path)))
+    saved = tmp_path / 'saved'
+    tokenizer.save_pretrained(str(saved))
+    if with_config:  # as in the final model's llm/
+        InternLM2Config(**TINY).save_pretrained(str(saved))
+    assert 'auto_map' not in json.loads((saved / 'tokenizer_config.json').read_text())
+    chat = '<s><|im_start|>user\n<image>\nhi<|im_end|>\n'
+    for trusted in (False, True):
+        # transformers 5 picks its generic TokenizersBackend for internlm2 (or an
+        # unknown class): the saved tokenizer.json gives the same ids.
+        again = transformers.AutoTokenizer.from_pretrained(str(saved), trust_remote_code=trusted)
+        for text in SAMPLES:
+            assert again(text, add_special_tokens=False).input_ids == sp.encode(text)
+        assert again(chat).input_ids == tokenizer(chat).input_ids
+
+
+# What transformers 5 writes when it re-saves the published config class with
+# dynamic NTK (measured: its rope_scaling setter moves the dict here).
+RESAVED_ROPE = {'rope_parameters': {'factor': 2.0, 'rope_theta': 1000000, 'rope_type': 'dynamic',
+                                    'type': 'dynamic'}, 'rope_theta': 1000000}
+
+
+def test_rope_settings_re_saved_by_transformers5_are_read(tmp_path):
+    model = tiny_model(rope_theta=1000000, rope_scaling={'type': 'dynamic', 'factor': 2.0})
+    model.save_pretrained(str(tmp_path))
+    config = json.loads((tmp_path / 'config.json').read_text())
+    config.pop('rope_scaling')
+    (tmp_path / 'config.json').write_text(json.dumps({**config, **RESAVED_ROPE}))
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float64,
+                                                  attn_implementation='eager').eval()
+    assert loaded.config.rope_scaling == {'type': 'dynamic', 'factor': 2.0}
+    assert loaded.config.rope_theta == 1000000
+    ids = ids_of(40)  # beyond max_position_embeddings=16: the scaling acts
+    with torch.no_grad():
+        assert (loaded(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() < 1e-12
+    sizes = {k: v for k, v in TINY.items() if k != 'rope_theta'}
+    default = InternLM2Config(**sizes, rope_parameters={'rope_type': 'default', 'rope_theta': 5e5})
+    assert (default.rope_theta, default.rope_scaling) == (5e5, None)
+    for bad, match in (({'rope_scaling': {'type': 'linear', 'factor': 2.0}},
+                        'rope_scaling .* disagree'),
+                       ({'rope_theta': 10000.0}, 'rope_theta 10000.0 and .* disagree'),
+                       ({'rope_parameters': {'rope_type': 'yarn', 'factor': 2.0}},
+                        "rope_type 'yarn' is not one InternLM2 has")):
+        with pytest.raises(ValueError, match=match):
+            InternLM2Config(**{**sizes, 'rope_parameters': RESAVED_ROPE['rope_parameters'], **bad})
+
+
+def test_snapshots_before_2024_01_24_load_as_internlm2(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(str(tmp_path))
+    config = json.loads((tmp_path / 'config.json').read_text())
+    # The renamed field; the rest as published.
+    config.update(model_type='internlm', auto_map=PUBLISHED_CONFIG['auto_map'],
+                  architectures=['InternLM2ForCausalLM'])
+    (tmp_path / 'config.json').write_text(json.dumps(config))
+    llm = MODELS.build(dict(type='HFCausalLM', pretrained=str(tmp_path), torch_dtype='float64',
+                            attn_implementation='eager'))
+    assert type(llm) is InternLM2ForCausalLM and llm.config.model_type == 'internlm2'
+    ids = ids_of(9)
+    with torch.no_grad():
+        assert (llm(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() < 1e-12
+    from dpa.models.builders import hf_config
+    assert type(hf_config(str(tmp_path))) is InternLM2Config
+    # InternLM (version 1) shares the model_type: refused by name.
+    config.update(architectures=['InternLMForCausalLM'],
+                  auto_map={'AutoConfig': 'configuration_internlm.InternLMConfig'})
+    (tmp_path / 'config.json').write_text(json.dumps(config))
+    with pytest.raises(ValueError, match='is InternLM version 1'):
+        hf_config(str(tmp_path))

@@ -2,7 +2,8 @@
 
     python tools/eval.py WORK_DIR_OR_MODEL_DIR --data FILE.jsonl [--image-folder DIR]
         [--out DIR] [--batch-size N] [--device cpu|cuda|cuda:1] [--skip-bad-rows]
-        [--lmms-eval TASKS [--lmms-eval-python PYTHON]] [--no-verify]
+        [--lmms-eval TASKS [--lmms-eval-model auto|llava_hf|dpa] [--lmms-eval-python PYTHON]]
+        [--no-verify]
 
 WORK_DIR_OR_MODEL_DIR is a finished work dir (its final model), a native model
 dir (``dpa_model.json``) or an ``hf_llava`` export. Rows are
@@ -10,9 +11,12 @@ dir (``dpa_model.json``) or an ``hf_llava`` export. Rows are
 and type optional). Writes metrics.json and predictions.jsonl to --out
 (default: WORK_DIR_OR_MODEL_DIR/evaluation/<data file name>) and prints a
 table. The model's files are first checked against the sha256 its manifest
-recorded (--no-verify skips that). Exits 1 when the model or the data cannot
-be read, the data has bad rows (listed in bad_rows.jsonl; --skip-bad-rows
-scores the others) or --out is not writable, 2 on a usage error.
+recorded (--no-verify skips that). --lmms-eval also runs lmms-eval
+(dpa.evaluation.lmms_eval) and records its scores and, for the local tasks,
+its per-row agreement with the built-in evaluator. Exits 1 when the model or
+the data cannot be read, the data has bad rows (listed in bad_rows.jsonl;
+--skip-bad-rows scores the others), --out is not writable or lmms-eval fails
+(no score printed), 2 on a usage error.
 """
 import argparse
 import os
@@ -24,8 +28,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import dpa  # noqa: E402,F401
 from dpa.evaluation import (BadRowsError, EvalDataError, ModelLoadError, evaluate,  # noqa: E402
                             format_table, read_eval_rows)
-from dpa.evaluation.evaluator import write_metrics  # noqa: E402
-from dpa.evaluation.lmms_eval import LmmsEvalError, run_lmms_eval  # noqa: E402
+from dpa.evaluation.evaluator import read_predictions, write_metrics  # noqa: E402
+from dpa.evaluation.lmms_eval import LMMS_EVAL_MODELS, LmmsEvalError, run_lmms_eval  # noqa: E402
 from dpa.evaluation.models import check_device, default_device, resolve_model_dir  # noqa: E402
 
 
@@ -45,7 +49,11 @@ def parse_args(argv=None):
                         help='native models: override the recorded image preprocessing')
     parser.add_argument('--lmms-eval', metavar='TASKS',
                         help='also run these lmms-eval tasks (comma-separated; dpa_synthetic '
-                        'reads --data) on the hf_llava export')
+                        'and dpa_synthetic_mc read the open and multiple-choice rows of --data)')
+    parser.add_argument('--lmms-eval-model', choices=LMMS_EVAL_MODELS, default='auto',
+                        help="lmms-eval's llava_hf on the hf_llava export, or the project's dpa "
+                        'model (any model, multiple choice too); auto: llava_hf where there is '
+                        'an export')
     parser.add_argument('--lmms-eval-python',
                         help='python of the lmms-eval environment (default: $LMMS_EVAL_PYTHON, '
                         'else this one)')
@@ -73,7 +81,8 @@ def main(argv=None):
             tasks = [t for t in args.lmms_eval.split(',') if t]
             metrics['lmms_eval'] = run_lmms_eval(
                 resolve_model_dir(args.model, verify=False), tasks, rows, out,
-                args.lmms_eval_python, device)
+                args.lmms_eval_python, device, args.lmms_eval_model, read_predictions(out),
+                args.batch_size)
             write_metrics(metrics, out)
     except (EvalDataError, BadRowsError, ModelLoadError, LmmsEvalError) as err:
         sys.exit(f'eval error: {err}')

@@ -20,12 +20,23 @@ from dpa.engine.errors import ConfigError
 from dpa.engine.pipeline import (ARTIFACTS, TRAINABLE, check_data_files, dependencies, evaluates,
                                  gradient_accumulation, launched_processes, resolve_config,
                                  stage_work_dir)
+from dpa.engine.schedule import warmup_problem
 from dpa.engine.staleness import stale_stages
 from dpa.evaluation.stage import EVAL_STAGE
+from dpa.models.export import planned_export_blocker
 
 SYNTHETIC_ROWS = {'caption_data': 'num_captions', 'instruct_data': 'num_instructions'}
-ARTIFACT_FORMATS = {'adapter': 'PEFT LoRA adapter', 'projector': 'projector.safetensors',
-                    'model': 'native model + transformers LLaVA export (hf_llava/)'}
+ARTIFACT_FORMATS = {'adapter': 'PEFT LoRA adapter', 'projector': 'projector.safetensors'}
+
+
+def _final_model_format(cfg: Config) -> str:
+    """What the final stage writes for this config's family and projector."""
+    blocker = planned_export_blocker(cfg.llm, cfg.model.get('projector', {}).get('type'))
+    if blocker is not None:
+        return (f'native model only, no transformers export ({blocker}; lmms-eval scores it '
+                'with the project\'s dpa model)')
+    export = 'LLaVA-NeXT' if cfg.get('anyres') else 'LLaVA'
+    return f'native model + transformers {export} export (hf_llava/)'
 
 
 def _part(spec) -> str:
@@ -99,8 +110,12 @@ def stage_plan(cfg: Config, stage: str, stages: List[str],
         lines.append(f'  iterations: packed rows (known after tokenising); at most {iterations} '
                      f'({recipe.max_epochs} epoch(s) of {samples} samples)')
     else:
+        steps = math.ceil(iterations / accumulation)
         lines.append(f'  iterations: {iterations} ({recipe.max_epochs} epoch(s) of {samples} '
-                     f'samples, {math.ceil(iterations / accumulation)} optimizer steps)')
+                     f'samples, {steps} optimizer steps)')
+        problem = warmup_problem(steps, recipe.warmup_ratio)
+        if problem:
+            lines.append(f'  warning: {problem}')
     lora = recipe.get('lora') or {}
     lines.append(f"  trainable: {', '.join(recipe.get('trainable', TRAINABLE[stage]))}"
                  + (f" (LoRA r={lora.get('r')}, alpha={lora.get('lora_alpha')})"
@@ -122,8 +137,9 @@ def stage_plan(cfg: Config, stage: str, stages: List[str],
         made_from.append(f'{role} of stage {previous} '
                          f'({osp.join(stage_work_dir(cfg, previous), previous, "artifact")})')
     if status is None or stage in stale:
-        lines.append(f'  writes: {ARTIFACT_FORMATS[ARTIFACTS[stage]]} in '
-                     f'{osp.join(cfg.work_dir, stage, "artifact")}')
+        artifact = ARTIFACTS[stage]
+        written = _final_model_format(cfg) if artifact == 'model' else ARTIFACT_FORMATS[artifact]
+        lines.append(f'  writes: {written} in {osp.join(cfg.work_dir, stage, "artifact")}')
     lines.append(f"  made from: {'; '.join(made_from)}")
     return lines
 

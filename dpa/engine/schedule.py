@@ -1,5 +1,9 @@
 """Training-loop pieces the recipes need beyond mmengine's stock ones."""
+import logging
 import math
+from typing import Optional
+
+from mmengine.logging import print_log
 
 from mmengine.optim.scheduler.lr_scheduler import LRSchedulerMixin
 from mmengine.optim.scheduler.param_scheduler import INF, _ParamScheduler
@@ -22,6 +26,19 @@ class EpochsAsItersTrainLoop(IterBasedTrainLoop):
     @property
     def max_epochs(self):
         return self._max_epochs
+
+
+def warmup_problem(steps: int, warmup_ratio: float) -> Optional[str]:
+    """What is wrong when a run of ``steps`` optimizer steps never leaves its
+    warm-up of ``ceil(warmup_ratio * steps)`` steps (the first at lr 0), else None."""
+    warmup = math.ceil(warmup_ratio * steps)
+    if steps > warmup:
+        return None
+    effect = ('its only step runs at lr 0: nothing trains' if steps == 1 else
+              f'the lr rises from 0 to {(steps - 1) / warmup:.0%} of its base value and no higher')
+    return (f'{steps} optimizer step(s), all within the warm-up of {warmup} (warmup_ratio '
+            f'{warmup_ratio}): {effect}. Give it more data or epochs, a smaller global batch, '
+            'or warmup_ratio=0')
 
 
 @PARAM_SCHEDULERS.register_module()
@@ -59,6 +76,10 @@ class WarmupCosineLR(LRSchedulerMixin, _ParamScheduler):
         self.total = math.ceil((end - begin) / accumulation)
         self.warmup = math.ceil(warmup_ratio * self.total)
         self.eta_min_ratio = eta_min_ratio
+        problem = warmup_problem(self.total, warmup_ratio)
+        if problem:
+            print_log(f'learning-rate schedule: {problem}', logger='current',
+                      level=logging.WARNING)
         super().__init__(optimizer, begin=begin, end=end, last_step=last_step,
                          by_epoch=by_epoch, verbose=verbose)
 

@@ -12,7 +12,7 @@ import os
 import os.path as osp
 import sys
 from collections import defaultdict
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -66,11 +66,42 @@ def _batches(items, size, interrupted: Optional[Callable[[], Optional[int]]] = N
         yield items[start:start + size]
 
 
-def _option_ids(tokenizer, option: str) -> List[int]:
+def option_ids(tokenizer, option: str) -> List[int]:
     ids = tokenizer(option, add_special_tokens=False).input_ids
     if not ids:
         raise ValueError(f'option {option!r} tokenises to nothing')
     return ids
+
+
+def score_continuations(model, items, batch_size: int, progress=None,
+                        interrupted=None) -> List[Tuple[float, bool]]:
+    """The summed log-probability of each continuation after its prompt, and
+    whether greedy decoding would produce it.
+
+    Args:
+        model: a ``NativeEvalModel`` or ``HFLlavaEvalModel``.
+        items: ``(prompt ids, pixel values or None, continuation ids)`` each.
+        batch_size: sequences per forward pass.
+        progress: a tqdm bar advanced by one per sequence.
+        interrupted: see :func:`_batches`.
+    """
+    results = []
+    for batch in _batches(items, batch_size, interrupted):
+        sequences = [ids + continuation for ids, _, continuation in batch]
+        pixels = [p for _, p, _ in batch if p is not None]
+        keep = max(len(continuation) for _, _, continuation in batch) + 1
+        logps = torch.log_softmax(model.last_logits(sequences, pixels, keep), dim=-1)
+        for b, (_, _, continuation) in enumerate(batch):
+            # Left padding puts the continuation at the end: position keep-n-1+j predicts token j.
+            n = len(continuation)
+            positions = torch.arange(keep - n - 1, keep - 1)
+            targets = torch.as_tensor(continuation, device=logps.device)
+            rows = logps[b, positions]
+            results.append((float(rows[torch.arange(n), targets].sum()),
+                            bool((rows.argmax(-1) == targets).all())))
+        if progress is not None:
+            progress.update(len(batch))
+    return results
 
 
 def score_options(model, prompts, rows, batch_size: int, progress=None,
@@ -84,23 +115,10 @@ def score_options(model, prompts, rows, batch_size: int, progress=None,
         batch_size: sequences (one per row and option) per forward pass.
         progress: a tqdm bar advanced by one per sequence.
     """
-    items = [(r, o, _option_ids(model.tokenizer, option))
-             for r, row in enumerate(rows) for o, option in enumerate(row['options'])]
-    scores = [[0.0] * len(row['options']) for row in rows]
-    for batch in _batches(items, batch_size, interrupted):
-        sequences = [prompts[r][0] + ids for r, _, ids in batch]
-        pixels = [prompts[r][1] for r, _, _ in batch if prompts[r][1] is not None]
-        keep = max(len(ids) for _, _, ids in batch) + 1
-        logps = torch.log_softmax(model.last_logits(sequences, pixels, keep), dim=-1)
-        for b, (r, o, ids) in enumerate(batch):
-            # Left padding puts the option at the end: position keep-n-1+j predicts token j.
-            n = len(ids)
-            positions = torch.arange(keep - n - 1, keep - 1)
-            targets = torch.as_tensor(ids, device=logps.device)
-            scores[r][o] = float(logps[b, positions, targets].sum())
-        if progress is not None:
-            progress.update(len(batch))
-    return scores
+    items = [(prompts[r][0], prompts[r][1], option_ids(model.tokenizer, option))
+             for r, row in enumerate(rows) for option in row['options']]
+    scores = iter(score_continuations(model, items, batch_size, progress, interrupted))
+    return [[next(scores)[0] for _ in row['options']] for row in rows]
 
 
 def generate_answers(model, prompts, batch_size: int, max_new_tokens: int = MAX_NEW_TOKENS,
@@ -188,10 +206,16 @@ def format_table(metrics: dict) -> str:
     for name, m in groups:
         lines.append(f"{name:<16}{m['n']:>6}{_percent(m['accuracy']):>10}"
                      f"{_percent(m.get('chance')):>9}")
-    for task, values in metrics.get('lmms_eval', {}).get('results', {}).items():
-        for metric, value in values.items():
-            if isinstance(value, (int, float)):
-                lines.append(f'lmms-eval {task} {metric}: {value:.4f}')
+    lmms = metrics.get('lmms_eval')
+    if lmms:
+        lines.append(f"lmms-eval model {lmms['model']}: {lmms['pretrained']}")
+        for task, values in lmms['results'].items():
+            for metric, value in values.items():
+                if isinstance(value, (int, float)):
+                    lines.append(f'lmms-eval {task} {metric}: {value:.4f}')
+        for task, agree in lmms.get('agreement', {}).items():
+            lines.append(f"lmms-eval {task} answers equal to the built-in evaluator's: "
+                         f"{agree['agree']}/{agree['rows']} rows ({agree['rate']:.1%})")
     return '\n'.join(lines)
 
 
@@ -244,6 +268,12 @@ def evaluate(model_path: str, data: str, image_folder: str = '', out_dir: Option
                      osp.join(out_dir, PREDICTIONS_FILE))
         write_metrics(metrics, out_dir)
     return metrics
+
+
+def read_predictions(out_dir: str) -> List[dict]:
+    """The prediction records :func:`evaluate` wrote to ``out_dir``."""
+    with open(osp.join(out_dir, PREDICTIONS_FILE)) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def write_metrics(metrics: dict, out_dir: str) -> str:

@@ -17,7 +17,8 @@ from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelFo
 from dpa.models.attention import resolve_attn_implementation
 from dpa.models.checkpoint_code import checkpoint_code_class
 from dpa.models.gguf import gguf_checkpoint, gguf_config, gguf_path
-from dpa.models.internlm2 import InternLM2Tokenizer, is_internlm2_tokenizer_dir
+from dpa.models.internlm2 import (InternLM2Tokenizer, check_sentencepiece_ids,
+                                  is_internlm2_tokenizer_dir, legacy_internlm2_config)
 from dpa.models.standin_checkpoint import reload_as_checkpoint
 from dpa.registry import MODELS
 
@@ -47,7 +48,8 @@ def hf_config(pretrained: Optional[str] = None, config: Optional[dict] = None,
     if gguf is not None:
         return gguf_config(gguf)
     if pretrained is not None:
-        return AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+        return legacy_internlm2_config(pretrained) or AutoConfig.from_pretrained(
+            pretrained, trust_remote_code=trust_remote_code)
     config = dict(config)
     # InternLM2 too: `import dpa` registers the project's own implementation.
     return AutoConfig.for_model(config.pop('model_type'), **config)
@@ -98,8 +100,8 @@ def HFCausalLM(pretrained: Optional[str] = None,
                 directory, config=config_cls.from_pretrained(directory), dtype=dtype,
                 attn_implementation=attn_implementation)
         return AutoModelForCausalLM.from_pretrained(
-            directory, dtype=dtype, attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code)
+            directory, config=legacy_internlm2_config(directory), dtype=dtype,
+            attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
 
     gguf = gguf_path(pretrained, gguf_file)
     if gguf is not None:
@@ -178,6 +180,8 @@ def HFTokenizer(pretrained: str, trust_remote_code: bool = False,
     if use_checkpoint_code:
         tokenizer_cls = checkpoint_code_class(pretrained, 'AutoTokenizer', trust_remote_code)
         tokenizer = tokenizer_cls.from_pretrained(pretrained, **kwargs)
+        if is_internlm2_tokenizer_dir(pretrained):
+            check_sentencepiece_ids(tokenizer, pretrained)
     elif is_internlm2_tokenizer_dir(pretrained):
         # transformers 5 has no InternLM2 tokenizer; the project's keeps
         # SentencePiece's ids (dpa/models/internlm2/tokenization_internlm2.py).

@@ -300,6 +300,31 @@ def check_exportable(model, target: str) -> None:
                                 f'{type(model.projector).__name__}')
 
 
+def planned_export_blocker(llm: dict, projector_type: str) -> Optional[str]:
+    """Why the final stage will write no ``hf_llava/`` export, read from the
+    config before any model is built (the rules of :func:`check_exportable`),
+    or None when it will write one.
+
+    Args:
+        llm: the ``llm`` config (``pretrained`` or ``config``).
+        projector_type: ``model.projector.type``.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    if llm.get('use_checkpoint_code'):
+        return "the LLM runs its checkpoint's own code (use_checkpoint_code)"
+    model_type = (llm.get('config') or {}).get('model_type')
+    if model_type is None and llm.get('pretrained'):
+        path = osp.join(llm['pretrained'], 'config.json')
+        if osp.isfile(path):
+            with open(path, encoding='utf-8') as f:
+                model_type = json.load(f).get('model_type')
+    if model_type is not None and model_type not in CONFIG_MAPPING_NAMES:
+        return f'{model_type} is not a transformers architecture'
+    if projector_type != 'mlp2x_gelu':
+        return f'the {projector_type} projector is not LLaVA\'s mlp2x_gelu'
+    return None
+
+
 def save_transformers_llava(hf_model, model, tokenizer, generation: GenerationConfig,
                             out_dir: str) -> None:
     """Fill a meta-built transformers LLaVA (or LLaVA-NeXT) with ``model``'s

@@ -9,13 +9,14 @@ checkpoint's code instead (docs/families.md says what breaks then).
 """
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .configuration_internlm2 import InternLM2Config
+from .configuration_internlm2 import InternLM2Config, legacy_internlm2_config
 from .modeling_internlm2 import InternLM2ForCausalLM, InternLM2Model
-from .tokenization_internlm2 import InternLM2Tokenizer, is_internlm2_tokenizer_dir
+from .tokenization_internlm2 import (InternLM2Tokenizer, check_sentencepiece_ids,
+                                     is_internlm2_tokenizer_dir)
 
 AutoConfig.register(InternLM2Config.model_type, InternLM2Config, exist_ok=True)
 AutoModel.register(InternLM2Config, InternLM2Model, exist_ok=True)
 AutoModelForCausalLM.register(InternLM2Config, InternLM2ForCausalLM, exist_ok=True)
 
 __all__ = ['InternLM2Config', 'InternLM2ForCausalLM', 'InternLM2Model', 'InternLM2Tokenizer',
-           'is_internlm2_tokenizer_dir']
+           'check_sentencepiece_ids', 'is_internlm2_tokenizer_dir', 'legacy_internlm2_config']

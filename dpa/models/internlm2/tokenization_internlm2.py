@@ -75,6 +75,11 @@ class InternLM2Tokenizer(TokenizersBackend):
 
     def __init__(self, *args, unk_token='<unk>', bos_token='<s>', eos_token='</s>',
                  pad_token='</s>', add_bos_token=True, add_eos_token=False, **kwargs):
+        # A published tokenizer_config.json names the checkpoint's own
+        # tokenization_internlm2*.py; a saved copy ships no such files, and
+        # AutoTokenizer would look for them (OSError with trust_remote_code,
+        # a refusal without).
+        kwargs.pop('auto_map', None)
         super().__init__(*args, unk_token=unk_token, bos_token=bos_token, eos_token=eos_token,
                          pad_token=pad_token, add_bos_token=add_bos_token,
                          add_eos_token=add_eos_token, **kwargs)
@@ -102,6 +107,38 @@ class InternLM2Tokenizer(TokenizersBackend):
             if token_id is not None and not (skip_special_tokens and token_id in special):
                 parts.append(added[token_id].content)
         return ''.join(parts)
+
+
+# Text the checkpoint's own tokenizer must encode as SentencePiece does.
+PROBE_TEXTS = ('Hello world', 'Describe the image briefly.', ' two  spaces, digits 2024\n\nend',
+               'héllo wörld ∑ 你好 🙂')
+
+
+def check_sentencepiece_ids(tokenizer, directory: str) -> None:
+    """Raise a ValueError naming the fix when ``tokenizer`` (a checkpoint's
+    own tokenizer class, ``use_checkpoint_code=True``) encodes text
+    differently from ``directory``'s SentencePiece ``tokenizer.model``.
+
+    Measured on internlm2-chat-7b's published fast tokenizer under
+    transformers 5: wrong ids on 29 of 31 strings ("Hello world": [1, 1986,
+    660, 971, 274, 1810, 1809] instead of [1, 1381, 660, 316, 1352, 1810, 1809]).
+    """
+    model_file = osp.join(directory, TOKENIZER_MODEL)
+    if not osp.isfile(model_file):
+        return
+    import sentencepiece
+    import transformers
+    sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+    for text in PROBE_TEXTS:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        if ids != sp.encode(text):
+            raise ValueError(
+                f"{directory}'s own tokenizer ({type(tokenizer).__name__}, loaded by "
+                f'use_checkpoint_code=True) encodes {text!r} as {ids} under transformers '
+                f'{transformers.__version__}; its {TOKENIZER_MODEL} gives {sp.encode(text)}. '
+                'Drop use_checkpoint_code (and trust_remote_code) from the tokenizer config: '
+                "the project's InternLM2Tokenizer gives SentencePiece's ids (the LLM can keep "
+                'use_checkpoint_code)')
 
 
 def is_internlm2_tokenizer_dir(directory: str) -> bool:

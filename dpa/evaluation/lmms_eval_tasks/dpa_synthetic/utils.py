@@ -1,5 +1,5 @@
-"""Functions of the dpa_synthetic lmms-eval task (loaded by lmms-eval, which
-imports this file by path: it must not import dpa)."""
+"""Functions of the dpa_synthetic and dpa_synthetic_mc lmms-eval tasks (loaded
+by lmms-eval, which imports this file by path: it must not import dpa)."""
 import string
 
 from PIL import Image
@@ -11,9 +11,14 @@ def doc_to_visual(doc):
 
 
 def doc_to_text(doc, lmms_eval_specific_kwargs=None):
-    # llava_hf puts "<image>\n" before it and applies the chat template: the
+    # The model puts "<image>\n" before it and applies its chat template: the
     # prompt of dpa.evaluation.
     return doc['question']
+
+
+def doc_to_target(doc):
+    """The answer's index among the options (multiple choice)."""
+    return doc['options'].index(doc['answer'])
 
 
 def _normalize(text):
