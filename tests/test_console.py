@@ -275,7 +275,7 @@ def test_dry_run_of_every_config_on_its_standin(path, tmp_path, no_model_loads):
                          else 'num_instructions']
         samples = sum(round(source.get('ratio', 1.0) * rows)
                       for source in data_sources(cfg[DATA_KEYS[stage]]).values())
-        iterations = math.ceil(samples / TINY_BATCH)
+        iterations = math.ceil(samples / TINY_BATCH) * cfg[stage].get('max_epochs', 1)
         expected = (f'at most {iterations}' if cfg[stage].get('pack') else
                     f'iterations: {iterations} ')
         assert any(expected in line for line in lines), (stage, lines)
