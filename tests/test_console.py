@@ -20,7 +20,8 @@ from mmengine.hooks import Hook
 from mmengine.logging import MessageHub, MMLogger, print_log
 
 import dpa  # noqa: F401
-from dpa.engine.console import (CONSOLE_INFO_RECORDS, HARMLESS_WARNINGS, ConsoleProgressHook,
+from dpa.engine.console import (CONSOLE_INFO_RECORDS, HARMLESS_MMENGINE_RECORDS,
+                                HARMLESS_WARNINGS, ConsoleProgressHook,
                                 MessageFilter, WarningsAndFilter, stage_console)
 from dpa.datasets.mixture import data_sources
 from dpa.engine import curves
@@ -112,6 +113,11 @@ def test_message_filter_matches_mmengine_records():
                                None)
     assert not MessageFilter([r'"FileClient" will be deprecated']).filter(record)
     assert MessageFilter([r'"HardDiskBackend"']).filter(record)
+    # A stage of several epochs: mmengine warns as its data loader starts the next one.
+    restart = logging.LogRecord(
+        'mmengine', logging.WARNING, __file__, 1, 'Reach the end of the dataloader, it will be '
+        'restarted and continue to iterate. It is recommended to use ...', (), None)
+    assert not MessageFilter(HARMLESS_MMENGINE_RECORDS).filter(restart)
     console = WarningsAndFilter(CONSOLE_INFO_RECORDS)
     assert console.filter(record)  # a warning
     info = [logging.LogRecord('mmengine', logging.INFO, __file__, 1, text, (), None)

@@ -36,9 +36,12 @@ HARMLESS_WARNINGS = (
 # first. WarmupCosineLR counts micro-iterations (the lr is constant within an
 # optimizer step), so no value of the schedule is skipped.
 SCHEDULER_BEFORE_OPTIMIZER = r'Detected call of `scheduler\.step\(\)` before `optimizer\.step\(\)`'
-# mmengine's CheckpointHook builds a FileClient, which announces its own deprecation.
+# mmengine's CheckpointHook builds a FileClient, which announces its own
+# deprecation; a stage of several epochs runs as one iteration loop, whose
+# data loader restarting (with the next epoch's sampler seed) is the next epoch.
 HARMLESS_MMENGINE_RECORDS = (r'"FileClient" will be deprecated',
-                             r'"HardDiskBackend" is the alias of "LocalBackend"')
+                             r'"HardDiskBackend" is the alias of "LocalBackend"',
+                             r'Reach the end of the dataloader, it will be restarted')
 # mmengine's INFO records that the console keeps: where a resumed stage restarts.
 CONSOLE_INFO_RECORDS = (r'^resumed epoch: \d+, iter: \d+', )
 # The registry's torchvision does not load beside a CPU-only torch: the image
