@@ -115,8 +115,8 @@ def test_dpa_model_scores_the_native_model_generation_and_multiple_choice(
                       'dpa_synthetic,dpa_synthetic_mc', '--lmms-eval-model', 'dpa',
                       '--lmms-eval-python', lmms_python, '--batch-size', '3')
     lmms = check_agreement(result, out, ['dpa_synthetic', 'dpa_synthetic_mc'])
-    assert lmms['model'] == 'dpa' and lmms['pretrained'].endswith(osp.join('finetune',
-                                                                            'artifact'))
+    assert lmms['model'] == 'dpa'
+    assert lmms['pretrained'].endswith(osp.join('finetune', 'artifact'))
 
 
 def test_dpa_model_scores_a_model_without_export(lmms_python, tmp_path):
