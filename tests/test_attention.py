@@ -66,10 +66,12 @@ def test_every_cpu_kernel_gives_the_same_loss(family, rows_file):  # noqa: F811
     results = {kernel: losses(build(family, kernel), image_batch, samples) for kernel in kernels}
     for kernel, got in results.items():
         assert torch.isfinite(got).all(), kernel
+        # float64; sdpa's CPU kernel differs from eager's by ~1e-9, and packed
+        # from padded rows by up to 1.5e-9 (measured 2026-12 with transformers
+        # 5.25; under 1e-10 with the versions of 2026-11): a kernel that lets
+        # packed samples see each other moves the loss by ~1e-2.
         # Padded and packed (several rows, one row) captions: the same loss.
-        torch.testing.assert_close(got[2:], got[1].expand(2), rtol=0, atol=1e-10)
-        # float64; sdpa's CPU kernel differs from eager's by ~1e-9 (measured): a
-        # kernel that lets packed samples see each other moves the loss by ~1e-2.
+        torch.testing.assert_close(got[2:], got[1].expand(2), rtol=0, atol=1e-8)
         torch.testing.assert_close(got, results['eager'], rtol=0, atol=1e-8, msg=kernel)
     assert len(results) == (1 if family in SOFTCAPPED else 2)
 

@@ -14,8 +14,9 @@ from dpa.engine.pipeline import check_config, prepare_synthetic_data, stage_runn
 from dpa.engine.precision import check_precision
 from tiny import REPO, tiny_config
 
+# The GPU recipes; dpa_smollm2_135m trains on a CPU, in float32.
 FULL_CONFIGS = sorted(p for p in glob.glob(osp.join(REPO, 'configs', 'dpa_*.py'))
-                      if 'tiny' not in osp.basename(p))
+                      if 'tiny' not in osp.basename(p) and 'smollm2' not in osp.basename(p))
 STAGE3 = {'finetune': ['llm', 'projector']}
 
 
