@@ -6,8 +6,10 @@ answers that stop at the end-of-turn token by themselves.
 This test does not skip: the README's test command installs the package, and
 a broken install must turn CI red. It runs in about two minutes on two cores.
 """
+import glob
 import json
 import os.path as osp
+import sys
 
 import pytest
 import torch
@@ -79,9 +81,25 @@ def test_gguf_is_converted_once_to_an_ordinary_checkpoint(gguf_cache):
     assert 'Paris' in answer and answer.endswith(END_OF_TURN)
 
 
-def test_missing_gguf_and_unknown_package_are_named(tmp_path):
+def test_missing_gguf_and_unknown_package_are_named(tmp_path, gguf_cache, monkeypatch):
     with pytest.raises(gguf.GGUFError, match='does not exist'):
         gguf.gguf_checkpoint(str(tmp_path / 'nothing.gguf'))
+    # A GGUF file of an architecture transformers does not dequantize.
+    import gguf as gguf_package
+    path = str(tmp_path / 'toy.gguf')
+    writer = gguf_package.GGUFWriter(path, 'toyarch')
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(gguf.GGUFError, match='architecture toyarch is not supported'):
+        gguf.gguf_checkpoint(path)
+    assert not glob.glob(osp.join(gguf.gguf_cache_root(), 'toy-*'))
+    # Without the gguf package the fix is named before transformers is asked.
+    monkeypatch.setitem(sys.modules, 'gguf', None)
+    with pytest.raises(gguf.GGUFError, match='pip install gguf'):
+        gguf.gguf_checkpoint(path)
     from dpa.engine.errors import ConfigError
     with pytest.raises(ConfigError, match="package 'no_such_package_dpa', which is not "
                        'installed here: pip install no_such_package_dpa'):
