@@ -27,6 +27,7 @@ from dpa.analysis.prior_conflict.language import (ATTRIBUTES, NATURAL_QUESTIONS,
                                                   style_b_caption)
 from dpa.analysis.prior_conflict.prior_llm import PriorGateError
 from dpa.engine.paths import fill_path_variables
+from dpa.evaluation.models import chat_prompt
 from dpa.models.builders import PROCESSORS
 from dpa.registry import MODELS
 
@@ -36,9 +37,9 @@ CAPTION_PROMPT = 'Describe the image briefly.'
 
 
 def _prompt_ids(tokenizer, user: str) -> List[int]:
-    text = tokenizer.apply_chat_template([dict(role='user', content=user)], tokenize=False,
-                                         add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False).input_ids
+    """The evaluator's prompt of a text-only question, as token ids."""
+    return tokenizer(chat_prompt(tokenizer, user, has_image=False),
+                     add_special_tokens=False).input_ids
 
 
 @torch.no_grad()
