@@ -4,7 +4,7 @@ optimizer steps of every stage, the export reloaded by transformers, and
 answers that stop at the end-of-turn token by themselves.
 
 This test does not skip: the README's test command installs the package, and
-a broken install must turn CI red. It runs in about two minutes on two cores.
+a broken install must turn CI red.
 """
 import glob
 import json
