@@ -219,7 +219,7 @@ def test_seed_option_seeds_the_runner(tmp_path, data_root):
 
 def test_a_stage_of_another_work_dir_is_reused(finished, data_root, tmp_path):
     """`proxy.from_work_dir`: ablations of one seed share stage 1."""
-    from dpa.engine.errors import ConfigError
+    from dpa.errors import ConfigError
     from dpa.engine.pipeline import format_summary, run_pipeline
     source, _ = finished
     cfg = tiny_config(tmp_path / 'b', data_root, stages=['proxy', 'align'])

@@ -18,7 +18,7 @@ from dpa.datasets.llava import BadSampleError, LLaVADataset, dpa_collate
 from dpa.datasets.mixture import LLaVAMixture
 from dpa.datasets.samplers import PER_IMAGE, modality_lengths
 from dpa.datasets.validation import check_dataset
-from dpa.engine.errors import ConfigError
+from dpa.errors import ConfigError
 from dpa.engine.pipeline import (_check_projector_shape, check_config, stage_dataset_config,
                                  stage_runner_config, stage_sampler_config)
 from dpa.models.anyres import AnyRes, anyres_settings

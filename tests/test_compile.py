@@ -15,7 +15,7 @@ from mmengine.config import Config
 
 import dpa  # noqa: F401
 from dpa.engine.compile import apply_gpu_switches, check_compile, compile_options
-from dpa.engine.errors import ConfigError
+from dpa.errors import ConfigError
 from test_families import build_model
 from tiny import REPO, tiny_config
 

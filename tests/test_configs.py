@@ -16,7 +16,7 @@ from mmengine.config import Config
 
 import dpa  # noqa: F401
 from dpa.datasets.mixture import data_sources
-from dpa.engine.errors import ConfigError
+from dpa.errors import ConfigError
 from dpa.engine.paths import fill_path_variables
 from dpa.engine.pipeline import run_pipeline
 from dpa.engine.standin import TINY_BATCH, TINY_DATA, make_tiny

@@ -27,7 +27,7 @@ from dpa.datasets.mixture import data_sources
 from dpa.engine import curves
 from dpa.engine.curves import CURVES_FILE, plot_curves, read_scalar_log
 from dpa.engine.dry_run import dry_run
-from dpa.engine.errors import ConfigError
+from dpa.errors import ConfigError
 from dpa.engine.pipeline import run_pipeline
 from dpa.engine.standin import TINY_BATCH, TINY_DATA
 from dpa.registry import HOOKS

@@ -12,7 +12,7 @@ from dpa.benchmark.data_pipeline import (VISION, gpu_step_estimate, run_data_pip
                                          write_real_size_images)
 from dpa.datasets.synthetic import make_synthetic_data
 from dpa.engine.dataloader import loader_settings
-from dpa.engine.errors import ConfigError
+from dpa.errors import ConfigError
 from dpa.engine.standin import make_tiny
 from tiny import REPO, TINY
 

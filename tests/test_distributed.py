@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import dpa  # noqa: F401
 from dpa.datasets.synthetic import make_synthetic_data
 from dpa.engine.distributed import apply_strategy, world_size
-from dpa.engine.errors import ConfigError
+from dpa.errors import ConfigError
 from dpa.engine.pipeline import check_config
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))

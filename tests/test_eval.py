@@ -18,7 +18,7 @@ from PIL import Image
 import dpa  # noqa: F401
 from dpa.datasets.llava import LLaVADataset
 from dpa.datasets.synthetic import EVAL_OPTIONS, make_synthetic_data
-from dpa.engine.errors import ConfigError
+from dpa.errors import ConfigError
 from dpa.engine.pipeline import format_summary, run_pipeline, selected_stages
 from dpa.evaluation import (BadRowsError, EvalDataError, compute_metrics, evaluate,
                             load_eval_model, normalize_answer, predict, read_eval_rows)

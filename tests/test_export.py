@@ -20,11 +20,10 @@ import dpa  # noqa: F401  (registers everything)
 from dpa.datasets.llava import LLaVADataset
 from dpa.engine.standin import TINY_LLM
 from dpa.models.builders import IMAGE_TOKEN, PROCESSORS, hf_config
-from dpa.models.export import (MULTIMODAL_PRELUDE, NATIVE_CONFIG, ExportMismatch,
-                               ExportUnsupported, end_of_turn_ids, export_llava,
-                               generation_config, load_native, native_image_processor,
-                               save_native, tokenizer_round_trip_problems,
-                               training_image_processor)
+from dpa.models.export import (NATIVE_CONFIG, export_llava, load_native, native_image_processor,
+                               save_native, tokenizer_round_trip_problems)
+from dpa.models.export_base import (MULTIMODAL_PRELUDE, ExportMismatch, ExportUnsupported,
+                                    end_of_turn_ids, generation_config, training_image_processor)
 from dpa.models.image_preprocessing import preprocess_image
 from dpa.models.mllm import LlavaDPAModel
 from dpa.models.tiny_tokenizer import CHAT_TEMPLATE

@@ -20,13 +20,14 @@ from PIL import Image, ImageDraw
 import dpa  # noqa: F401  (registers everything)
 from dpa.datasets.llava import LLaVADataset, dpa_collate
 from dpa.datasets.packing import packed_collate
-from dpa.engine.errors import ConfigError
+from dpa.errors import ConfigError
 from dpa.engine.pipeline import run_pipeline
 from dpa.engine.standin import make_tiny
 from dpa.models.builders import IMAGE_TOKEN, PROCESSORS
 from dpa.models.chat_templates import FAMILIES, chat_family
 from dpa.models import export
-from dpa.models.export import ExportUnsupported, export_llava, load_native, save_native
+from dpa.models.export import export_llava, load_native, save_native
+from dpa.models.export_base import ExportUnsupported
 from dpa.models.internlm2 import InternLM2ForCausalLM, modeling_internlm2
 from dpa.models.losses import IGNORE_INDEX
 from dpa.models.mllm import LlavaDPAModel

@@ -18,7 +18,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 import dpa  # noqa: F401
 from dpa.datasets.llava import LLaVADataset
-from dpa.engine.errors import ConfigError
+from dpa.errors import ConfigError
 from dpa.engine.pipeline import (check_config, stage_dataset_config, stage_pads_images,
                                  stage_runner_config)
 from dpa.engine.schedule import WarmupCosineLR

@@ -13,7 +13,7 @@ from mmengine.hooks import Hook
 from safetensors.torch import load_file
 
 import dpa  # noqa: F401
-from dpa.engine.artifacts import read_manifest
+from dpa.artifacts import read_manifest
 from dpa.engine.pipeline import STAGES, ConfigError, format_summary, run_pipeline
 from dpa.models.export import load_native
 from dpa.registry import HOOKS

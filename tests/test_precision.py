@@ -9,7 +9,7 @@ from mmengine.config import Config
 
 import dpa  # noqa: F401
 from dpa.engine.distributed import build_runner
-from dpa.engine.errors import ConfigError
+from dpa.errors import ConfigError
 from dpa.engine.pipeline import check_config, prepare_synthetic_data, stage_runner_config
 from dpa.engine.precision import check_precision
 from tiny import REPO, tiny_config

@@ -222,7 +222,7 @@ def test_every_variant_config_plans_what_it_names(tmp_path, prior):
 
 
 def test_extra_cfg_options_are_checked_first_and_reach_every_run():
-    from dpa.engine.errors import ConfigError
+    from dpa.errors import ConfigError
     with pytest.raises(ConfigError, match='dpa: .*align.max_epoch.*did you mean'):
         benchmark.check_options(['dpa', 'cmo_only'], ['align.max_epochs=16',
                                                       'align.max_epoch=16'])

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import dpa  # noqa: F401
 from dpa.datasets.synthetic import make_synthetic_data
 from dpa.engine import hooks as dpa_hooks
-from dpa.engine.artifacts import ArtifactError, read_manifest
+from dpa.artifacts import ArtifactError, read_manifest
 from dpa.engine.checkpoint import CHECKSUM_SUFFIX, checkpoint_problem, latest_complete_checkpoint
 from dpa.engine.hooks import TooManyBadSamples
 from dpa.engine.interrupts import TrainingInterrupted

@@ -15,9 +15,9 @@ from mmengine.config import Config
 from mmengine.logging import MMLogger
 
 import dpa  # noqa: F401
-from dpa.engine.artifacts import read_manifest
+from dpa.artifacts import read_manifest
 from dpa.engine.config_guard import STAGE_CONFIG, check_cfg_options
-from dpa.engine.errors import ConfigError
+from dpa.errors import ConfigError
 from dpa.engine.interrupts import TrainingInterrupted
 from dpa.benchmark import cli as benchmark_cli
 from dpa.engine.pipeline import STAGES, run_pipeline
@@ -265,7 +265,7 @@ def test_benchmark_default_arguments_pass():
 def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     import errno
 
-    from dpa.engine.artifacts import atomic_write, write_artifact_dir
+    from dpa.artifacts import atomic_write, write_artifact_dir
 
     def disk_full(*args):
         raise OSError(errno.ENOSPC, 'No space left on device')

@@ -100,7 +100,7 @@ def test_missing_gguf_and_unknown_package_are_named(tmp_path, gguf_cache, monkey
     monkeypatch.setitem(sys.modules, 'gguf', None)
     with pytest.raises(gguf.GGUFError, match='pip install gguf'):
         gguf.gguf_checkpoint(path)
-    from dpa.engine.errors import ConfigError
+    from dpa.errors import ConfigError
     with pytest.raises(ConfigError, match="package 'no_such_package_dpa', which is not "
                        'installed here: pip install no_such_package_dpa'):
         installed_package_dir('no_such_package_dpa')

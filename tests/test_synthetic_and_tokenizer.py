@@ -5,7 +5,8 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
-from dpa.datasets.synthetic import COLOURS, POSITIONS, SHAPES, VOCABULARY, make_synthetic_data
+from dpa.datasets.synthetic import make_synthetic_data
+from dpa.synthetic_text import COLOURS, POSITIONS, SHAPES, VOCABULARY
 from dpa.models.tiny_tokenizer import TINY_VOCAB_SIZE, build_tiny_tokenizer
 
 NUM_CAPTIONS, NUM_INSTRUCTIONS = 64, 48  # the defaults

@@ -17,8 +17,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import dpa  # noqa: E402,F401
 from dpa.analysis.commands import load_run_config, resolve_config  # noqa: E402
 from dpa.analysis.prior import diagnose_prior, format_prior_table  # noqa: E402
-from dpa.engine.artifacts import ArtifactError  # noqa: E402
-from dpa.engine.errors import ConfigError  # noqa: E402
+from dpa.artifacts import ArtifactError  # noqa: E402
+from dpa.errors import ConfigError  # noqa: E402
 
 
 def parse_args(argv=None):

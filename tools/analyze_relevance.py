@@ -17,8 +17,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import dpa  # noqa: E402,F401
 from dpa.analysis.commands import analyze_relevance, load_run_config  # noqa: E402
 from dpa.analysis.models import MODEL_CHOICES  # noqa: E402
-from dpa.engine.artifacts import ArtifactError  # noqa: E402
-from dpa.engine.errors import ConfigError  # noqa: E402
+from dpa.artifacts import ArtifactError  # noqa: E402
+from dpa.errors import ConfigError  # noqa: E402
 
 
 def parse_args(argv=None):

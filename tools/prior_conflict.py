@@ -21,7 +21,7 @@ from dpa.analysis.prior_conflict.benchmark import (ALL_VARIANTS, EXTRA_VARIANTS,
                                                    merge_results, run_benchmark,
                                                    write_results)
 from dpa.analysis.prior_conflict.prior_llm import PriorGateError  # noqa: E402
-from dpa.engine.errors import ConfigError  # noqa: E402
+from dpa.errors import ConfigError  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -19,7 +19,7 @@ from mmengine.config import DictAction
 from mmengine.dist import is_main_process
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from dpa.engine.artifacts import ArtifactError, manifest_path  # noqa: E402
+from dpa.artifacts import ArtifactError, manifest_path  # noqa: E402
 from dpa.engine.checkpoint import latest_complete_checkpoint  # noqa: E402
 from dpa.datasets.llava import AllRowsBad  # noqa: E402
 from dpa.engine.config_file import load_config  # noqa: E402
@@ -30,7 +30,7 @@ from dpa.engine.hooks import TooManyBadSamples  # noqa: E402
 from dpa.engine.interrupts import TrainingInterrupted  # noqa: E402
 from dpa.engine.optim import NonFiniteLossError  # noqa: E402
 from dpa.engine.pipeline import STAGES, ConfigError, format_summary, run_pipeline  # noqa: E402
-from dpa.engine.errors import disk_full  # noqa: E402
+from dpa.errors import disk_full  # noqa: E402
 from dpa.engine.staleness import StaleStagesError  # noqa: E402
 from dpa.engine.workdir import WorkDirError  # noqa: E402
 

@@ -5,8 +5,8 @@ import os.path as osp
 
 from mmengine.config import Config
 
-from dpa.engine.artifacts import read_manifest, stage_work_dir
-from dpa.engine.errors import ConfigError
+from dpa.artifacts import read_manifest, stage_work_dir
+from dpa.errors import ConfigError
 from dpa.models.export import load_native
 from dpa.registry import MODELS
 

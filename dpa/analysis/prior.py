@@ -22,7 +22,7 @@ import torch
 from dpa.analysis.relevance import analysis_rows
 from dpa.datasets.llava import dpa_collate
 from dpa.datasets.mixture import data_sources
-from dpa.engine.artifacts import read_manifest
+from dpa.artifacts import read_manifest
 from dpa.models.losses import IGNORE_INDEX, target_scores
 from dpa.registry import DATASETS, MODELS
 

@@ -5,124 +5,30 @@ captions (pretraining format), question/answer conversations (instruction
 format) and a held-out evaluation split of multiple-choice questions about
 colour, shape and position (rows ``{"id", "image", "question", "answer",
 "options", "type"}``, read by :mod:`dpa.evaluation`). All text comes from the
-templates below, so ``VOCABULARY`` can list every word a word-level tokenizer
-needs.
+templates of :mod:`dpa.synthetic_text`, whose ``VOCABULARY`` lists every word a
+word-level tokenizer needs.
 """
 import json
 import os
 import random
-import re
 import shutil
 
 from PIL import Image, ImageDraw
 
-IMAGE_TOKEN = '<image>'
-CAPTION_PROMPT = IMAGE_TOKEN + '\nDescribe the image briefly.'
+from dpa.synthetic_text import (BACKGROUNDS, CAPTIONS_ONE, CAPTIONS_TWO, CAPTION_PROMPT, COLOURS,
+                                EVAL_QUESTIONS, IMAGE_TOKEN, POSITIONS, QA_ABSENT, QA_EACH,
+                                QA_ONE, QA_PRESENT, QA_SCENE, QA_TEXT, QA_TWO, SHAPES, SIZES,
+                                capitalize)
+
 # Bump when the generator changes so cached roots are regenerated.
 _FORMAT_VERSION = 2
 
-# No colour, size or shape starts with a vowel, so "a {colour} {shape}" is always grammatical.
-SHAPES = ('circle', 'square', 'triangle', 'diamond')
-COLOURS = {
-    'red': (220, 40, 40),
-    'green': (40, 170, 60),
-    'blue': (40, 80, 220),
-    'yellow': (240, 210, 40),
-    'purple': (140, 60, 180),
-    'pink': (250, 120, 180),
-}
-# Disjoint from COLOURS so a shape never vanishes into its background.
-BACKGROUNDS = {'white': (255, 255, 255), 'gray': (128, 128, 128), 'black': (0, 0, 0)}
-# position -> (phrase, centre as a fraction of the image side)
-POSITIONS = {
-    'left': ('on the left', (0.25, 0.5)),
-    'right': ('on the right', (0.75, 0.5)),
-    'top': ('at the top', (0.5, 0.25)),
-    'bottom': ('at the bottom', (0.5, 0.75)),
-    'center': ('in the center', (0.5, 0.5)),
-}
 # Two shapes sit at opposite sides so they never overlap.
 _PAIRS = (('left', 'right'), ('top', 'bottom'))
-SIZES = {'small': 0.1, 'large': 0.2}  # half-width as a fraction of the image side
 _CORNERS = {'circle': 0, 'square': 4, 'triangle': 3, 'diamond': 4}
 _MIXES = (('blue', 'yellow', 'green'), ('red', 'blue', 'purple'), ('red', 'white', 'pink'))
 
-# Fields: shape, colour, size, where, bg.
-_CAPTIONS_ONE = (
-    'a {colour} {shape}.',
-    'a {size} {colour} {shape} {where}.',
-    'a {size} {colour} {shape} {where} of a {bg} background.',
-    'a simple picture of a {colour} {shape} on a {bg} background.',
-    'there is a {size} {colour} {shape} {where} of the image.',
-)
-# Fields: a_* and b_* for the two shapes, bg.
-_CAPTIONS_TWO = (
-    'a {a_colour} {a_shape} and a {b_colour} {b_shape}.',
-    'two shapes: a {a_size} {a_colour} {a_shape} {a_where} '
-    'and a {b_size} {b_colour} {b_shape} {b_where}.',
-    'a {a_colour} {a_shape} {a_where} and a {b_colour} {b_shape} {b_where} on a {bg} background.',
-)
-_QA_ONE = (
-    ('How many shapes are there?', 'There is one shape.'),
-    ('What colour is the shape?', 'The shape is {colour}.'),
-    ('What shape is it?', 'It is a {shape}.'),
-    ('Is the shape large or small?', 'The shape is {size}.'),
-    ('Where is the shape?', 'The shape is {where}.'),
-)
-_QA_TWO = (
-    ('How many shapes are there?', 'There are two shapes.'),
-    ('What shapes are in the image?', 'A {a_colour} {a_shape} and a {b_colour} {b_shape}.'),
-)
-# Asked about each shape of a two-shape picture; shapes there are distinct.
-_QA_EACH = (
-    ('What colour is the {shape}?', 'The {shape} is {colour}.'),
-    ('Where is the {shape}?', 'The {shape} is {where}.'),
-    ('Is the {shape} large or small?', 'The {shape} is {size}.'),
-)
-_QA_SCENE = (
-    ('What colour is the background?', 'The background is {bg}.'),
-    ('Describe the image.', '{caption}'),
-)
-# The evaluation questions, by type: (one-shape template, two-shape template or
-# None, the field asked about). Their answers are the instruction answers, so
-# the options differ from the right answer in one word only.
-EVAL_QUESTIONS = {
-    'colour': (_QA_ONE[1], _QA_EACH[0], 'colour'),
-    'shape': (_QA_ONE[2], None, 'shape'),
-    'position': (_QA_ONE[4], _QA_EACH[1], 'where'),
-}
 EVAL_OPTIONS = 4
-_QA_PRESENT = ('Is there a {shape} in the image?', 'Yes, there is a {shape} {where}.')
-_QA_ABSENT = ('Is there a {shape} in the image?', 'No, there is no {shape} in the image.')
-_QA_TEXT = (
-    ('What is {a} plus {b}?', '{a} plus {b} is {c}.'),
-    ('What is {a} minus {b}?', '{a} minus {b} is {c}.'),
-    ('What colour do you get by mixing {x} and {y}?', 'Mixing {x} and {y} gives {z}.'),
-    ('How many corners does a {shape} have?', 'A {shape} has {n} corners.'),
-    ('Is {word} a shape or a colour?', 'It is a {kind}.'),
-)
-
-
-def _capitalize(text):
-    return text[:1].upper() + text[1:]
-
-
-def _vocabulary():
-    """Every word and punctuation token the templates can produce."""
-    texts = list(_CAPTIONS_ONE) + list(_CAPTIONS_TWO)
-    # "Describe the image." answers with the caption, capitalized.
-    texts += [_capitalize(t) for t in texts]
-    for pairs in (_QA_ONE, _QA_TWO, _QA_EACH, _QA_SCENE, _QA_TEXT, (_QA_PRESENT, _QA_ABSENT)):
-        texts += [t for pair in pairs for t in pair]
-    texts += [CAPTION_PROMPT.replace(IMAGE_TOKEN, ''), *SHAPES, *COLOURS, *BACKGROUNDS, *SIZES]
-    texts += [phrase for phrase, _ in POSITIONS.values()]
-    tokens = set('0123456789 \n')
-    for text in texts:
-        tokens.update(re.findall(r'[A-Za-z]+|[^A-Za-z0-9\s]', re.sub(r'\{\w+\}', ' ', text)))
-    return tuple(sorted(tokens))
-
-
-VOCABULARY = _vocabulary()
 
 
 def _sample_scene(rng):
@@ -171,7 +77,7 @@ def _fields(scene):
 
 
 def _caption(rng, scene):
-    templates = _CAPTIONS_ONE if len(scene['shapes']) == 1 else _CAPTIONS_TWO
+    templates = CAPTIONS_ONE if len(scene['shapes']) == 1 else CAPTIONS_TWO
     return rng.choice(templates).format(**_fields(scene))
 
 
@@ -199,17 +105,17 @@ CAPTION_STYLES = {'plain': _caption, 'terse': _terse_caption, 'bracket': _bracke
 def _image_qa(rng, scene):
     """All (question, answer) pairs answerable from the scene."""
     fields = _fields(scene)
-    fields['caption'] = _capitalize(_caption(rng, scene))
+    fields['caption'] = capitalize(_caption(rng, scene))
     shapes = scene['shapes']
-    templates = (_QA_ONE if len(shapes) == 1 else _QA_TWO) + _QA_SCENE
+    templates = (QA_ONE if len(shapes) == 1 else QA_TWO) + QA_SCENE
     qa = [(q.format(**fields), a.format(**fields)) for q, a in templates]
     if len(shapes) == 2:
-        qa += [(q.format(**s), a.format(**s)) for s in shapes for q, a in _QA_EACH]
+        qa += [(q.format(**s), a.format(**s)) for s in shapes for q, a in QA_EACH]
     present = rng.choice(shapes)
-    qa.append((_QA_PRESENT[0].format(**present), _QA_PRESENT[1].format(**present)))
+    qa.append((QA_PRESENT[0].format(**present), QA_PRESENT[1].format(**present)))
     shown = {s['shape'] for s in shapes}
     absent = rng.choice([shape for shape in SHAPES if shape not in shown])
-    qa.append((_QA_ABSENT[0].format(shape=absent), _QA_ABSENT[1].format(shape=absent)))
+    qa.append((QA_ABSENT[0].format(shape=absent), QA_ABSENT[1].format(shape=absent)))
     return qa
 
 
@@ -225,7 +131,7 @@ def _text_qa(rng, i):
         dict(shape=shape, n=_CORNERS[shape]),
         dict(word=word, kind='shape' if word in SHAPES else 'colour'),
     )
-    q, ans = _QA_TEXT[i]
+    q, ans = QA_TEXT[i]
     return q.format(**fields[i]), ans.format(**fields[i])
 
 
@@ -299,7 +205,7 @@ def _generate(out_dir, num_captions, num_instructions, num_eval, image_size, see
             name = f'ins_{i:06d}'
             turns = rng.randint(1, 3)
             if i in text_only:
-                picked = rng.sample(range(len(_QA_TEXT)), turns)
+                picked = rng.sample(range(len(QA_TEXT)), turns)
                 row = dict(id=name, conversations=_conversation(_text_qa(rng, k) for k in picked))
             else:
                 scene = _sample_scene(rng)

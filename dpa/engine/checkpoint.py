@@ -28,7 +28,7 @@ from mmengine.fileio import LocalBackend, register_backend
 from mmengine.logging import print_log
 from mmengine.runner import CheckpointLoader
 
-from dpa.engine.artifacts import atomic_write, sha256_of
+from dpa.artifacts import atomic_write, sha256_of
 
 CHECKSUM_SUFFIX = '.sha256'
 

@@ -26,7 +26,7 @@ import torch
 from mmengine.logging import print_log
 from torch import nn
 
-from dpa.engine.errors import ConfigError
+from dpa.errors import ConfigError
 from dpa.engine.fsdp import sharded_units
 
 

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 from mmengine.config import Config
 
-from dpa.engine.errors import ConfigError
+from dpa.errors import ConfigError
 
 
 def _base_files(path: str, tree: ast.Module) -> List[str]:

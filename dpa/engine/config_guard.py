@@ -21,9 +21,9 @@ from mmengine.dist import is_main_process
 from mmengine.logging import print_log
 
 from dpa.datasets.mixture import data_sources
-from dpa.engine.artifacts import atomic_write, read_manifest, sha256_of, write_manifest
+from dpa.artifacts import atomic_write, read_manifest, sha256_of, write_manifest
 from dpa.engine.checkpoint import latest_complete_checkpoint
-from dpa.engine.errors import ConfigError
+from dpa.errors import ConfigError
 from dpa.engine.paths import PLACEHOLDER
 from dpa.engine.staleness import INPUT_CHECKSUMS
 from dpa.models.builders import PROCESSORS

@@ -14,7 +14,7 @@ from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 
-from dpa.engine.artifacts import atomic_write
+from dpa.artifacts import atomic_write
 
 CURVES_FILE = 'curves.png'
 _noted_missing_matplotlib = []

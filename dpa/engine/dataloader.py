@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from mmengine.config import Config
 
-from dpa.engine.errors import ConfigError
+from dpa.errors import ConfigError
 
 LOADER_KEYS = ('num_workers', 'pin_memory', 'persistent_workers', 'prefetch_factor')
 

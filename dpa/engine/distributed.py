@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from mmengine.registry import RUNNERS
 
-from dpa.engine.errors import ConfigError
+from dpa.errors import ConfigError
 from dpa.engine.fsdp import FSDPRunner
 
 # Where each launcher announces the number of processes before init.

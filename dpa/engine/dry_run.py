@@ -15,8 +15,8 @@ from mmengine.config import Config
 
 from dpa.datasets.llava import read_rows
 from dpa.datasets.mixture import data_sources
-from dpa.engine.artifacts import read_manifest
-from dpa.engine.errors import ConfigError
+from dpa.artifacts import read_manifest
+from dpa.errors import ConfigError
 from dpa.engine.pipeline import (ARTIFACTS, TRAINABLE, check_data_files, dependencies, evaluates,
                                  gradient_accumulation, launched_processes, resolve_config,
                                  stage_work_dir)

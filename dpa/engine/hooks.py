@@ -11,10 +11,11 @@ from mmengine.model import is_model_wrapper
 from mmengine.registry import build_from_cfg
 from safetensors.torch import save_file
 
-from dpa.engine.artifacts import ARTIFACT_DIR, write_artifact_dir, write_manifest
+from dpa.artifacts import ARTIFACT_DIR, write_artifact_dir, write_manifest
 from dpa.engine.fsdp import gather_full_weights
 from dpa.models.builders import PROCESSORS
-from dpa.models.export import ExportUnsupported, export_llava, save_native
+from dpa.models.export import export_llava, save_native
+from dpa.models.export_base import ExportUnsupported
 from dpa.registry import HOOKS
 
 STAT_KEYS = ('cmo_w_mean', 'cmo_at_min', 'cmo_at_max', 'cmo_delta_mean',

@@ -17,7 +17,7 @@ import importlib.util
 import os.path as osp
 import re
 
-from dpa.engine.errors import ConfigError
+from dpa.errors import ConfigError
 
 # `data` is the eval stage's file (a stage recipe's `data` names a config key, without braces).
 PATH_KEYS = ('pretrained', 'data_files', 'image_folder', 'root', 'data')

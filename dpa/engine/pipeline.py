@@ -24,7 +24,7 @@ from dpa.datasets.llava import CAPTION_SUFFIXES, LABEL_MODES, read_rows
 from dpa.datasets.mixture import data_sources
 from dpa.datasets.samplers import PER_IMAGE
 from dpa.datasets.synthetic import make_synthetic_data
-from dpa.engine.artifacts import read_manifest, stage_work_dir
+from dpa.artifacts import read_manifest, stage_work_dir
 from dpa.engine.checkpoint import latest_complete_checkpoint
 from dpa.engine.compile import apply_gpu_switches, check_compile
 from dpa.engine.config_guard import prepare_stage_start, record_config_changes
@@ -34,7 +34,7 @@ from dpa.engine.curves import CURVES_FILE, CurvesHook
 from dpa.engine.dataloader import loader_settings
 from dpa.engine.distributed import (apply_strategy, build_runner, check_strategy,
                                     init_cpu_process_group, world_size)
-from dpa.engine.errors import ConfigError
+from dpa.errors import ConfigError
 from dpa.engine.hooks import SKIPPED_FILE
 from dpa.engine.interrupts import (TrainingInterrupted, graceful_interrupts, requested_signal,
                                    stop_dataloader_workers)

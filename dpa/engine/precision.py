@@ -23,7 +23,7 @@ without either key, before any model is loaded.
 """
 from typing import Dict, Sequence
 
-from dpa.engine.errors import ConfigError
+from dpa.errors import ConfigError
 
 TRAINABLE_DTYPES = (None, 'float32')
 HALF = ('bfloat16', 'float16')

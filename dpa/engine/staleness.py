@@ -14,7 +14,7 @@ import os
 import time
 from typing import Callable, Dict, Sequence
 
-from dpa.engine.artifacts import checksums_digest, read_manifest, stage_dir, stage_work_dir
+from dpa.artifacts import checksums_digest, read_manifest, stage_dir, stage_work_dir
 
 INPUT_CHECKSUMS = 'input_checksums'
 

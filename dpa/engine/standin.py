@@ -34,7 +34,7 @@ from mmengine.config import Config
 
 from dpa.datasets.mixture import data_sources
 from dpa.engine.distributed import world_size
-from dpa.engine.errors import ConfigError
+from dpa.errors import ConfigError
 from dpa.models.attention import resolve_attn_implementation
 
 TINY_LLM = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -7,7 +7,7 @@ a second one stops at once, naming it. A lock whose process is gone (killed,
 machine rebooted) is taken over with a log line.
 
 Atomic writes go through ``<name>.tmp-<pid>`` files and folders
-(:mod:`dpa.engine.artifacts`); a killed writer leaves them behind, on a disk
+(:mod:`dpa.artifacts`); a killed writer leaves them behind, on a disk
 that may be full. The run that takes the lock removes those whose process is
 no longer running.
 """

@@ -17,7 +17,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from tqdm import tqdm
 
-from dpa.engine.artifacts import atomic_write
+from dpa.artifacts import atomic_write
 from dpa.evaluation.data import EvalDataError, normalize_answer, read_eval_rows
 from dpa.evaluation.models import default_device, load_eval_model, load_image
 

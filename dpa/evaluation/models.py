@@ -24,9 +24,10 @@ from PIL import Image
 from safetensors import SafetensorError
 
 from dpa.datasets.llava import open_image
-from dpa.engine.artifacts import ArtifactError, read_manifest, verify_artifact_folder
+from dpa.artifacts import ArtifactError, read_manifest, verify_artifact_folder
 from dpa.models.builders import IMAGE_TOKEN, PROCESSORS, num_image_tokens
-from dpa.models.export import NATIVE_CONFIG, load_native, stop_token_ids
+from dpa.models.export import NATIVE_CONFIG, load_native
+from dpa.models.export_base import stop_token_ids
 from dpa.models.image_preprocessing import preprocess_image
 
 FINAL_STAGE = 'finetune'
@@ -55,7 +56,7 @@ def chat_prompt(tokenizer, question: str, has_image: bool) -> str:
 
 
 def end_of_turn_ids(tokenizer, generation_config=None) -> List[int]:
-    """Token ids that end an answer (see :func:`dpa.models.export.stop_token_ids`):
+    """Token ids that end an answer (see :func:`dpa.models.export_base.stop_token_ids`):
     the chat template's end-of-turn token, the generation config's and the
     tokenizer's eos."""
     ids = stop_token_ids(tokenizer, generation_config)

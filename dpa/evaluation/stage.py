@@ -15,8 +15,8 @@ from typing import List, Optional
 from mmengine.dist import barrier, is_main_process
 
 from dpa.datasets.llava import read_rows
-from dpa.engine.artifacts import read_manifest, write_artifact_dir, write_manifest
-from dpa.engine.errors import ConfigError
+from dpa.artifacts import read_manifest, write_artifact_dir, write_manifest
+from dpa.errors import ConfigError
 from dpa.engine.interrupts import TrainingInterrupted, requested_signal
 from dpa.evaluation.data import EvalDataError
 from dpa.evaluation.evaluator import METRICS_FILE, BadRowsError, EvaluationInterrupted, evaluate

@@ -2,16 +2,16 @@
 directory with its ``LlavaNextProcessor`` (see :mod:`dpa.models.anyres`).
 
 The same checks and compatibility fields as the LLaVA export
-(:mod:`dpa.models.export`): the directory is reloaded and compared with what
+(:mod:`dpa.models.export_base`): the directory is reloaded and compared with what
 was written, and written so that transformers 4.57 reads it too.
 """
 import torch
 from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration,
                           LlavaNextProcessor)
 
-from dpa.models.export import (MULTIMODAL_PRELUDE, ExportUnsupported, check_exportable,
-                               generation_config, generation_tokenizer,
-                               save_transformers_llava, verify_reload)
+from dpa.models.export_base import (MULTIMODAL_PRELUDE, ExportUnsupported, check_exportable,
+                                    generation_config, generation_tokenizer,
+                                    save_transformers_llava, verify_reload)
 from dpa.models.hf_compat import write_transformers4_fields
 
 

@@ -14,7 +14,7 @@ from typing import Optional
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from dpa.datasets.synthetic import VOCABULARY
+from dpa.synthetic_text import VOCABULARY
 from dpa.models.chat_templates import chat_family, load_chat_template
 
 TINY_VOCAB_SIZE = 512

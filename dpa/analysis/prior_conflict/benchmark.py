@@ -28,7 +28,7 @@ from dpa.analysis.prior_conflict.prior_llm import pretrain_prior
 from dpa.analysis.prior_conflict.real_prior import check_real_prior
 from dpa.analysis.relevance import read_jsonl
 from dpa.engine.config_guard import check_cfg_options
-from dpa.engine.errors import ConfigError
+from dpa.errors import ConfigError
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 VARIANTS = ('vanilla', 'cal', 'pmo_only', 'cmo_only', 'dpa')
