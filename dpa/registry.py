@@ -1,7 +1,12 @@
 """Child registries of mmengine's roots, so ``type=`` names in configs resolve to
 this package first and fall back to mmengine's own components (Runner hooks,
 optimizers, loops, schedulers). Every root the Runner builds from has a child
-here, as in mmpretrain, so the 'dpa' default scope resolves everywhere."""
+here, as in mmpretrain, so the 'dpa' default scope resolves everywhere.
+
+``PIPELINE_STAGES`` is the project's own: the stages a pipeline config can list
+in ``stages`` (the three training stages, ``eval``), each registered beside its
+code, so the engine runs a stage it does not import (see
+:mod:`dpa.engine.stages`)."""
 from mmengine import registry as mm
 from mmengine.registry import Registry
 
@@ -32,3 +37,6 @@ VISUALIZERS = _child(mm.VISUALIZERS)
 VISBACKENDS = _child(mm.VISBACKENDS)
 LOG_PROCESSORS = _child(mm.LOG_PROCESSORS)
 STRATEGIES = _child(mm.STRATEGIES)
+
+PIPELINE_STAGES = Registry('pipeline stage',
+                           locations=['dpa.engine.pipeline', 'dpa.evaluation.stage'])

@@ -209,7 +209,7 @@ def test_align_stage_logs_class_statistics_and_weight_histogram(tmp_path, data_r
 
 
 def test_seed_option_seeds_the_runner(tmp_path, data_root):
-    from dpa.engine.pipeline import stage_runner_config
+    from dpa.engine.stage_config import stage_runner_config
     cfg = tiny_config(tmp_path, data_root, seed=7)
     runner_cfg = stage_runner_config(cfg, 'proxy')
     assert runner_cfg.randomness.seed == 7
@@ -220,7 +220,8 @@ def test_seed_option_seeds_the_runner(tmp_path, data_root):
 def test_a_stage_of_another_work_dir_is_reused(finished, data_root, tmp_path):
     """`proxy.from_work_dir`: ablations of one seed share stage 1."""
     from dpa.errors import ConfigError
-    from dpa.engine.pipeline import format_summary, run_pipeline
+    from dpa.engine.pipeline import run_pipeline
+    from dpa.engine.summary import format_summary
     source, _ = finished
     cfg = tiny_config(tmp_path / 'b', data_root, stages=['proxy', 'align'])
     cfg.proxy.from_work_dir = str(source)

@@ -19,13 +19,14 @@ from dpa.datasets.mixture import LLaVAMixture
 from dpa.datasets.samplers import PER_IMAGE, modality_lengths
 from dpa.datasets.validation import check_dataset
 from dpa.errors import ConfigError
-from dpa.engine.pipeline import (_check_projector_shape, check_config, stage_dataset_config,
-                                 stage_runner_config, stage_sampler_config)
+from dpa.engine.preflight import check_config
+from dpa.engine.stage_config import stage_dataset_config, stage_runner_config, stage_sampler_config
 from dpa.models.anyres import AnyRes, anyres_settings
 from dpa.models.builders import PROCESSORS
 from dpa.models.export import export_llava, load_native, save_native
 from dpa.models.losses import IGNORE_INDEX
 from dpa.models.mllm import LlavaDPAModel
+from dpa.models.projector import check_projector_file
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TINY = Config.fromfile(osp.join(ROOT, 'configs', 'dpa_tiny_anyres.py'))
@@ -417,6 +418,6 @@ def test_projector_of_the_other_image_mode_is_refused(tmp_path):
     path = str(tmp_path / 'projector.safetensors')
     save_file({'linear_1.weight': torch.zeros(64, 64)}, path)  # stage 2 without anyres
     with pytest.raises(ConfigError, match='trained without anyres'):
-        _check_projector_shape(TINY, path)
+        check_projector_file(path, TINY.llm, TINY.vision_tower, bool(TINY.get('anyres')))
     save_file({'linear_1.weight': torch.zeros(64, 64), 'image_newline': torch.zeros(64)}, path)
-    _check_projector_shape(TINY, path)
+    check_projector_file(path, TINY.llm, TINY.vision_tower, bool(TINY.get('anyres')))

@@ -12,7 +12,7 @@ from mmengine.logging import MMLogger
 import dpa  # noqa: F401
 from dpa.datasets.llava import LLaVADataset, dpa_collate
 from dpa.datasets.packing import packed_collate
-from dpa.engine.pipeline import stage_collate_config
+from dpa.engine.stage_config import stage_collate_config
 from dpa.models import attention
 from dpa.models.attention import resolve_attn_implementation
 from dpa.models.mllm import LlavaDPAModel

@@ -19,7 +19,7 @@ import dpa  # noqa: F401
 from dpa.datasets.synthetic import make_synthetic_data
 from dpa.engine.distributed import apply_strategy, world_size
 from dpa.errors import ConfigError
-from dpa.engine.pipeline import check_config
+from dpa.engine.preflight import check_config
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 FIXTURES = osp.join(REPO, 'tests', 'fixtures')

@@ -19,7 +19,9 @@ import dpa  # noqa: F401
 from dpa.datasets.llava import LLaVADataset
 from dpa.datasets.synthetic import EVAL_OPTIONS, make_synthetic_data
 from dpa.errors import ConfigError
-from dpa.engine.pipeline import format_summary, run_pipeline, selected_stages
+from dpa.engine.pipeline import run_pipeline
+from dpa.engine.preflight import selected_stages
+from dpa.engine.summary import format_summary
 from dpa.evaluation import (BadRowsError, EvalDataError, compute_metrics, evaluate,
                             load_eval_model, normalize_answer, predict, read_eval_rows)
 from dpa.evaluation.lmms_eval import (LmmsEvalError, agreement, choose_model, log_errors,

@@ -19,8 +19,8 @@ from transformers import get_cosine_schedule_with_warmup
 import dpa  # noqa: F401
 from dpa.datasets.llava import LLaVADataset
 from dpa.errors import ConfigError
-from dpa.engine.pipeline import (check_config, stage_dataset_config, stage_pads_images,
-                                 stage_runner_config)
+from dpa.engine.preflight import check_config
+from dpa.engine.stage_config import stage_dataset_config, stage_pads_images, stage_runner_config
 from dpa.engine.schedule import WarmupCosineLR
 from dpa.models import LlavaDPAModel
 from dpa.models.losses import IGNORE_INDEX

@@ -5,7 +5,7 @@ import torch
 
 import dpa  # noqa: F401
 from dpa.engine.fsdp import sharded_units
-from dpa.engine.pipeline import stage_runner_config
+from dpa.engine.stage_config import stage_runner_config
 from dpa.registry import MODELS
 from tiny import tiny_config
 

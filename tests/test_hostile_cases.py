@@ -29,8 +29,10 @@ from dpa.engine import checkpoint as dpa_checkpoint
 from dpa.engine.config_guard import result_config
 from dpa.engine.curves import CURVES_FILE, plot_curves
 from dpa.engine.hooks import DPAHook, sort_adapter_config
-from dpa.engine.pipeline import (STAGES, format_summary, prepare_synthetic_data, resolve_config,
-                                 stage_dataset_config)
+from dpa.engine.pipeline import prepare_synthetic_data
+from dpa.engine.preflight import resolve_config
+from dpa.engine.stage_config import STAGES, stage_dataset_config
+from dpa.engine.summary import format_summary
 from dpa.evaluation import evaluator
 from dpa.registry import DATASETS
 from tiny import REPO, TINY, tiny_config

@@ -8,7 +8,9 @@ from safetensors.torch import load_file
 import dpa  # noqa: F401
 from dpa.datasets.llava import dpa_collate
 from dpa.datasets.packing import pack_rows, packed_collate
-from dpa.engine.pipeline import ConfigError, run_pipeline, stage_runner_config
+from dpa.engine.pipeline import run_pipeline
+from dpa.engine.stage_config import stage_runner_config
+from dpa.errors import ConfigError
 from dpa.models import LlavaDPAModel
 from dpa.models.losses import IGNORE_INDEX
 from test_model_equivalence import llm_cfg

@@ -14,7 +14,10 @@ from safetensors.torch import load_file
 
 import dpa  # noqa: F401
 from dpa.artifacts import read_manifest
-from dpa.engine.pipeline import STAGES, ConfigError, format_summary, run_pipeline
+from dpa.engine.pipeline import run_pipeline
+from dpa.engine.stage_config import STAGES
+from dpa.engine.summary import format_summary
+from dpa.errors import ConfigError
 from dpa.models.export import load_native
 from dpa.registry import HOOKS
 

@@ -10,7 +10,9 @@ from mmengine.config import Config
 import dpa  # noqa: F401
 from dpa.engine.distributed import build_runner
 from dpa.errors import ConfigError
-from dpa.engine.pipeline import check_config, prepare_synthetic_data, stage_runner_config
+from dpa.engine.pipeline import prepare_synthetic_data
+from dpa.engine.preflight import check_config
+from dpa.engine.stage_config import stage_runner_config
 from dpa.engine.precision import check_precision
 from tiny import REPO, tiny_config
 

@@ -20,8 +20,10 @@ from dpa.engine.checkpoint import CHECKSUM_SUFFIX, checkpoint_problem, latest_co
 from dpa.engine.hooks import TooManyBadSamples
 from dpa.engine.interrupts import TrainingInterrupted
 from dpa.engine.optim import NonFiniteLossError
-from dpa.engine.pipeline import (STAGES, ConfigError, check_config, run_pipeline,
-                                 stage_runner_config)
+from dpa.engine.pipeline import run_pipeline
+from dpa.engine.preflight import check_config
+from dpa.engine.stage_config import STAGES, stage_runner_config
+from dpa.errors import ConfigError
 from dpa.registry import HOOKS
 from tiny import REPO, TINY, tiny_config
 

@@ -20,7 +20,8 @@ from dpa.engine.config_guard import STAGE_CONFIG, check_cfg_options
 from dpa.errors import ConfigError
 from dpa.engine.interrupts import TrainingInterrupted
 from dpa.benchmark import cli as benchmark_cli
-from dpa.engine.pipeline import STAGES, run_pipeline
+from dpa.engine.pipeline import run_pipeline
+from dpa.engine.stage_config import STAGES
 from dpa.engine.workdir import (LOCK_FILE, _process_start, remove_stale_temp_files,
                                 work_dir_lock)
 from test_reliability import SignalAt  # noqa: F401  (registers the hook)

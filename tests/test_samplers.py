@@ -7,7 +7,8 @@ from mmengine.runner import Runner
 import dpa  # noqa: F401
 import dpa.datasets.samplers as samplers
 from dpa.datasets.samplers import ModalityLengthGroupedSampler, modality_lengths, padding_fraction
-from dpa.engine.pipeline import prepare_synthetic_data, stage_runner_config
+from dpa.engine.pipeline import prepare_synthetic_data
+from dpa.engine.stage_config import stage_runner_config
 from tiny import tiny_config
 
 IMAGE_LENGTH = 100

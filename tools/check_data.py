@@ -26,9 +26,10 @@ from dpa.datasets.validation import (check_dataset, check_files,  # noqa: E402
                                      tokenizer_round_trip)
 from dpa.engine.config_file import load_config  # noqa: E402
 from dpa.engine.config_guard import apply_cfg_options  # noqa: E402
+from dpa.engine.pipeline import prepare_synthetic_data  # noqa: E402
+from dpa.engine.preflight import selected_stages  # noqa: E402
+from dpa.engine.stage_config import stage_dataset_config  # noqa: E402
 from dpa.errors import ConfigError  # noqa: E402
-from dpa.engine.pipeline import (prepare_synthetic_data, selected_stages,  # noqa: E402
-                                 stage_dataset_config)
 from dpa.registry import DATASETS  # noqa: E402
 
 

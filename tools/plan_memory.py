@@ -18,7 +18,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import dpa  # noqa: E402,F401
 from dpa.engine.memory_plan import GB, HEADROOM, format_plan, plan  # noqa: E402
 from dpa.engine.paths import fill_path_variables  # noqa: E402
-from dpa.engine.pipeline import TRAINABLE, selected_stages  # noqa: E402
+from dpa.engine.preflight import selected_stages  # noqa: E402
+from dpa.engine.stage_config import TRAINABLE  # noqa: E402
 
 
 def main(argv=None):

@@ -29,7 +29,10 @@ from dpa.engine.dry_run import dry_run  # noqa: E402
 from dpa.engine.hooks import TooManyBadSamples  # noqa: E402
 from dpa.engine.interrupts import TrainingInterrupted  # noqa: E402
 from dpa.engine.optim import NonFiniteLossError  # noqa: E402
-from dpa.engine.pipeline import STAGES, ConfigError, format_summary, run_pipeline  # noqa: E402
+from dpa.engine.pipeline import run_pipeline  # noqa: E402
+from dpa.engine.stage_config import STAGES  # noqa: E402
+from dpa.engine.summary import format_summary  # noqa: E402
+from dpa.errors import ConfigError  # noqa: E402
 from dpa.errors import disk_full  # noqa: E402
 from dpa.engine.staleness import StaleStagesError  # noqa: E402
 from dpa.engine.workdir import WorkDirError  # noqa: E402

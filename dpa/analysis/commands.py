@@ -13,7 +13,8 @@ from dpa.analysis.relevance import (analysis_rows, summary, token_records, write
                                     write_jsonl)
 from dpa.engine.config_file import load_config
 from dpa.engine.paths import fill_path_variables
-from dpa.engine.pipeline import prepare_synthetic_data, stage_dataset_config
+from dpa.engine.pipeline import prepare_synthetic_data
+from dpa.engine.stage_config import stage_dataset_config
 from dpa.engine.standin import make_tiny
 from dpa.models.losses import DEFAULT_CLAMP, VisualRelevanceLoss
 from dpa.registry import DATASETS

@@ -60,7 +60,7 @@ def verdict(low_share: float, nll: float, vocab_size: int) -> str:
 
 def source_datasets(cfg) -> Dict[str, object]:
     """Stage 1's dataset of each caption source (caption text, no image)."""
-    from dpa.engine.pipeline import stage_dataset_config
+    from dpa.engine.stage_config import stage_dataset_config
     base = stage_dataset_config(cfg, 'proxy')
     datasets = {}
     for name, source in data_sources(cfg[cfg.proxy.data]).items():

@@ -44,8 +44,9 @@ from torch.utils.data import DataLoader, SequentialSampler
 
 from dpa.datasets.mixture import data_sources
 from dpa.datasets.synthetic import make_synthetic_data
-from dpa.engine.pipeline import (STAGES, prepare_synthetic_data, resolve_config,
-                                 stage_collate_config, stage_dataset_config)
+from dpa.engine.pipeline import prepare_synthetic_data
+from dpa.engine.preflight import resolve_config
+from dpa.engine.stage_config import STAGES, stage_collate_config, stage_dataset_config
 from dpa.registry import DATASETS, FUNCTIONS
 
 # Parameters of the checkpoints the model bases name (their model cards), by the

@@ -23,12 +23,15 @@ distributed run and every resumed run see the same epoch; the order within the
 epoch is the sampler's shuffle.
 """
 import hashlib
-from typing import Dict, List
+import os.path as osp
+from typing import Dict, List, Sequence
 
 import numpy as np
 from mmengine.logging import print_log
 from torch.utils.data import Dataset
 
+from dpa.datasets.llava import read_rows
+from dpa.errors import ConfigError
 from dpa.registry import DATASETS
 
 SOURCE_KEYS = ('data_files', 'image_folder', 'ratio')
@@ -130,3 +133,54 @@ class LLaVAMixture(Dataset):
     def prepare_data(self, idx: int) -> dict:
         dataset, row = self._locate(idx)
         return dataset.prepare_data(row)
+
+
+def source_name(data_key: str, name: str) -> str:
+    """How messages name a dataset or one source of a mixture."""
+    return data_key if name == 'data' else f'{data_key}.sources.{name}'
+
+
+def as_list(files) -> list:
+    return [files] if isinstance(files, str) else list(files)
+
+
+def check_data_sources(cfg, data_keys: Sequence[str]) -> None:
+    """The datasets ``data_keys`` of the config exist and name files and image
+    folders that exist (files may be left out with ``synthetic_data``)."""
+    for data_key in data_keys:
+        data = cfg.get(data_key)
+        if data is None:
+            raise ConfigError(f'a stage reads `{data_key}` but the config does not define it')
+        for name, source in data_sources(data).items():
+            where = source_name(data_key, name)
+            files = source.data_files
+            files = [files] if isinstance(files, str) else files
+            if not files and not cfg.get('synthetic_data'):
+                raise ConfigError(f'{where}.data_files is empty: name the json/jsonl files')
+            for path in files:
+                if not osp.isfile(path):
+                    raise ConfigError(f'{where}.data_files: {path!r} does not exist')
+            folder = source.get('image_folder')
+            if folder and not osp.isdir(folder):
+                raise ConfigError(f'{where}.image_folder: {folder!r} is not a directory')
+
+
+def check_data_files(cfg, data_keys: Sequence[str]) -> None:
+    """Every data file of the datasets ``data_keys`` parses and holds rows,
+    checked before any model loads (a stage would otherwise fail only when it
+    starts, after the stages before it have trained). Bad rows are left to
+    training."""
+    for data_key in data_keys:
+        for name, source in data_sources(cfg[data_key]).items():
+            where = source_name(data_key, name)
+            for path in as_list(source.data_files):
+                problems = []
+                try:
+                    rows = read_rows(path, problems)
+                except (OSError, ValueError) as err:
+                    raise ConfigError(f'{where}.data_files: {err}') from None
+                if not rows:
+                    invalid = f' ({len(problems)} invalid json lines)' if problems else ''
+                    raise ConfigError(f'{where}.data_files: {path} holds no rows{invalid}; a '
+                                      'LLaVA json file holds a list of rows, a jsonl file one '
+                                      'row a line (tools/check_data.py checks them)')

@@ -1,28 +1,27 @@
 """``tools/train.py CONFIG --dry-run``: the plan of a run, without loading a model.
 
-The config is resolved and checked as a run does it
-(:func:`dpa.engine.pipeline.resolve_config`: tiny stand-ins, path variables,
-every check that needs no model), the data files are read to count their
-rows, and each stage is described: data, batch arithmetic, iterations,
-trainable parts, loss, strategy and precision, and the artifact it writes
-with what it is made from. Nothing is written.
+The plan is the run's own (:func:`dpa.engine.preflight.plan_run`: the same
+checks, in the same order, and the same reading of the work dir), and each
+stage describes itself in it (:meth:`dpa.engine.stages.Stage.describe`); a
+training stage's lines are made here: data and row counts, batch arithmetic,
+iterations, trainable parts, loss, strategy and precision, and the artifact
+it writes with what it is made from. Nothing is written.
 """
 import math
 import os.path as osp
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from mmengine.config import Config
 
+from dpa.artifacts import stage_work_dir
 from dpa.datasets.llava import read_rows
 from dpa.datasets.mixture import data_sources
-from dpa.artifacts import read_manifest
-from dpa.errors import ConfigError
-from dpa.engine.pipeline import (ARTIFACTS, TRAINABLE, check_data_files, dependencies, evaluates,
-                                 gradient_accumulation, launched_processes, resolve_config,
-                                 stage_work_dir)
+from dpa.engine.preflight import STALE, StagePlan, plan_run
 from dpa.engine.schedule import warmup_problem
-from dpa.engine.staleness import stale_stages
-from dpa.evaluation.stage import EVAL_STAGE
+from dpa.engine.stage_config import (ARTIFACTS, dependencies, gradient_accumulation,
+                                     launched_processes, stage_trainable)
+from dpa.engine.stages import build_stage
+from dpa.errors import ConfigError
 from dpa.models.export import planned_export_blocker
 
 SYNTHETIC_ROWS = {'caption_data': 'num_captions', 'instruct_data': 'num_instructions'}
@@ -85,19 +84,16 @@ def _strategy(cfg: Config) -> str:
     return f'DDP on {processes} processes' if processes > 1 else 'one process'
 
 
-def stage_plan(cfg: Config, stage: str, stages: List[str],
-               stale: Optional[Dict[str, str]] = None) -> List[str]:
-    """The plan of one training stage, as lines (``stale``: the stale
-    stages, see :mod:`dpa.engine.staleness`)."""
-    stale = stale or {}
+def training_stage_lines(cfg: Config, step: StagePlan) -> List[str]:
+    """A training stage's lines of the plan (``step``: its plan)."""
+    stage = step.name
     recipe = cfg[stage]
-    lines = [f'[{stage}]']
-    status = read_manifest(stage_work_dir(cfg, stage), stage)
-    if stage in stale:
-        lines.append(f'  finished but stale ({stale[stage]}): refused, or trained again with '
+    lines = []
+    if step.state == STALE:
+        lines.append(f'  finished but stale ({step.reason}): refused, or trained again with '
                      '--rerun-stale')
-    elif status is not None:
-        lines.append(f'  already finished in {stage_work_dir(cfg, stage)}: skipped')
+    elif not step.runs:
+        lines.append(f'  already finished in {step.work_dir}: skipped')
     data_lines, samples = _data_lines(cfg, recipe.data)
     lines += [f'  data: {line}' for line in data_lines]
     processes = launched_processes(cfg)
@@ -117,7 +113,7 @@ def stage_plan(cfg: Config, stage: str, stages: List[str],
         if problem:
             lines.append(f'  warning: {problem}')
     lora = recipe.get('lora') or {}
-    lines.append(f"  trainable: {', '.join(recipe.get('trainable', TRAINABLE[stage]))}"
+    lines.append(f"  trainable: {', '.join(stage_trainable(cfg, stage))}"
                  + (f" (LoRA r={lora.get('r')}, alpha={lora.get('lora_alpha')})"
                     if stage == 'proxy' else ''))
     loss = dict(recipe.get('loss', {}))
@@ -136,7 +132,7 @@ def stage_plan(cfg: Config, stage: str, stages: List[str],
     for role, previous in dependencies(cfg, stage).items():
         made_from.append(f'{role} of stage {previous} '
                          f'({osp.join(stage_work_dir(cfg, previous), previous, "artifact")})')
-    if status is None or stage in stale:
+    if step.runs:
         artifact = ARTIFACTS[stage]
         written = _final_model_format(cfg) if artifact == 'model' else ARTIFACT_FORMATS[artifact]
         lines.append(f'  writes: {written} in {osp.join(cfg.work_dir, stage, "artifact")}')
@@ -152,18 +148,10 @@ def dry_run(cfg: Config, stage: Optional[str] = None) -> str:
         cfg: a pipeline config with its ``work_dir`` set.
         stage: plan this training stage only, as ``--stage`` runs it.
     """
-    cfg, stages = resolve_config(cfg, stage)
-    stale = stale_stages(cfg, stages, dependencies)
-    # The data of every stage that would train (stale ones with --rerun-stale).
-    check_data_files(cfg, [s for s in stages if s in stale
-                           or read_manifest(stage_work_dir(cfg, s), s) is None])
-    lines = [f"Plan of {len(stages)} stage(s) in {cfg.work_dir} (dry run: no model loaded)"]
-    for name in stages:
-        lines += stage_plan(cfg, name, stages, stale)
-    if evaluates(cfg, stage):
-        spec = cfg[EVAL_STAGE]
-        data = spec.get('data') or 'the synthetic evaluation split'
-        lines.append(f'[{EVAL_STAGE}]')
-        lines.append(f'  scores the final model on {data}; writes metrics in '
-                     f'{osp.join(cfg.work_dir, EVAL_STAGE, "artifact")}')
+    plan = plan_run(cfg, stage)
+    lines = [f"Plan of {len(plan.stages)} stage(s) in {plan.cfg.work_dir} "
+             "(dry run: no model loaded)"]
+    for step in plan.stages:
+        lines.append(f'[{step.name}]')
+        lines += build_stage(step.name).describe(plan.cfg, step)
     return '\n'.join(lines)

@@ -5,6 +5,8 @@ from dpa.evaluation.data import EvalDataError, normalize_answer, read_eval_rows
 from dpa.evaluation.evaluator import (BadRowsError, compute_metrics, evaluate, format_table,
                                       predict)
 from dpa.evaluation.models import ModelLoadError, load_eval_model
+from dpa.evaluation.stage import EvalStage
 
-__all__ = ['BadRowsError', 'EvalDataError', 'ModelLoadError', 'compute_metrics', 'evaluate',
-           'format_table', 'load_eval_model', 'normalize_answer', 'predict', 'read_eval_rows']
+__all__ = ['BadRowsError', 'EvalDataError', 'EvalStage', 'ModelLoadError', 'compute_metrics',
+           'evaluate', 'format_table', 'load_eval_model', 'normalize_answer', 'predict',
+           'read_eval_rows']

@@ -33,7 +33,6 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from mmengine.logging import print_log
 from PIL import Image
 
-import dpa  # noqa: F401  (registers the project's models)
 from dpa.evaluation.evaluator import (MAX_NEW_TOKENS, generate_answers, option_ids,
                                       score_continuations)
 from dpa.evaluation.models import default_device, load_eval_model

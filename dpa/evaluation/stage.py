@@ -6,7 +6,9 @@ evaluation file, its metrics in the stage's manifest and the run summary.
 
 With ``synthetic_data`` and no ``eval.data``, the synthetic held-out split is
 used. Like a training stage it is skipped on re-run, unless the final model
-was re-trained since it was scored.
+was re-trained since it was scored. The stage is registered in
+:data:`dpa.registry.PIPELINE_STAGES` (:class:`EvalStage`): the engine runs it
+by name.
 """
 import json
 import os.path as osp
@@ -14,14 +16,17 @@ from typing import List, Optional
 
 from mmengine.dist import barrier, is_main_process
 
-from dpa.datasets.llava import read_rows
 from dpa.artifacts import read_manifest, write_artifact_dir, write_manifest
-from dpa.errors import ConfigError
+from dpa.datasets.llava import read_rows
+from dpa.engine.console import stage_console
 from dpa.engine.interrupts import TrainingInterrupted, requested_signal
+from dpa.engine.stages import Stage
+from dpa.errors import ConfigError
 from dpa.evaluation.data import EvalDataError
 from dpa.evaluation.evaluator import METRICS_FILE, BadRowsError, EvaluationInterrupted, evaluate
 from dpa.evaluation.models import ModelLoadError, check_device
 from dpa.models.export import NATIVE_CONFIG
+from dpa.registry import PIPELINE_STAGES
 
 EVAL_STAGE = 'eval'
 FINAL_STAGE = 'finetune'
@@ -154,3 +159,28 @@ def eval_summary_lines(manifest: dict) -> List[str]:
     if m.get('chance') is not None:
         accuracy += f" (chance {_percent(m['chance'])})"
     return lines + [accuracy]
+
+
+@PIPELINE_STAGES.register_module(name=EVAL_STAGE)
+class EvalStage(Stage):
+    """The pipeline's ``eval`` stage (see the module's docstring)."""
+
+    def check(self, cfg, training_stages: List[str]) -> None:
+        check_eval_config(cfg, training_stages)
+
+    def use_synthetic_data(self, cfg, paths: dict) -> None:
+        point_at_synthetic_split(cfg, paths)
+
+    def describe(self, cfg, step) -> List[str]:
+        data = cfg[EVAL_STAGE].get('data') or 'the synthetic evaluation split'
+        return [f'  scores the final model on {data}; writes metrics in '
+                f'{osp.join(cfg.work_dir, EVAL_STAGE, "artifact")}']
+
+    def run(self, cfg, step, options) -> dict:
+        if requested_signal():
+            raise TrainingInterrupted(EVAL_STAGE, requested_signal(), 0, None)
+        with stage_console(options.verbose):
+            return run_eval_stage(cfg)
+
+    def summary_lines(self, manifest: dict) -> List[str]:
+        return eval_summary_lines(manifest)

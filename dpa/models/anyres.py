@@ -25,6 +25,8 @@ from transformers.models.llava_next.modeling_llava_next import (get_anyres_image
                                                                 unpad_image)
 from transformers.utils import is_torchvision_available
 
+from dpa.errors import ConfigError
+
 ANYRES_KEYS = ('grid_pinpoints', 'grid_shapes', 'max_tiles')
 # The image processor settings LlavaNextImageProcessor shares with CLIP's and SigLIP's.
 SHARED_PROCESSOR_KEYS = ('do_convert_rgb', 'do_resize', 'size', 'resample', 'do_center_crop',
@@ -210,3 +212,23 @@ def add_image_newline(projector: nn.Module, llm_dim: int) -> None:
     the projector (stage 2), is saved in its artifact and loaded with it into
     stage 3 and the final model."""
     projector.register_parameter('image_newline', new_image_newline(llm_dim))
+
+
+def check_anyres_config(anyres: dict, vision_tower: dict, stage: str, pads_images: bool) -> None:
+    """A config's ``anyres`` for one image stage, checked before any model loads.
+
+    Args:
+        anyres / vision_tower: the config's sections.
+        stage: the stage, named in the message.
+        pads_images: whether the stage pads images to a square.
+
+    Raises:
+        ConfigError: naming the key to change.
+    """
+    if pads_images:
+        raise ConfigError(f'{stage}: anyres resizes and pads images to its grid itself; set '
+                          f'pad_to_square=False and leave {stage}.image_mode out')
+    try:
+        AnyRes(**anyres_settings(anyres, vision_tower))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None

@@ -14,6 +14,7 @@ from mmengine.registry import Registry
 from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM,
                           AutoTokenizer, TokenizersBackend)
 
+from dpa.errors import ConfigError
 from dpa.models.attention import resolve_attn_implementation
 from dpa.models.checkpoint_code import checkpoint_code_class
 from dpa.models.gguf import gguf_checkpoint, gguf_config, gguf_path
@@ -233,3 +234,26 @@ def HFImageProcessor(pretrained: Optional[str] = None,
         return AutoImageProcessor.from_pretrained(pretrained)
     config = dict(config)
     return getattr(transformers, config.pop('image_processor_type'))(**config)
+
+
+CHECKPOINT_PARTS = ('llm', 'tokenizer', 'vision_tower', 'image_processor')
+
+
+def check_checkpoint_paths(cfg) -> None:
+    """Every ``pretrained`` of the config's model parts is a local checkpoint
+    directory or GGUF file (nothing is downloaded); checked before any model loads.
+
+    Raises:
+        ConfigError: naming the part and the path.
+    """
+    for key in CHECKPOINT_PARTS:
+        part = cfg.get(key) or {}
+        gguf = gguf_path(part.get('pretrained'), part.get('gguf_file'))
+        if gguf is not None:
+            if not osp.isfile(gguf):
+                raise ConfigError(f'{key}: the GGUF checkpoint {gguf!r} does not exist')
+            continue
+        path = part.get('pretrained')
+        if path is not None and not osp.isdir(path):
+            raise ConfigError(f'{key}.pretrained={path!r} is not a directory; point it at a local '
+                              'checkpoint directory or GGUF file (nothing is downloaded)')

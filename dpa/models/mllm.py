@@ -9,7 +9,8 @@ from mmengine.model import BaseModel
 from safetensors.torch import load_file
 
 from dpa.models.anyres import AnyRes, add_image_newline
-from dpa.models.builders import IMAGE_TOKEN, PROCESSORS
+from dpa.errors import ConfigError
+from dpa.models.builders import IMAGE_TOKEN, PROCESSORS, llm_config
 from dpa.models.chunked_loss import SplitCausalLM, check_chunk_size
 from dpa.models.losses import target_scores
 from dpa.models.token_classes import content_token_mask
@@ -342,3 +343,26 @@ class LlavaDPAModel(BaseModel):
         if self.split_llm is None:
             return self.llm.get_output_embeddings().out_features
         return self.llm.config.get_text_config().hidden_size
+
+
+def check_reference_scope(text_pass: str, loss: dict, stage: str) -> None:
+    """The reference's loss scope needs the masked no-image pass (config check)."""
+    if loss.get('scope') == 'reference' and text_pass != 'masked':
+        raise ConfigError(f'{stage}.{REFERENCE_NEEDS_MASKED}')
+
+
+def check_sliding_window(llm: dict, text_pass: str, max_length: int, stage: str) -> None:
+    """The removed no-image pass shifts later tokens closer to earlier ones in
+    sequence order, which is what a sliding window (Gemma-2, Mistral) counts:
+    it equals the reference's masked pass only while samples fit the window
+    (config check: the LLM's config is read, no weights)."""
+    if text_pass != 'removed':
+        return
+    text_cfg = llm_config(llm).get_text_config()
+    window = getattr(text_cfg, 'sliding_window', None)
+    if window and 'sliding_attention' in (getattr(text_cfg, 'layer_types', None) or []):
+        if max_length > window:
+            raise ConfigError(
+                f'{stage}.max_length={max_length} exceeds the LLM\'s sliding window of '
+                f"{window} tokens: the no-image pass would see other neighbours than the "
+                "image pass; lower it or set model.text_pass='masked'")

@@ -1,0 +1,276 @@
+"""Is this config runnable, and what will the run do: every check that needs
+no model, in the order a stage needs it, and the plan that both
+:func:`dpa.engine.pipeline.run_pipeline` follows and ``--dry-run`` prints.
+
+Each component keeps its own check beside its code (``check_strategy``,
+``check_lora``, ``check_anyres_config``, ``check_projector_file``,
+``check_data_sources``, the eval stage's ``check`` ...); this module calls
+them, per stage, in one order:
+
+1. :func:`resolve_config`: tiny stand-ins, path variables, the stages to
+   run (:func:`selected_stages`), then :func:`check_config`: the whole-run
+   checks, each training stage's checks, the closing stages' checks.
+2. :func:`plan_stages`: the work dir's state (finished, reused from another
+   work dir, stale, to train) and the data files of the stages that train.
+
+A run takes its work-dir lock between the two, so the state it follows is
+the state it holds the lock on.
+"""
+import os.path as osp
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+from mmengine.config import Config
+
+from dpa.artifacts import read_manifest, stage_work_dir
+from dpa.datasets.llava import CAPTION_SUFFIXES, LABEL_MODES
+from dpa.datasets.mixture import check_data_files, check_data_sources
+from dpa.engine.compile import check_compile
+from dpa.engine.distributed import check_strategy
+from dpa.engine.paths import fill_path_variables
+from dpa.engine.precision import check_precision
+from dpa.engine.stage_config import (DATA_SWITCHES, IMAGE_MODES, STAGES, dependencies,
+                                     launched_processes, part_identity, stage_pads_images,
+                                     stage_trainable)
+from dpa.engine.stages import build_stage, stage_names
+from dpa.engine.staleness import StaleStagesError, stale_stages
+from dpa.engine.standin import make_tiny
+from dpa.errors import ConfigError
+from dpa.models.anyres import check_anyres_config
+from dpa.models.builders import check_checkpoint_paths, num_image_tokens
+from dpa.models.losses import VisualRelevanceLoss
+from dpa.models.mllm import check_reference_scope, check_sliding_window
+from dpa.models.projector import check_projector_file
+from dpa.models.proxy import check_lora
+
+# What a training stage's plan says it does.
+NEW, FINISHED, REUSED, STALE = 'new', 'finished', 'reused', 'stale'
+
+
+@dataclass
+class StagePlan:
+    """One stage of a run's plan.
+
+    Attributes:
+        name: the stage.
+        trains: a training stage (``proxy``, ``align``, ``finetune``).
+        state: ``'new'`` (it runs), ``'finished'`` (skipped, its artifact
+            exists), ``'reused'`` (a finished stage of ``from_work_dir``) or
+            ``'stale'`` (finished, made from an artifact that changed since:
+            refused, or trained again with ``--rerun-stale``).
+        work_dir: where its manifest is (or will be).
+        reason: why it is stale.
+    """
+    name: str
+    trains: bool
+    state: str
+    work_dir: str
+    reason: Optional[str] = None
+
+    @property
+    def runs(self) -> bool:
+        return self.state in (NEW, STALE)
+
+
+@dataclass
+class RunPlan:
+    """What a run will do: the resolved config and its stages, in order."""
+    cfg: Config
+    stages: List[StagePlan]
+
+    @property
+    def stale(self) -> Dict[str, str]:
+        return {s.name: s.reason for s in self.stages if s.state == STALE}
+
+
+def selected_stages(cfg: Config, stage: Optional[str] = None) -> List[str]:
+    """The training stages to run; the closing stages (``eval``) the config
+    lists are checked for order here and run after them (see
+    :func:`closing_stages`)."""
+    stages = list(cfg.get('stages', STAGES))
+    known = stage_names()
+    unknown = [s for s in stages if s not in known]
+    if unknown:
+        raise ConfigError(f'stages: unknown stage(s) {unknown}; choose among {known}')
+    if stages != [s for s in known if s in stages]:
+        raise ConfigError(f'stages: {stages} is out of order; the order is {known}')
+    stages = [s for s in stages if s in STAGES]
+    if stage is None:
+        return stages
+    if stage not in stages:
+        raise ConfigError(f'--stage {stage!r} is not a stage of this config ({stages})')
+    return [stage]
+
+
+def closing_stages(cfg: Config, stage: Optional[str] = None) -> List[str]:
+    """The stages after training the config lists (``eval``); none when one
+    training stage is run on its own."""
+    if stage is not None:
+        return []
+    return [s for s in cfg.get('stages', STAGES) if s not in STAGES]
+
+
+def resolve_config(cfg: Config, stage: Optional[str] = None):
+    """``(config, training stages)`` as the run uses them (tiny stand-ins,
+    path variables filled in), after every check that needs no model."""
+    if cfg.get('tiny_standin'):
+        cfg = make_tiny(cfg)
+    fill_path_variables(cfg)
+    stages = selected_stages(cfg, stage)
+    check_config(cfg, stages)
+    for name in closing_stages(cfg, stage):
+        build_stage(name).check(cfg, stages)
+    return cfg, stages
+
+
+def check_config(cfg: Config, stages: Sequence[str]) -> None:
+    """Every mistake of the training stages ``stages`` that can be seen
+    without loading a model, with the key to fix in the message."""
+    for key in ('llm', 'tokenizer', 'work_dir'):
+        if key not in cfg:
+            raise ConfigError(f'the config has no `{key}`')
+    check_strategy(cfg)
+    check_compile(cfg)
+    _check_reused_stages(cfg, stages)
+    check_precision(cfg, {s: stage_trainable(cfg, s) for s in stages})
+    check_checkpoint_paths(cfg)
+    check_data_sources(cfg, sorted({cfg[s].data for s in stages}))
+    for stage in stages:
+        _check_training_stage(cfg, stage, stages)
+
+
+def _check_training_stage(cfg: Config, stage: str, stages: Sequence[str]) -> None:
+    recipe = cfg[stage]
+    for key in ('batch_size', 'global_batch_size', 'max_epochs', 'max_length'):
+        value = recipe.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f'{stage}.{key} must be a positive integer, got {value!r}')
+    loss = recipe.get('loss', {})
+    # Building the loss and checking LoRA is cheap and validates every key.
+    try:
+        VisualRelevanceLoss(**loss)
+        if stage == 'proxy':
+            check_lora(recipe.get('lora', {}))
+    except ValueError as err:
+        raise ConfigError(f'{stage}.{err}') from None
+    check_reference_scope(cfg.model.get('text_pass'), loss, stage)
+    _check_data_switches(cfg, stage)
+    if cfg.get('anyres') and stage != 'proxy':
+        check_anyres_config(cfg.anyres, cfg.vision_tower, stage, stage_pads_images(cfg, stage))
+    if recipe.get('pack') and stage != 'proxy':
+        raise ConfigError(f'{stage}.pack=True: packing is for the text-only proxy stage '
+                          '(images and the no-image pass need padded batches)')
+    if stage != 'proxy':
+        if cfg.get('vision_tower') is None:
+            raise ConfigError(f'stage {stage!r} needs `vision_tower`')
+        n_image = num_image_tokens(cfg.vision_tower)
+        if recipe.max_length <= n_image:
+            raise ConfigError(f'{stage}.max_length={recipe.max_length} leaves no room for text '
+                              f'after the {n_image} image tokens; raise it')
+        if loss.get('mode', 'vanilla') != 'vanilla':
+            check_sliding_window(cfg.llm, cfg.model.get('text_pass', 'removed'),
+                                 recipe.max_length, stage)
+    batch = recipe.batch_size * launched_processes(cfg)
+    if recipe.global_batch_size % batch:
+        raise ConfigError(
+            f'{stage}.global_batch_size={recipe.global_batch_size} is not a multiple of '
+            f'{stage}.batch_size x processes = {batch}; gradient accumulation needs it')
+    accumulation = recipe.global_batch_size // batch
+    if recipe.get('checkpoint_interval', 500) % accumulation:
+        raise ConfigError(
+            f"{stage}.checkpoint_interval={recipe.get('checkpoint_interval', 500)} must be a "
+            f'multiple of the {accumulation} micro-batches of an optimizer step, or a resumed '
+            'run would lose the gradients accumulated before the checkpoint')
+    _check_previous_artifacts(cfg, stage, stages)
+
+
+def _check_reused_stages(cfg: Config, stages: Sequence[str]) -> None:
+    for stage in stages:
+        source = (cfg.get(stage) or {}).get('from_work_dir')
+        if not source:
+            continue
+        manifest = read_manifest(source, stage)
+        if manifest is None:
+            raise ConfigError(f'{stage}.from_work_dir={source!r} holds no finished {stage!r} '
+                              f'stage ({osp.join(source, stage, "manifest.json")} is missing)')
+        if part_identity((manifest.get('made_from') or {}).get('llm')) != part_identity(cfg.llm):
+            raise ConfigError(f'{stage}.from_work_dir={source!r} was made from another `llm` '
+                              "than this config's: reuse a stage of the same base LLM")
+
+
+def _check_data_switches(cfg: Config, stage: str) -> None:
+    recipe = cfg[stage]
+    choices = {'caption_suffix': CAPTION_SUFFIXES, 'labels': LABEL_MODES,
+               'image_mode': (None, ) + IMAGE_MODES}
+    for key, allowed in choices.items():
+        if key not in recipe:
+            continue
+        if key not in DATA_SWITCHES[stage]:
+            raise ConfigError(f'{stage}.{key} does not apply to the {stage} stage; it is a key '
+                              f'of {[s for s, keys in DATA_SWITCHES.items() if key in keys]}')
+        if recipe[key] not in allowed:
+            raise ConfigError(f'{stage}.{key}={recipe[key]!r}: choose among {allowed}')
+    mode = recipe.get('image_mode')
+    if stage == 'finetune' and mode is not None and (mode == 'pad') != bool(
+            cfg.get('pad_to_square', False)):
+        raise ConfigError(
+            f"finetune.image_mode={mode!r} disagrees with pad_to_square="
+            f"{cfg.get('pad_to_square', False)}, which the final model's processors and the "
+            'eval stage follow: set pad_to_square to match (or leave finetune.image_mode out)')
+
+
+def _check_previous_artifacts(cfg: Config, stage: str, stages: Sequence[str]) -> None:
+    for role, previous in dependencies(cfg, stage).items():
+        manifest = read_manifest(stage_work_dir(cfg, previous), previous, verify=True)
+        if manifest is None:
+            if previous not in stages:
+                raise ConfigError(
+                    f'stage {stage!r} needs the {role} artifact of stage {previous!r}, but '
+                    f'{osp.join(cfg.work_dir, previous, "manifest.json")} does not exist: '
+                    f'run `--stage {previous}` first (same --work-dir)')
+            continue
+        made_from = manifest.get('made_from', {})
+        parts = ['llm'] + (['vision_tower'] if role == 'projector' else [])
+        for part in parts:
+            if part_identity(made_from.get(part)) != part_identity(cfg.get(part)):
+                raise ConfigError(
+                    f'stage {stage!r} would use the {role} of stage {previous!r} '
+                    f"({manifest['artifact']}), made with {part}="
+                    f'{part_identity(made_from.get(part))}, but this config has {part}='
+                    f'{part_identity(cfg.get(part))}: use the same `{part}` or another --work-dir')
+        if role == 'projector':
+            check_projector_file(osp.join(manifest['artifact'], 'projector.safetensors'),
+                                 cfg.llm, cfg.vision_tower, bool(cfg.get('anyres')))
+
+
+def plan_stages(cfg: Config, stages: Sequence[str], stage: Optional[str] = None,
+                refuse_stale: bool = True) -> RunPlan:
+    """The plan of a resolved config: each training stage's state in the work
+    dir, then the closing stages; the data files of the stages that train are
+    read (every one parses and holds rows).
+
+    Args:
+        cfg, stages: from :func:`resolve_config`.
+        stage: the one training stage run with ``--stage``.
+        refuse_stale: raise :class:`StaleStagesError` when a finished stage is
+            stale (a run without ``--rerun-stale``); else plan to train it again.
+    """
+    stale = stale_stages(cfg, stages, dependencies)
+    if stale and refuse_stale:
+        raise StaleStagesError(stale, cfg.work_dir)
+    steps = []
+    for name in stages:
+        where = stage_work_dir(cfg, name)
+        state = (STALE if name in stale else NEW if read_manifest(where, name) is None
+                 else REUSED if where != cfg.work_dir else FINISHED)
+        steps.append(StagePlan(name, True, state, where, stale.get(name)))
+    check_data_files(cfg, sorted({cfg[s.name].data for s in steps if s.runs}))
+    steps += [StagePlan(name, False, NEW, cfg.work_dir) for name in closing_stages(cfg, stage)]
+    return RunPlan(cfg, steps)
+
+
+def plan_run(cfg: Config, stage: Optional[str] = None) -> RunPlan:
+    """The plan ``--dry-run`` prints: :func:`resolve_config`, then
+    :func:`plan_stages` with stale stages planned to train again."""
+    cfg, stages = resolve_config(cfg, stage)
+    return plan_stages(cfg, stages, stage, refuse_stale=False)
