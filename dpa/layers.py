@@ -41,6 +41,7 @@ tools/draw_layers.py draws the layers and the imports between their units
 (docs/images/layers.png).
 """
 import ast
+import functools
 from collections import Counter
 from pathlib import Path
 
@@ -121,6 +122,15 @@ def _imported(node, module, is_package, modules):
     return {target for target in found if target is not None}
 
 
+@functools.lru_cache(maxsize=4096)
+def _import_statements(source):
+    """The import statements of a module's source, wherever they are (parsed
+    once per source text: the check and the picture read the tree several
+    times)."""
+    return tuple(node for node in ast.walk(ast.parse(source))
+                 if isinstance(node, (ast.Import, ast.ImportFrom)))
+
+
 def import_graph(root=None):
     """{module: {(imported module, line number)}} of the imports inside the
     package, read from the source of every module under ``root`` (default:
@@ -129,14 +139,14 @@ def import_graph(root=None):
     files = module_files(root)
     graph = {}
     for module, rel in files.items():
-        tree = ast.parse((root / rel).read_text(encoding='utf-8'), filename=str(rel))
+        try:
+            statements = _import_statements((root / rel).read_text(encoding='utf-8'))
+        except SyntaxError as error:
+            error.filename = display_path(rel)
+            raise
         is_package = rel.name == '__init__.py'
-        edges = set()
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                edges.update((target, node.lineno)
-                             for target in _imported(node, module, is_package, files))
-        graph[module] = edges
+        graph[module] = {(target, node.lineno) for node in statements
+                         for target in _imported(node, module, is_package, files)}
     return graph
 
 
@@ -161,6 +171,20 @@ def unit_name(unit):
     return unit[len(PACKAGE) + 1:] if unit.startswith(PACKAGE + '.') else unit
 
 
+def broken_rule(module, target):
+    """Why ``module`` may not import ``target`` ('a layer above', 'a peer
+    layer'), or None where it may (or where one of them is in no layer: that
+    is reported of the module itself). Units stand for their modules."""
+    source, placed = layer_of(module), layer_of(target)
+    if source is None or placed is None or source[1] == placed[1]:
+        return None
+    if placed[0] > source[0]:
+        return 'a layer above'
+    if placed[0] == source[0] and LAYERS[source[0]][0] not in OPEN_LEVELS:
+        return 'a peer layer'
+    return None
+
+
 def upward_imports(root=None):
     """The violations of the layers, one readable line each, by file and
     line: imports of a layer above or of a peer unit, and modules in no
@@ -175,21 +199,13 @@ def upward_imports(root=None):
             problems.append((files[module], 0, f'{display_path(files[module])}:1 {module} is in '
                              f'no layer (place it in LAYERS, dpa/layers.py)'))
             continue
-        level, unit = source
         for target, lineno in sorted(graph[module]):
-            placed = layer_of(target)
-            if placed is None or placed[1] == unit:
-                continue  # reported as unplaced / within one unit
-            target_level, target_unit = placed
-            if target_level > level:
-                why = 'a layer above'
-            elif target_level == level and LAYERS[level][0] not in OPEN_LEVELS:
-                why = 'a peer layer'
-            else:
-                continue
-            problems.append((files[module], lineno,
-                             f'{display_path(files[module])}:{lineno} imports {target} '
-                             f'({unit_name(unit)} -> {unit_name(target_unit)}: {why})'))
+            why = broken_rule(module, target)
+            if why is not None:
+                problems.append((files[module], lineno,
+                                 f'{display_path(files[module])}:{lineno} imports {target} '
+                                 f'({unit_name(source[1])} -> {unit_name(layer_of(target)[1])}: '
+                                 f'{why})'))
     return [line for _, _, line in sorted(problems)]
 
 

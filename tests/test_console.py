@@ -28,7 +28,9 @@ from dpa.engine import curves
 from dpa.engine.curves import CURVES_FILE, plot_curves, read_scalar_log
 from dpa.engine.dry_run import dry_run
 from dpa.errors import ConfigError
+from dpa.engine import pipeline
 from dpa.engine.pipeline import run_pipeline
+from dpa.engine.preflight import plan_run
 from dpa.engine.standin import TINY_BATCH, TINY_DATA
 from dpa.registry import HOOKS
 
@@ -324,10 +326,40 @@ def test_train_cli_dry_run(tmp_path, capsys, no_model_loads):
     main = runpy.run_path(osp.join(REPO, 'tools', 'train.py'))['main']
     main([TINY, '--dry-run', '--work-dir', str(tmp_path)])
     out = capsys.readouterr().out
-    assert out.startswith('Plan of 3 stage(s)') and '[eval]' in out
+    # The count is of every stage the plan lists, the closing eval stage too.
+    assert out.startswith('Plan of 4 stage(s)') and out.count('\n[') == 4 and '[eval]' in out
     assert 'warning' not in out  # the tiny default's stages leave their warm-up
     with pytest.raises(SystemExit, match='config error: .*is not a directory'):
         main([osp.join(REPO, 'configs', 'dpa_qwen2_5_7b.py'), '--dry-run'])
+
+
+def test_the_run_follows_the_plan_the_dry_run_prints(finished, data_root, monkeypatch):
+    """One source: the dry run prints ``plan_run``'s plan, and ``run_pipeline``
+    runs exactly the stages of the plan it makes with the same function, in
+    the same states (here all finished, so nothing trains)."""
+    work_dir, _ = finished
+    planned = plan_run(tiny_config(work_dir, data_root))
+    text = dry_run(tiny_config(work_dir, data_root))
+    assert [line[1:-1] for line in text.splitlines() if line.startswith('[')] == \
+        [s.name for s in planned.stages] == ['proxy', 'align', 'finetune', 'eval']
+    assert text.startswith(f'Plan of {len(planned.stages)} stage(s)')
+    followed = []
+
+    def recorded(*args, **kwargs):
+        followed.append(real_plan_stages(*args, **kwargs))
+        return followed[-1]
+
+    real_plan_stages = pipeline.plan_stages
+    monkeypatch.setattr(pipeline, 'plan_stages', recorded)
+    manifests = run_pipeline(tiny_config(work_dir, data_root))
+    assert [(s.name, s.state) for s in followed[0].stages] == \
+        [(s.name, s.state) for s in planned.stages]
+    assert [s.state for s in planned.stages[:3]] == ['finished'] * 3
+    assert [m['stage'] for m in manifests] == [s.name for s in planned.stages]
+    assert all(m['skipped'] for m in manifests)
+    # One training stage with --stage: a plan of that stage alone, no eval.
+    assert [s.name for s in plan_run(tiny_config(work_dir, data_root), 'align').stages] == \
+        ['align']
 
 
 def test_tensorboard_is_one_uncommented_line(tmp_path):

@@ -59,6 +59,12 @@ def test_layers_data():
     assert layers.layer_of('dpa.benchmark.cli') == (5, 'dpa.benchmark')
     assert layers.layer_of('dpa.newthing') is None
     assert layers.layer_of('dpa.errors_extra') is None
+    assert layers.broken_rule('dpa.models.mllm', 'dpa.engine') == 'a layer above'
+    assert layers.broken_rule('dpa.analysis', 'dpa.benchmark.cli') == 'a peer layer'
+    assert layers.broken_rule('dpa.registry', 'dpa.errors') is None  # base: open
+    assert layers.broken_rule('dpa.engine.x', 'dpa.models.y') is None
+    assert layers.broken_rule('dpa.engine.x', 'dpa.engine') is None  # own unit
+    assert layers.broken_rule('dpa.evaluation.x', 'dpa') == 'a layer above'
 
 
 def test_the_check_imports_nothing_of_dpa():

@@ -13,6 +13,7 @@ import argparse
 import importlib.util
 import os
 import os.path as osp
+import textwrap
 
 import matplotlib
 
@@ -25,13 +26,18 @@ REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DEFAULT_OUT = osp.join('docs', 'images', 'layers.png')
 
 # Layout, in data units (1 unit = 1 inch at the aspect kept equal).
-WIDTH = 10.0        # of the rows
-ROW_STEP = 1.25     # between the rows' centres
-BOX_HEIGHT = 0.5
-BOX_WIDTH = 1.7     # at most; narrower when a row is full
-SHIFT = 1.6         # single-box rows alternate left and right of the centre by this
-RAD = 0.12          # curvature of the arrows (A->B and B->A bend apart)
-LABEL_AT = 0.4      # where on an arrow (0 = importing unit, 1 = imported) its count sits
+WIDTH = 8.2         # of the rows
+MARGIN = 1.6        # on the left, for the layers' names
+ROW_STEP = 1.05     # between the rows' centres
+BOX_HEIGHT = 0.46
+BOX_WIDTH = 1.5     # at most; narrower when a row is full
+SHIFT = 1.8         # single-box rows alternate left and right of the centre by this
+RADS = (0.1, -0.1, 0.2, -0.2, 0.3, -0.3, 0.4, -0.4, 0.5, -0.5)
+# ^ curvatures (matplotlib's arc3) tried in turn for an arrow: the first of
+#   those crossing the fewest boxes (A->B and B->A bend apart)
+LABEL_AT = (0.5, 0.4, 0.6, 0.3, 0.7, 0.25, 0.75)
+# ^ where on an arrow (0: the importing unit) its count may sit, tried in turn:
+#   the first clear of the boxes and of the counts already placed
 DPI = 100
 
 
@@ -54,21 +60,20 @@ def positions(layers):
             # does not run through the boxes between (the top one centred).
             x = WIDTH / 2 if level == top else WIDTH / 2 + (SHIFT if level % 2 else -SHIFT)
             centres[units[0]] = (x, y)
-        else:
+        elif level == 0:
             for i, unit in enumerate(units):
                 centres[unit] = (WIDTH * (i + 0.5) / len(units), y)
+        else:
+            # Out to the sides, clear of the single boxes' column.
+            w = box_width(layers, units[0])
+            for i, unit in enumerate(units):
+                centres[unit] = (w / 2 + 0.05 + i * (WIDTH - w - 0.1) / (len(units) - 1), y)
     return centres
 
 
 def box_width(layers, unit):
     count = next(len(units) for _, units in layers.LAYERS if unit in units)
     return min(BOX_WIDTH, WIDTH / count - 0.3)
-
-
-def against_layers(layers, source, target):
-    (level, _), (target_level, _) = layers.layer_of(source), layers.layer_of(target)
-    return target_level > level or (target_level == level
-                                    and layers.LAYERS[level][0] not in layers.OPEN_LEVELS)
 
 
 def on_arc(start, end, rad, t):
@@ -79,26 +84,58 @@ def on_arc(start, end, rad, t):
     return a * x1 + b * cx + c * x2, a * y1 + b * cy + c * y2
 
 
+def rect(layers, centres, unit, pad=0.0):
+    x, y = centres[unit]
+    w = box_width(layers, unit)
+    return x - w / 2 - pad, y - BOX_HEIGHT / 2 - pad, x + w / 2 + pad, y + BOX_HEIGHT / 2 + pad
+
+
+def inside(point, rectangle):
+    x0, y0, x1, y1 = rectangle
+    return x0 <= point[0] <= x1 and y0 <= point[1] <= y1
+
+
+def route(start, end, obstacles):
+    """The first curvature of RADS whose arc from start to end crosses the
+    fewest obstacle rectangles (sampled)."""
+    def hits(rad):
+        points = [on_arc(start, end, rad, i / 40) for i in range(1, 40)]
+        return sum(any(inside(point, r) for point in points) for r in obstacles)
+    return min(RADS, key=lambda rad: (hits(rad), RADS.index(rad)))
+
+
+def label_spot(start, end, rad, obstacles, taken):
+    """The first place of LABEL_AT on the arc clear of the obstacles and of
+    the labels taken (else the middle)."""
+    for t in LABEL_AT:
+        x, y = on_arc(start, end, rad, t)
+        if not any(inside((x, y), r) for r in obstacles) and all(
+                abs(x - u) > 0.22 or abs(y - v) > 0.16 for u, v in taken):
+            return x, y
+    return on_arc(start, end, rad, 0.5)
+
+
 def draw(root=None, out=DEFAULT_OUT):
     layers = load_layers()
     modules = layers.unit_modules(root)
     edges = layers.layer_edges(root)
     centres = positions(layers)
-    margin_left, top = 2.3, (len(layers.LAYERS) - 1) * ROW_STEP
-    fig = plt.figure(figsize=(WIDTH + margin_left + 0.2, top + 1.9), dpi=DPI)
+    top = (len(layers.LAYERS) - 1) * ROW_STEP
+    fig = plt.figure(figsize=(WIDTH + MARGIN, top + 1.55), dpi=DPI)
     ax = fig.add_axes([0, 0, 1, 1])
-    ax.set_xlim(-margin_left, WIDTH + 0.2)
-    ax.set_ylim(-0.6, top + 1.3)
+    ax.set_xlim(-MARGIN, WIDTH)
+    ax.set_ylim(-0.45, top + 1.1)
     ax.set_aspect('equal')
     ax.axis('off')
 
     boxes = {}
     for level, (name, units) in enumerate(layers.LAYERS):
         y = level * ROW_STEP
-        ax.text(-margin_left + 0.15, y, f'{level}  {name}', ha='left', va='center', fontsize=11,
-                color='#444444', wrap=True)
-        ax.plot([-margin_left + 0.1, WIDTH + 0.1], [y - ROW_STEP / 2] * 2, color='#dddddd',
-                lw=0.8, zorder=0)
+        ax.text(-MARGIN + 0.1, y, f'{level}  ' + textwrap.fill(name, 12).replace('\n', '\n    '),
+                ha='left', va='center', fontsize=10, color='#444444')
+        if level:
+            ax.plot([-MARGIN + 0.05, WIDTH - 0.05], [y - ROW_STEP / 2] * 2, color='#dddddd',
+                    lw=0.8, zorder=0)
         for unit in units:
             x, y = centres[unit]
             w = box_width(layers, unit)
@@ -108,36 +145,40 @@ def draw(root=None, out=DEFAULT_OUT):
             ax.add_patch(box)
             boxes[unit] = box
             n = len(modules[unit])
-            ax.text(x, y + 0.07, layers.unit_name(unit), ha='center', va='center', fontsize=11,
+            ax.text(x, y + 0.07, layers.unit_name(unit), ha='center', va='center', fontsize=10,
                     weight='bold', zorder=4)
-            ax.text(x, y - 0.13, f'{n} module{"s" if n != 1 else ""}', ha='center',
-                    va='center', fontsize=8.5, color='#555555', zorder=4)
+            ax.text(x, y - 0.12, f'{n} module{"s" if n != 1 else ""}', ha='center',
+                    va='center', fontsize=8, color='#555555', zorder=4)
 
-    bad = 0
-    for (source, target), count in sorted(edges.items()):
-        wrong = against_layers(layers, source, target)
+    bad, taken = 0, []
+    rects = {unit: rect(layers, centres, unit, pad=0.06) for unit in centres}
+    for (source, target), count in sorted(edges.items(), key=lambda e: (-e[1], e[0])):
+        wrong = layers.broken_rule(source, target) is not None
         bad += wrong
         colour = '#c62828' if wrong else '#7a8699'
-        ax.annotate('', xy=centres[target], xytext=centres[source], zorder=2,
-                    arrowprops=dict(arrowstyle='-|>', color=colour, lw=2.0 if wrong else 1.0,
-                                    mutation_scale=11, shrinkA=1, shrinkB=1,
+        start, end = centres[source], centres[target]
+        rad = route(start, end, [r for unit, r in rects.items() if unit not in (source, target)])
+        ax.annotate('', xy=end, xytext=start, zorder=2.5 if wrong else 2,
+                    arrowprops=dict(arrowstyle='-|>', color=colour, lw=1.8 if wrong else 0.9,
+                                    mutation_scale=10, shrinkA=1, shrinkB=1,
                                     patchA=boxes[source], patchB=boxes[target],
-                                    connectionstyle=f'arc3,rad={RAD}'))
-        x, y = on_arc(centres[source], centres[target], RAD, LABEL_AT)
-        ax.text(x, y, str(count), ha='center', va='center', fontsize=8, color=colour, zorder=5,
-                bbox=dict(boxstyle='round,pad=0.12', facecolor='white', edgecolor=colour,
-                          lw=0.6))
+                                    connectionstyle=f'arc3,rad={rad}'))
+        x, y = label_spot(start, end, rad, list(rects.values()), taken)
+        taken.append((x, y))
+        ax.text(x, y, str(count), ha='center', va='center', fontsize=7.5, color=colour,
+                zorder=5, bbox=dict(boxstyle='round,pad=0.1', facecolor='white',
+                                    edgecolor=colour, lw=0.5))
 
-    ax.text(-margin_left + 0.15, top + 0.95, 'Layers of dpa: imports between units',
-            ha='left', va='center', fontsize=14, weight='bold')
-    ax.text(-margin_left + 0.15, top + 0.6,
-            'an arrow per unit imported from, with its number of import statements '
-            '(function-level included); dpa/layers.py', ha='left', va='center', fontsize=9,
-            color='#444444')
-    ax.legend(handles=[Line2D([], [], color='#7a8699', lw=1.0, label='downward (allowed)'),
-                       Line2D([], [], color='#c62828', lw=2.0,
+    ax.text(-MARGIN + 0.1, top + 0.82, 'Layers of dpa: imports between units',
+            ha='left', va='center', fontsize=13, weight='bold')
+    ax.text(-MARGIN + 0.1, top + 0.5,
+            'an arrow per unit imported from, with its number of import statements\n'
+            '(function-level included); the layers: dpa/layers.py', ha='left', va='center',
+            fontsize=8.5, color='#444444', linespacing=1.3)
+    ax.legend(handles=[Line2D([], [], color='#7a8699', lw=0.9, label='downward (allowed)'),
+                       Line2D([], [], color='#c62828', lw=1.8,
                               label='upward or to a peer (violation)')],
-              loc='upper right', bbox_to_anchor=(0.995, 0.995), fontsize=9, frameon=False)
+              loc='upper right', bbox_to_anchor=(0.995, 0.995), fontsize=8.5, frameon=False)
     if osp.dirname(out):
         os.makedirs(osp.dirname(out), exist_ok=True)
     fig.savefig(out, dpi=DPI)
@@ -153,6 +194,10 @@ def main(argv=None):
     units, relations, bad = draw(args.root, args.out)
     print(f'wrote {args.out}: {units} units, {relations} import relations between them, '
           f'{bad} against the layers')
+    layers = load_layers()
+    unplaced = [m for m in layers.module_files(args.root) if layers.layer_of(m) is None]
+    if unplaced:
+        print(f'not drawn, in no layer of LAYERS (dpa/layers.py): {", ".join(unplaced)}')
     return 0
 
 

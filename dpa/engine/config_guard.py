@@ -25,11 +25,11 @@ from dpa.artifacts import atomic_write, read_manifest, sha256_of, write_manifest
 from dpa.engine.checkpoint import latest_complete_checkpoint
 from dpa.errors import ConfigError
 from dpa.engine.paths import PLACEHOLDER
+from dpa.engine.stage_config import STAGES
 from dpa.engine.staleness import INPUT_CHECKSUMS
 from dpa.models.builders import PROCESSORS
 from dpa.registry import MODELS
 
-STAGE_NAMES = ('proxy', 'align', 'finetune')
 # Keys the code reads with ``cfg.get`` / ``recipe.get`` and a default, so a
 # config may lack them and a command line may add them.
 ADDABLE = (
@@ -44,7 +44,7 @@ ADDABLE = (
     '*.config.*',
     # Mixture sources and their settings.
     '*.sources.*',
-) + tuple(f'{stage}.{key}' for stage in STAGE_NAMES for key in (
+) + tuple(f'{stage}.{key}' for stage in STAGES for key in (
     'num_workers', 'group_by_modality_length', 'pack', 'trainable', 'use_proxy',
     'init_from_proxy', 'checkpoint_interval', 'caption_suffix', 'image_mode', 'labels', 'lora',
     'from_work_dir',
@@ -104,7 +104,7 @@ def _type_problem(key: str, value, default) -> Optional[str]:
     if default is None:
         return None
     if value is None:
-        if isinstance(default, (bool, int, float)) and key.split('.')[0] in STAGE_NAMES:
+        if isinstance(default, (bool, int, float)) and key.split('.')[0] in STAGES:
             return 'a number is required'
         return None
     if isinstance(default, bool):
