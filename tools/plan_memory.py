@@ -19,7 +19,7 @@ import dpa  # noqa: E402,F401
 from dpa.engine.memory_plan import GB, HEADROOM, format_plan, plan  # noqa: E402
 from dpa.engine.paths import fill_path_variables  # noqa: E402
 from dpa.engine.preflight import selected_stages  # noqa: E402
-from dpa.engine.stage_config import TRAINABLE  # noqa: E402
+from dpa.engine.stage_config import stage_trainable  # noqa: E402
 
 
 def main(argv=None):
@@ -32,8 +32,7 @@ def main(argv=None):
     cfg = Config.fromfile(args.config)
     cfg.merge_from_dict(args.cfg_options)
     fill_path_variables(cfg)
-    trainable = {stage: list(cfg[stage].get('trainable', TRAINABLE[stage]))
-                 for stage in selected_stages(cfg)}
+    trainable = {stage: stage_trainable(cfg, stage) for stage in selected_stages(cfg)}
     plans = plan(cfg, args.gpus, trainable)
     print(f'{args.config}: GB per GPU (estimate, dpa/engine/memory_plan.py)')
     print(format_plan(plans, args.gpus, args.gpu_memory))
