@@ -21,7 +21,7 @@ from mmengine.config import Config, DictAction
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import dpa  # noqa: E402,F401
 from dpa.datasets.llava import read_rows  # noqa: E402
-from dpa.datasets.mixture import data_sources  # noqa: E402
+from dpa.datasets.mixture import as_list, data_sources  # noqa: E402
 from dpa.datasets.validation import (check_dataset, check_files,  # noqa: E402
                                      tokenizer_round_trip)
 from dpa.engine.config_file import load_config  # noqa: E402
@@ -62,8 +62,7 @@ def unreadable_files(data) -> list:
     is not a json list / jsonl file."""
     problems = []
     for source in data_sources(data).values():
-        files = source.data_files
-        for path in [files] if isinstance(files, str) else files:
+        for path in as_list(source.data_files):
             try:
                 read_rows(path, [])
             except FileNotFoundError:

@@ -153,8 +153,7 @@ def check_data_sources(cfg, data_keys: Sequence[str]) -> None:
             raise ConfigError(f'a stage reads `{data_key}` but the config does not define it')
         for name, source in data_sources(data).items():
             where = source_name(data_key, name)
-            files = source.data_files
-            files = [files] if isinstance(files, str) else files
+            files = as_list(source.data_files)
             if not files and not cfg.get('synthetic_data'):
                 raise ConfigError(f'{where}.data_files is empty: name the json/jsonl files')
             for path in files:

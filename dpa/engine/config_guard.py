@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 from mmengine.dist import is_main_process
 from mmengine.logging import print_log
 
-from dpa.datasets.mixture import data_sources
+from dpa.datasets.mixture import as_list, data_sources
 from dpa.artifacts import atomic_write, read_manifest, sha256_of, write_manifest
 from dpa.engine.checkpoint import latest_complete_checkpoint
 from dpa.errors import ConfigError
@@ -213,8 +213,7 @@ def data_checksums(data) -> Dict[str, str]:
         return {}
     checksums = {}
     for source in data_sources(data).values():
-        files = source.get('data_files') or []
-        for path in [files] if isinstance(files, str) else files:
+        for path in as_list(source.get('data_files') or []):
             if osp.isfile(path):
                 checksums[path] = sha256_of(path)
     return checksums

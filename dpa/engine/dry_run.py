@@ -15,7 +15,7 @@ from mmengine.config import Config
 
 from dpa.artifacts import stage_work_dir
 from dpa.datasets.llava import read_rows
-from dpa.datasets.mixture import data_sources
+from dpa.datasets.mixture import as_list, data_sources
 from dpa.engine.preflight import STALE, StagePlan, plan_run
 from dpa.engine.schedule import warmup_problem
 from dpa.engine.stage_config import (ARTIFACTS, dependencies, gradient_accumulation,
@@ -61,9 +61,8 @@ def _data_lines(cfg: Config, data_key: str) -> Tuple[List[str], int]:
             lines.append(f'synthetic {data_key}: {rows} rows, made under {synthetic["root"]} on '
                          'first run')
         else:
-            files = source.data_files
             rows = 0
-            for path in [files] if isinstance(files, str) else list(files):
+            for path in as_list(source.data_files):
                 try:
                     count = len(read_rows(path, problems=[]))
                 except ValueError as err:

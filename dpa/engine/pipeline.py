@@ -41,7 +41,7 @@ from dpa.engine.optim import NonFiniteLossError
 from dpa.engine.preflight import StagePlan, plan_stages, resolve_config
 from dpa.engine.stage_config import (STAGES, dependencies, gradient_accumulation,
                                      launched_processes, stage_runner_config)
-from dpa.engine.stages import Stage, build_stage, stage_names
+from dpa.engine.stages import Stage, build_stage, closing_stage_names
 from dpa.engine.staleness import input_checksums, set_aside
 from dpa.engine.summary import training_summary_lines
 from dpa.engine.workdir import work_dir_lock
@@ -104,9 +104,8 @@ def prepare_synthetic_data(cfg: Config) -> None:
                           'without data_files)', logger='current')
                 continue
             source.update(data_files=[paths[files]], image_folder=paths['image_folder'])
-    for name in stage_names():
-        if name not in STAGES:
-            build_stage(name).use_synthetic_data(cfg, paths)
+    for name in closing_stage_names():
+        build_stage(name).use_synthetic_data(cfg, paths)
 
 
 @PIPELINE_STAGES.register_module(name=list(STAGES))

@@ -51,12 +51,16 @@ class Stage:
         raise NotImplementedError
 
 
+def closing_stage_names() -> List[str]:
+    """The registered stages that run after training (e.g. ``eval``), by name."""
+    PIPELINE_STAGES.import_from_location()
+    return sorted(name for name in PIPELINE_STAGES.module_dict if name not in STAGES)
+
+
 def stage_names() -> List[str]:
     """Every stage a config may list, in the order they run: the training
-    stages, then the others (e.g. ``eval``)."""
-    PIPELINE_STAGES.import_from_location()
-    others = sorted(name for name in PIPELINE_STAGES.module_dict if name not in STAGES)
-    return list(STAGES) + others
+    stages, then the closing stages."""
+    return list(STAGES) + closing_stage_names()
 
 
 def build_stage(name: str) -> Stage:
