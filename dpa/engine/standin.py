@@ -81,6 +81,7 @@ def _tiny_vision(cfg):
     if vision.get('pretrained') is not None:
         spec = _standin(cfg, 'vision_standin', 'vision_tower')
         vision.pop('pretrained')
+        vision.pop('image_size', None)  # the stand-in's pictures are TINY_VISION's
         vision.update(config={**TINY_VISION, **spec['config']}, torch_dtype='float32')
     if processor.get('pretrained') is not None:
         spec = _standin(cfg, 'vision_standin', 'image_processor')

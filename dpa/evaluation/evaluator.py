@@ -6,6 +6,12 @@ appended to the prompt's tokens; the prediction is the best option, the first
 one on ties. Open questions: greedy generation until an end-of-turn token (at
 most ``MAX_NEW_TOKENS``), correct when it equals the answer once both are
 lower-cased and stripped of surrounding whitespace and punctuation.
+
+The no-image control: the rows that show a picture are asked again without
+it (the same question, text only), and their accuracy is reported beside the
+real one (``no_image`` in ``metrics.json``, a column of the table). A model
+that reads the picture loses accuracy without it; one that answers from the
+question's wording alone keeps it.
 """
 import json
 import os
@@ -24,6 +30,7 @@ from dpa.evaluation.models import default_device, load_eval_model, load_image
 MAX_NEW_TOKENS = 64
 METRICS_FILE = 'metrics.json'
 PREDICTIONS_FILE = 'predictions.jsonl'
+NO_IMAGE_PREDICTIONS_FILE = 'predictions_no_image.jsonl'
 BAD_ROWS_FILE = 'bad_rows.jsonl'
 
 
@@ -137,10 +144,15 @@ def generate_answers(model, prompts, batch_size: int, max_new_tokens: int = MAX_
 
 
 def predict(model, rows: List[dict], batch_size: int = 8, show_progress: bool = True,
-            max_new_tokens: int = MAX_NEW_TOKENS, interrupted=None) -> List[dict]:
+            max_new_tokens: int = MAX_NEW_TOKENS, interrupted=None,
+            with_images: bool = True) -> List[dict]:
     """One prediction record per row: id, type, prediction, answer, correct,
     and ``option_scores`` for multiple choice. ``interrupted``: called before
-    each batch; a signal number it returns stops with :class:`EvaluationInterrupted`."""
+    each batch; a signal number it returns stops with :class:`EvaluationInterrupted`.
+    ``with_images=False`` asks every question without its picture."""
+    def image(row):
+        return load_image(row['image_path']) if with_images else None
+
     if batch_size < 1:
         raise ValueError(f'batch size must be at least 1, got {batch_size}')
     choice = [r for r in rows if r['options'] is not None]
@@ -149,12 +161,10 @@ def predict(model, rows: List[dict], batch_size: int = 8, show_progress: bool = 
     bar = tqdm(total=total, desc='evaluating', unit='seq',
                disable=not (show_progress and sys.stderr.isatty()))
     with bar:
-        choice_prompts = [model.prompt(r['question'], load_image(r['image_path']))
-                          for r in choice]
+        choice_prompts = [model.prompt(r['question'], image(r)) for r in choice]
         scores = score_options(model, choice_prompts, choice, batch_size, bar, interrupted)
         del choice_prompts
-        open_prompts = [model.prompt(r['question'], load_image(r['image_path']))
-                        for r in open_rows]
+        open_prompts = [model.prompt(r['question'], image(r)) for r in open_rows]
         answers = generate_answers(model, open_prompts, batch_size, max_new_tokens, bar,
                                    interrupted)
     records = {}
@@ -200,12 +210,19 @@ def _percent(value) -> str:
 
 
 def format_table(metrics: dict) -> str:
-    """A short table: rows per type and overall, accuracy and chance."""
-    lines = [f"{'':<16}{'n':>6}{'accuracy':>10}{'chance':>9}"]
+    """A short table: rows per type and overall, accuracy, chance and (when
+    measured) the accuracy of the same questions without their pictures."""
+    no_image = metrics.get('no_image')
+    lines = [f"{'':<16}{'n':>6}{'accuracy':>10}{'chance':>9}"
+             + (f"{'no image':>10}" if no_image else '')]
     groups = list(metrics.get('per_type', {}).items()) + [('all', metrics)]
     for name, m in groups:
-        lines.append(f"{name:<16}{m['n']:>6}{_percent(m['accuracy']):>10}"
-                     f"{_percent(m.get('chance')):>9}")
+        line = (f"{name:<16}{m['n']:>6}{_percent(m['accuracy']):>10}"
+                f"{_percent(m.get('chance')):>9}")
+        if no_image:
+            control = no_image if name == 'all' else no_image.get('per_type', {}).get(name, {})
+            line += f"{_percent(control.get('accuracy')):>10}"
+        lines.append(line)
     lmms = metrics.get('lmms_eval')
     if lmms:
         lines.append(f"lmms-eval model {lmms['model']}: {lmms['pretrained']}")
@@ -222,7 +239,7 @@ def format_table(metrics: dict) -> str:
 def evaluate(model_path: str, data: str, image_folder: str = '', out_dir: Optional[str] = None,
              batch_size: int = 8, device: Optional[str] = None, skip_bad_rows: bool = False,
              pad_to_square: Optional[bool] = None, show_progress: bool = True,
-             verify: bool = True, interrupted=None) -> dict:
+             verify: bool = True, interrupted=None, no_image_control: bool = True) -> dict:
     """Score the model at ``model_path`` on ``data``; write ``metrics.json``
     and ``predictions.jsonl`` (and ``bad_rows.jsonl`` when rows are bad) to
     ``out_dir``; return the metrics.
@@ -239,6 +256,8 @@ def evaluate(model_path: str, data: str, image_folder: str = '', out_dir: Option
         pad_to_square: native models: override the recorded preprocessing.
         verify: check the model's files against its manifest's sha256 first.
         interrupted: see :func:`predict`.
+        no_image_control: also ask the rows with a picture without it, and
+            report that accuracy as ``no_image`` (see the module's docstring).
 
     Raises:
         EvalDataError: the data file cannot be read or holds no rows.
@@ -262,10 +281,21 @@ def evaluate(model_path: str, data: str, image_folder: str = '', out_dir: Option
     metrics = dict(compute_metrics(predictions), skipped_rows=len(problems),
                    model=osp.abspath(model.name), model_format=model.kind,
                    data=osp.abspath(data))
+    pictured = [row for row in rows if row['image_path'] is not None]
+    control = []
+    if no_image_control and pictured:
+        control = predict(model, pictured, batch_size, show_progress, interrupted=interrupted,
+                          with_images=False)
+        metrics['no_image'] = compute_metrics(control)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        atomic_write(''.join(json.dumps(p) + '\n' for p in predictions),
-                     osp.join(out_dir, PREDICTIONS_FILE))
+        for records, name in ((predictions, PREDICTIONS_FILE),
+                              (control, NO_IMAGE_PREDICTIONS_FILE)):
+            path = osp.join(out_dir, name)
+            if records:
+                atomic_write(''.join(json.dumps(p) + '\n' for p in records), path)
+            elif osp.exists(path):  # from an earlier run
+                os.remove(path)
         write_metrics(metrics, out_dir)
     return metrics
 

@@ -136,7 +136,7 @@ def _pad_to_square(cfg, model_dir: str) -> Optional[bool]:
 
 
 def summary_metrics(metrics: dict) -> dict:
-    keys = ('accuracy', 'n', 'chance', 'per_type', 'skipped_rows')
+    keys = ('accuracy', 'n', 'chance', 'per_type', 'skipped_rows', 'no_image')
     return {k: metrics[k] for k in keys if k in metrics}
 
 
@@ -158,6 +158,8 @@ def eval_summary_lines(manifest: dict) -> List[str]:
     accuracy = f"           final model accuracy {_percent(m['accuracy'])}"
     if m.get('chance') is not None:
         accuracy += f" (chance {_percent(m['chance'])})"
+    if m.get('no_image'):
+        accuracy += f"; without the pictures {_percent(m['no_image']['accuracy'])}"
     return lines + [accuracy]
 
 

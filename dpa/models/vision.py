@@ -1,23 +1,35 @@
 """The vision tower: an HF vision model and the choice of which features feed
 the projector."""
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from dpa.models.builders import HFVisionModel
+from dpa.models.builders import HFVisionModel, has_cls_token
+from dpa.models.feature_cache import FeatureCache, module_digest
 from dpa.registry import MODELS
 
 
 @MODELS.register_module()
 class HFVisionTower(nn.Module):
-    """Patch features of an HF vision model (CLIP, SigLIP, ...).
+    """Patch features of an HF vision model (CLIP, SigLIP, DINOv2, ...).
 
     Args:
         pretrained / config / torch_dtype / init_seed: see ``HFVisionModel``.
         feature_layer: hidden-state index whose features are used (LLaVA: -2).
+            Hidden states are the layers' outputs before any final norm.
         feature_select: ``'patch'`` drops the CLS token (LLaVA's "default"
-            strategy for CLIP), ``'full'`` keeps every token (SigLIP has no CLS).
+            strategy for CLIP and DINOv2), ``'full'`` keeps every token
+            (SigLIP has no CLS).
+        image_size: the side of the pictures it is given, in pixels (the
+            image processor's crop size); None: the HF config's
+            ``image_size``. A model that interpolates its position
+            embeddings (DINOv2) takes any multiple of its patch size, so a
+            CPU run can ask for few tokens: (image_size / patch)^2.
+        feature_cache: keep each picture's features on disk while the tower
+            is frozen and reuse them (:mod:`dpa.models.feature_cache`): True
+            (under ``$DPA_FEATURE_CACHE``, else ``~/.cache/dpa/features``), a
+            folder, or False.
     """
 
     def __init__(self,
@@ -26,7 +38,9 @@ class HFVisionTower(nn.Module):
                  feature_layer: int = -2,
                  feature_select: str = 'patch',
                  torch_dtype: str = 'float32',
-                 init_seed: int = 0):
+                 init_seed: int = 0,
+                 image_size: Optional[int] = None,
+                 feature_cache: Union[bool, str] = False):
         super().__init__()
         if feature_select not in ('patch', 'full'):
             raise ValueError("vision_tower.feature_select must be 'patch' or 'full', "
@@ -34,13 +48,29 @@ class HFVisionTower(nn.Module):
         self.model = HFVisionModel(pretrained, config, torch_dtype, init_seed)
         self.feature_layer = feature_layer
         self.feature_select = feature_select
-        self.has_cls = self.model.config.model_type.startswith('clip')
+        self.has_cls = has_cls_token(self.model.config)
+        self.image_size = image_size or self.model.config.image_size
+        self.feature_cache_root = (None if feature_cache is True else feature_cache) or None
+        self.use_feature_cache = bool(feature_cache)
+        self._cache = None
 
     @property
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        frozen = not any(p.requires_grad for p in self.model.parameters())
+        if not (self.use_feature_cache and frozen):
+            return self.compute_features(pixel_values)
+        if self._cache is None:
+            # Read the weights once, when they are final (after any loading).
+            dtype = next(self.model.parameters()).dtype
+            self._cache = FeatureCache(self.feature_cache_root, module_digest(
+                self.model, self.feature_layer, self.feature_select, str(dtype)))
+        return self._cache.features(pixel_values, self.compute_features)
+
+    def compute_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The tower's features of ``pixel_values``, without the cache."""
         dtype = next(self.model.parameters()).dtype
         outputs = self.model(pixel_values.to(dtype), output_hidden_states=True)
         features = outputs.hidden_states[self.feature_layer]
