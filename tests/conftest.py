@@ -4,7 +4,18 @@ import torch
 
 import dpa  # noqa: F401
 from dpa.engine.pipeline import run_pipeline
+from dpa.models import feature_cache, onnx_vision
 from tiny import tiny_config
+
+
+@pytest.fixture(scope='session', autouse=True)
+def own_caches(tmp_path_factory):
+    """Vision features and ONNX conversions go to this session's folders, not
+    to ~/.cache: no test reads what an earlier run left there."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(feature_cache.CACHE_ENV, str(tmp_path_factory.mktemp('features')))
+        patch.setenv(onnx_vision.CACHE_ENV, str(tmp_path_factory.mktemp('onnx')))
+        yield
 
 
 @pytest.fixture(scope='session')

@@ -407,3 +407,25 @@ def test_activation_checkpointing_keeps_loss_and_gradients():
     torch.testing.assert_close(loss_ckpt, loss_plain, atol=1e-12, rtol=0)
     for name, grad in grads_plain.items():
         torch.testing.assert_close(grads_ckpt[name], grad, atol=1e-10, rtol=1e-8, msg=name)
+
+
+def test_loss_and_gradients_equal_with_and_without_the_feature_cache(tmp_path):
+    """The frozen tower's features read back from the cache give the loss and
+    projector gradients of features computed in the step (float64)."""
+    input_ids, attention_mask, pixel_values = make_batch()
+    results = []
+    for cache in (False, str(tmp_path), str(tmp_path)):  # off, filled, read back
+        model = build_model()
+        model.vision_tower.use_feature_cache = bool(cache)
+        model.vision_tower.feature_cache_root = cache or None
+        labels = supervised_labels(model, input_ids, attention_mask, pixel_values)
+        model.train()
+        loss = model(input_ids, attention_mask, labels, pixel_values)['loss']
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.projector.parameters()],
+                        model.vision_tower._cache))
+    (plain, plain_grads, _), (filled, _, writer), (read, read_grads, reader) = results
+    assert writer.misses == 2 and (reader.misses, reader.hits) == (0, 4)
+    assert torch.equal(plain, filled) and torch.equal(plain, read)
+    for a, b in zip(plain_grads, read_grads):
+        assert torch.equal(a, b)

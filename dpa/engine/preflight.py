@@ -38,6 +38,7 @@ from dpa.engine.standin import make_tiny
 from dpa.errors import ConfigError
 from dpa.models.anyres import check_anyres_config
 from dpa.models.builders import check_checkpoint_paths, num_image_tokens
+from dpa.models.vision import check_image_size
 from dpa.models.losses import VisualRelevanceLoss
 from dpa.models.mllm import check_reference_scope, check_sliding_window
 from dpa.models.projector import check_projector_file
@@ -134,6 +135,8 @@ def check_config(cfg: Config, stages: Sequence[str]) -> None:
     _check_reused_stages(cfg, stages)
     check_precision(cfg, {s: stage_trainable(cfg, s) for s in stages})
     check_checkpoint_paths(cfg)
+    if not cfg.get('anyres'):
+        check_image_size(cfg.get('vision_tower'), cfg.get('image_processor'))
     check_data_sources(cfg, sorted({cfg[s].data for s in stages}))
     for stage in stages:
         _check_training_stage(cfg, stage, stages)

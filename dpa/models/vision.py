@@ -5,6 +5,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from dpa.errors import ConfigError
 from dpa.models.builders import HFVisionModel, has_cls_token
 from dpa.models.feature_cache import FeatureCache, module_digest
 from dpa.registry import MODELS
@@ -77,3 +78,32 @@ class HFVisionTower(nn.Module):
         if self.feature_select == 'patch' and self.has_cls:
             features = features[:, 1:]
         return features
+
+
+def _processor_side(processor: dict):
+    """The side of the square pictures an image processor config makes, if it says."""
+    for key in ('crop_size', 'size'):
+        value = processor.get(key)
+        if key == 'crop_size' and not processor.get('do_center_crop', True):
+            continue
+        if isinstance(value, dict) and value.get('height') == value.get('width') is not None:
+            return value['height']
+        if isinstance(value, dict) and 'shortest_edge' in value and key == 'size' and \
+                'crop_size' not in processor:
+            return value['shortest_edge']
+    return None
+
+
+def check_image_size(vision_tower: dict, image_processor: dict) -> None:
+    """A tower given ``image_size`` is given pictures of that side by its
+    image processor (config check, nothing loaded): otherwise each picture
+    would bring another number of features than ``<image>`` tokens."""
+    size = (vision_tower or {}).get('image_size')
+    processor = (image_processor or {}).get('config')
+    if size is None or processor is None:
+        return
+    side = _processor_side(processor)
+    if side is not None and side != size:
+        raise ConfigError(f'vision_tower.image_size={size} but the image processor makes '
+                          f'{side}-pixel pictures (image_processor.config crop_size/size): set '
+                          'both to the same size')
