@@ -11,13 +11,13 @@ import os
 import os.path as osp
 import sys
 
-from mmengine.config import DictAction
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import dpa  # noqa: E402,F401
 from dpa.analysis.commands import load_run_config, resolve_config  # noqa: E402
 from dpa.analysis.prior import diagnose_prior, format_prior_table  # noqa: E402
 from dpa.artifacts import ArtifactError  # noqa: E402
+from dpa.engine.config_file import add_cfg_options  # noqa: E402
 from dpa.errors import ConfigError  # noqa: E402
 
 
@@ -29,7 +29,7 @@ def parse_args(argv=None):
     parser.add_argument('--num', type=int, default=200, help='caption rows per source')
     parser.add_argument('--out', help='write the result as JSON here '
                         '(default: <work dir>/prior_diagnostic.json)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    add_cfg_options(parser)
     args = parser.parse_args(argv)
     if args.num < 1:
         parser.error(f'--num must be at least 1, got {args.num}')

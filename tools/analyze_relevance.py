@@ -11,13 +11,13 @@ import argparse
 import os.path as osp
 import sys
 
-from mmengine.config import DictAction
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import dpa  # noqa: E402,F401
 from dpa.analysis.commands import analyze_relevance, load_run_config  # noqa: E402
 from dpa.analysis.models import MODEL_CHOICES  # noqa: E402
 from dpa.artifacts import ArtifactError  # noqa: E402
+from dpa.engine.config_file import add_cfg_options  # noqa: E402
 from dpa.errors import ConfigError  # noqa: E402
 
 
@@ -34,7 +34,7 @@ def parse_args(argv=None):
     parser.add_argument('--image-folder', help='folder of --data\'s images')
     parser.add_argument('--num', type=int, default=20, help='rows to analyse')
     parser.add_argument('--out', required=True, help='output folder')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    add_cfg_options(parser)
     args = parser.parse_args(argv)
     if args.num < 1:
         parser.error(f'--num must be at least 1, got {args.num}')

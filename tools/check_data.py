@@ -16,7 +16,7 @@ import os.path as osp
 import sys
 from collections import defaultdict
 
-from mmengine.config import Config, DictAction
+from mmengine.config import Config
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import dpa  # noqa: E402,F401
@@ -24,10 +24,10 @@ from dpa.datasets.llava import read_rows  # noqa: E402
 from dpa.datasets.mixture import as_list, data_sources  # noqa: E402
 from dpa.datasets.validation import (check_dataset, check_files,  # noqa: E402
                                      tokenizer_round_trip)
-from dpa.engine.config_file import load_config  # noqa: E402
+from dpa.engine.config_file import add_cfg_options, load_config  # noqa: E402
 from dpa.engine.config_guard import apply_cfg_options  # noqa: E402
 from dpa.engine.pipeline import prepare_synthetic_data  # noqa: E402
-from dpa.engine.preflight import selected_stages  # noqa: E402
+from dpa.engine.preflight import prepare_config  # noqa: E402
 from dpa.engine.stage_config import stage_dataset_config  # noqa: E402
 from dpa.errors import ConfigError  # noqa: E402
 from dpa.registry import DATASETS  # noqa: E402
@@ -39,15 +39,17 @@ def parse_args(argv=None):
     parser.add_argument('--image-folder', default='',
                         help='folder the rows\' image paths are relative to (file mode)')
     parser.add_argument('--report', help='write every problem here as JSON lines')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config keys (config mode)')
+    add_cfg_options(parser, help='override config keys (config mode)')
     return parser.parse_args(argv)
 
 
-def check_config_data(cfg: Config):
+def check_config_data(cfg: Config, stages):
+    """The problems of the data ``stages`` of a prepared config read
+    (:func:`dpa.engine.preflight.prepare_config`: path variables filled in,
+    tiny stand-ins made)."""
     prepare_synthetic_data(cfg)
     problems, datasets = [], []
-    for stage in selected_stages(cfg):
+    for stage in stages:
         unreadable = unreadable_files(cfg[cfg[stage].data])
         if unreadable:  # the stage's dataset cannot be built: report, go on
             problems += [dict(record, stage=stage) for record in unreadable]
@@ -100,9 +102,10 @@ def main(argv=None):
         try:
             cfg = load_config(args.inputs[0])
             apply_cfg_options(cfg, args.cfg_options)
+            cfg, stages = prepare_config(cfg)
         except ConfigError as err:
             sys.exit(f'config error: {err}')
-        problems = check_config_data(cfg)
+        problems = check_config_data(cfg, stages)
     else:
         if args.cfg_options:
             sys.exit('--cfg-options applies to a config file; data files take --image-folder')

@@ -29,7 +29,9 @@ import dpa  # noqa: E402,F401
 from dpa.evaluation import (BadRowsError, EvalDataError, ModelLoadError, evaluate,  # noqa: E402
                             format_table, read_eval_rows)
 from dpa.evaluation.evaluator import read_predictions, write_metrics  # noqa: E402
-from dpa.evaluation.lmms_eval import LMMS_EVAL_MODELS, LmmsEvalError, run_lmms_eval  # noqa: E402
+from dpa.errors import disk_full  # noqa: E402
+from dpa.evaluation.lmms_eval import (LMMS_EVAL_MODELS, LmmsEvalError,  # noqa: E402
+                                      LmmsEvalInterrupted, lmms_eval_python, run_lmms_eval)
 from dpa.evaluation.models import check_device, default_device, resolve_model_dir  # noqa: E402
 
 
@@ -75,6 +77,7 @@ def main(argv=None):
                                osp.splitext(osp.basename(args.data))[0])
     try:
         device = check_device(args.device or default_device())
+        python = lmms_eval_python(args.lmms_eval_python) if args.lmms_eval else None
         check_writable(out)
         metrics = evaluate(args.model, args.data, args.image_folder, out, args.batch_size,
                            device, args.skip_bad_rows, args.pad_to_square,
@@ -83,12 +86,19 @@ def main(argv=None):
             rows, _ = read_eval_rows(args.data, args.image_folder)
             tasks = [t for t in args.lmms_eval.split(',') if t]
             metrics['lmms_eval'] = run_lmms_eval(
-                resolve_model_dir(args.model, verify=False), tasks, rows, out,
-                args.lmms_eval_python, device, args.lmms_eval_model, read_predictions(out),
-                args.batch_size)
+                resolve_model_dir(args.model, verify=False), tasks, rows, out, python, device,
+                args.lmms_eval_model, read_predictions(out), args.batch_size)
             write_metrics(metrics, out)
+    except LmmsEvalInterrupted as err:
+        print(f'eval stopped: {err}', file=sys.stderr)
+        sys.exit(128 + err.signum)
     except (EvalDataError, BadRowsError, ModelLoadError, LmmsEvalError) as err:
         sys.exit(f'eval error: {err}')
+    except Exception as err:  # noqa: BLE001 - only a full disk is turned into a message
+        if not disk_full(err):
+            raise
+        sys.exit(f'eval error: no space left on the disk of {out} ({err}): free space or pass '
+                 '--out with a folder on another disk, then run it again')
     print(format_table(metrics))
     print(f'metrics: {osp.join(out, "metrics.json")}')
 

@@ -12,27 +12,35 @@ import argparse
 import os.path as osp
 import sys
 
-from mmengine.config import Config, DictAction
-
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import dpa  # noqa: E402,F401
+from dpa.engine.config_file import (add_cfg_options, load_config, positive_int,  # noqa: E402
+                                    positive_number)
+from dpa.engine.config_guard import apply_cfg_options  # noqa: E402
 from dpa.engine.memory_plan import GB, HEADROOM, format_plan, plan  # noqa: E402
 from dpa.engine.paths import fill_path_variables  # noqa: E402
 from dpa.engine.preflight import selected_stages  # noqa: E402
 from dpa.engine.stage_config import stage_trainable  # noqa: E402
+from dpa.errors import ConfigError  # noqa: E402
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('config')
-    parser.add_argument('--gpus', type=int, required=True, help='processes, one per GPU')
-    parser.add_argument('--gpu-memory', type=float, required=True, help='GB per GPU')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={})
+    parser.add_argument('--gpus', type=positive_int, required=True,
+                        help='processes, one per GPU')
+    parser.add_argument('--gpu-memory', type=positive_number, required=True,
+                        help='GB per GPU')
+    add_cfg_options(parser)
     args = parser.parse_args(argv)
-    cfg = Config.fromfile(args.config)
-    cfg.merge_from_dict(args.cfg_options)
-    fill_path_variables(cfg)
-    trainable = {stage: stage_trainable(cfg, stage) for stage in selected_stages(cfg)}
+    try:
+        cfg = load_config(args.config)
+        apply_cfg_options(cfg, args.cfg_options)
+        fill_path_variables(cfg)
+        stages = selected_stages(cfg)
+    except ConfigError as err:
+        sys.exit(f'config error: {err}')
+    trainable = {stage: stage_trainable(cfg, stage) for stage in stages}
     plans = plan(cfg, args.gpus, trainable)
     print(f'{args.config}: GB per GPU (estimate, dpa/engine/memory_plan.py)')
     print(format_plan(plans, args.gpus, args.gpu_memory))

@@ -13,20 +13,21 @@ command printed).
 import argparse
 import os.path as osp
 import shlex
+import signal
 import sys
 
-from mmengine.config import DictAction
 from mmengine.dist import is_main_process
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from dpa.artifacts import ArtifactError, manifest_path  # noqa: E402
 from dpa.engine.checkpoint import latest_complete_checkpoint  # noqa: E402
 from dpa.datasets.llava import AllRowsBad  # noqa: E402
-from dpa.engine.config_file import load_config  # noqa: E402
+from dpa.engine.config_file import add_cfg_options, load_config  # noqa: E402
 from dpa.engine.config_guard import apply_cfg_options  # noqa: E402
 from dpa.engine.distributed import close_process_group  # noqa: E402
 from dpa.engine.dry_run import dry_run  # noqa: E402
-from dpa.engine.hooks import TooManyBadSamples  # noqa: E402
+from dpa.engine.checkpoint import UnsafeCheckpointError  # noqa: E402
+from dpa.engine.hooks import TooManyBadSamples, TooManyNonFiniteSteps  # noqa: E402
 from dpa.engine.interrupts import TrainingInterrupted  # noqa: E402
 from dpa.engine.optim import NonFiniteLossError  # noqa: E402
 from dpa.engine.pipeline import run_pipeline  # noqa: E402
@@ -55,9 +56,7 @@ def parse_args(argv=None):
                         help='train again the finished stages made from an earlier artifact '
                         'that has changed since (their folders are moved aside); without it '
                         'such stages are refused')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config keys, e.g. align.batch_size=8 '
-                        'llm.pretrained=/ckpt/llm')
+    add_cfg_options(parser)
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
                         default='none', help='job launcher for distributed runs')
     parser.add_argument('--dry-run', action='store_true',
@@ -95,13 +94,18 @@ def main(argv=None):
         sys.exit(f'error: {err.explain(args.config)}')
     except StaleStagesError as err:
         sys.exit(f'error: {err.explain(shlex.join(["python", "tools/train.py", args.config]))}')
-    except WorkDirError as err:
+    except (WorkDirError, UnsafeCheckpointError) as err:
         sys.exit(f'error: {err}')
-    except (NonFiniteLossError, TooManyBadSamples, AllRowsBad) as err:
+    except (NonFiniteLossError, TooManyBadSamples, TooManyNonFiniteSteps, AllRowsBad) as err:
         sys.exit(f'training stopped: {err}')
     except TrainingInterrupted as err:
         print(f'{err}\nresume with:\n  {resume_command(argv, cfg.work_dir)}', file=sys.stderr)
         sys.exit(128 + err.signum)
+    except KeyboardInterrupt:  # a second Ctrl-C: at once, without a checkpoint of this step
+        print('stopped at once by a second Ctrl-C (every file written is complete; the steps '
+              f'since the last checkpoint are lost); continue with:\n  '
+              f'{restart_command(argv, cfg.work_dir)}', file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except Exception as err:  # noqa: BLE001 - only a full disk is turned into a message
         if not disk_full(err):
             raise

@@ -53,7 +53,8 @@ import sys
 import time
 
 import torch
-from mmengine.config import DictAction
+
+from dpa.engine.config_file import add_cfg_options, positive_int
 
 from .data_pipeline import data_pipeline_markdown, run_data_pipeline
 from .profile import profile_variants
@@ -63,17 +64,6 @@ from .timing import keep_freed_memory
 from .training import DEFAULT_VARIANTS, FIRST_TEXT_ID, SHAPES, VARIANTS, run_training_variants
 
 DTYPES = ('float32', 'bfloat16', 'float16', 'float64')
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'{value} is not at least 1')
-    return value
 
 
 def vocab_size(text: str) -> int:
@@ -157,7 +147,7 @@ def parse_args(argv=None):
     parser.add_argument('--real-images', action='store_true',
                         help='with tiny_standin=True: real-size JPEGs and the real '
                         "vision tower's image processor")
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={})
+    add_cfg_options(parser)
     args = parser.parse_args(argv)
     check_args(parser, args)
     args.variants = ['vanilla'] + [v for v in args.variants if v != 'vanilla']

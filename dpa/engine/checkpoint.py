@@ -4,10 +4,15 @@
   mid-write leaves a truncated ``iter_N.pth``. Here every write goes to a
   temporary file that is renamed into place, so a checkpoint under its final
   name is always complete.
-- ``torch.load`` defaults to ``weights_only=True`` on torch >= 2.6 and rejects
-  the HistoryBuffer and numpy objects mmengine stores in checkpoints. The runner
-  only loads checkpoints this project wrote into its own work directory, so
-  they are loaded in full.
+- A checkpoint is a pickle, and unpickling can run any code: a crafted
+  ``iter_N.pth`` in a work dir someone hands over (a shared cluster folder, a
+  colleague's run) would run it as whoever resumes. Checkpoints are loaded
+  with ``weights_only=True`` and an allow-list of exactly the types mmengine
+  stores beside tensors (:data:`MMENGINE_CHECKPOINT_GLOBALS`: its
+  ``HistoryBuffer``, numpy arrays and scalars); anything else is refused with
+  :class:`UnsafeCheckpointError`, naming the file. (torch >= 2.6 defaults to
+  ``weights_only=True`` and, without the allow-list, rejects every mmengine
+  checkpoint.)
 - ``torch.load`` does not check the CRCs of the zip archive it reads: a
   checkpoint with flipped bytes loads silently with wrong weights. Each
   checkpoint gets a ``.sha256`` sidecar, written after it; resume verifies it
@@ -19,13 +24,15 @@ import hashlib
 import logging
 import os
 import os.path as osp
+import pickle
 import re
 import zipfile
 from typing import Optional
 
+import numpy as np
 import torch
 from mmengine.fileio import LocalBackend, register_backend
-from mmengine.logging import print_log
+from mmengine.logging import HistoryBuffer, print_log
 from mmengine.runner import CheckpointLoader
 
 from dpa.artifacts import atomic_write, sha256_of
@@ -53,8 +60,66 @@ class AtomicLocalBackend(LocalBackend):
             os.remove(str(filepath) + CHECKSUM_SUFFIX)
 
 
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint holds an object outside :data:`MMENGINE_CHECKPOINT_GLOBALS`."""
+
+
+HISTORY_BUFFER_STATISTICS = ('min', 'max', 'current', 'mean')
+
+
+def _history_buffer_statistic(owner, name: str):
+    """The one ``getattr`` an mmengine checkpoint makes: a ``HistoryBuffer``
+    pickles its statistics methods as ``getattr(HistoryBuffer, 'mean')``.
+    Any other attribute of any other object is refused (a free ``getattr``
+    reaches the builtins module)."""
+    if owner is HistoryBuffer and name in HISTORY_BUFFER_STATISTICS + tuple(
+            HistoryBuffer._statistics_methods):
+        return getattr(HistoryBuffer, name)
+    raise pickle.UnpicklingError(f'getattr({getattr(owner, "__name__", owner)!r}, {name!r}) '
+                                 'is not a HistoryBuffer statistic')
+
+
+_NUMPY_CORE = 'numpy._core' if hasattr(np, '_core') else 'numpy.core'
+_multiarray = __import__(f'{_NUMPY_CORE}.multiarray', fromlist=['_reconstruct'])
+# What torch.serialization.get_unsafe_globals_in_checkpoint finds in the
+# checkpoints mmengine 0.10.7 writes (message hub: HistoryBuffer, numpy
+# arrays and scalars), under both numpy 1.x and 2.x names; numeric dtype
+# classes, which numpy >= 1.25 may name in a pickle.
+MMENGINE_CHECKPOINT_GLOBALS = [
+    HistoryBuffer, np.ndarray, np.dtype,
+    (_history_buffer_statistic, 'builtins.getattr'),
+    *[(_multiarray._reconstruct, f'{core}.multiarray._reconstruct')
+      for core in ('numpy._core', 'numpy.core')],
+    *[(_multiarray.scalar, f'{core}.multiarray.scalar') for core in ('numpy._core', 'numpy.core')],
+    *[getattr(np.dtypes, name) for name in dir(np.dtypes)
+      if name.endswith('DType') and name not in ('ObjectDType', 'VoidDType')],
+]
+
+
+def load_checkpoint_file(filename, map_location=None):
+    """``torch.load`` restricted to what an mmengine checkpoint holds.
+
+    Raises:
+        UnsafeCheckpointError: the file holds any other type (a pickle that
+            would run code, or objects of another program); it names the file.
+    """
+    try:
+        with torch.serialization.safe_globals(MMENGINE_CHECKPOINT_GLOBALS):
+            return torch.load(filename, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r'GLOBAL ([\w.]+)', str(err))
+        detail = re.search(r'WeightsUnpickler error:\s*(.+)', str(err))
+        what = (f'`{found.group(1)}`' if found else detail.group(1).strip() if detail
+                else str(err).splitlines()[0])
+        raise UnsafeCheckpointError(
+            f'refusing to load checkpoint {filename}: it holds {what}, which is not one of the '
+            'types an mmengine checkpoint of this project stores, and loading it could run '
+            'code. If you did not write it, delete it (and its .sha256) and resume from an '
+            'earlier checkpoint, or start the stage again without --resume') from None
+
+
 def _load_local(filename, map_location=None):
-    return torch.load(filename, map_location=map_location, weights_only=False)
+    return load_checkpoint_file(filename, map_location)
 
 
 def register_checkpoint_io():

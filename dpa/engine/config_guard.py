@@ -35,7 +35,8 @@ from dpa.registry import MODELS
 ADDABLE = (
     'tiny_standin', 'standin_data_root', 'standin_data', 'standin_data.*', 'llm_standin',
     'llm_standin.*', 'vision_standin', 'vision_standin.*', 'skip_nonfinite_steps',
-    'max_bad_fraction', 'pad_to_square', 'max_image_pixels', 'strategy', 'strategy.*',
+    'max_bad_fraction', 'max_nonfinite_fraction', 'pad_to_square', 'max_image_pixels',
+    'strategy', 'strategy.*',
     'mixed_precision', 'work_dir', 'launcher', 'seed', 'synthetic_data', 'synthetic_data.*',
     'custom_hooks', 'stages', 'trainable_dtype', 'randomness.*', 'eval', 'eval.*',
     # The GPU runtime switches (configs/_base_/runtime_gpu.py), for configs without them.

@@ -30,6 +30,15 @@ from dpa.engine.fsdp import FSDPRunner
 # Where each launcher announces the number of processes before init.
 WORLD_SIZE_VARIABLES = {'pytorch': 'WORLD_SIZE', 'slurm': 'SLURM_NTASKS',
                         'mpi': 'OMPI_COMM_WORLD_SIZE'}
+# What each launcher's process group is initialised from, and who sets it.
+LAUNCHER_VARIABLES = {
+    'pytorch': (('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'),
+                'torchrun sets them: start it with tools/dist_train.sh CONFIG GPUS'),
+    'slurm': (('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_NODELIST'),
+              'srun sets them: start it with tools/slurm_train.sh PARTITION JOB CONFIG'),
+    'mpi': (('OMPI_COMM_WORLD_RANK', 'OMPI_COMM_WORLD_SIZE', 'OMPI_COMM_WORLD_LOCAL_RANK',
+             'MASTER_ADDR'), 'mpirun (Open MPI) sets the OMPI_ ones; export MASTER_ADDR'),
+}
 STRATEGIES = ('DeepSpeedStrategy', 'FSDP2Strategy')
 FSDP2_KEYS = ('type', 'reshard_after_forward')
 PRECISIONS = (None, 'bfloat16', 'float16')
@@ -47,6 +56,26 @@ def world_size(launcher: str) -> int:
         raise ConfigError(f'launcher={launcher!r}: choose among none, '
                           f'{", ".join(WORLD_SIZE_VARIABLES)}')
     return int(os.environ.get(WORLD_SIZE_VARIABLES[launcher], 1))
+
+
+def check_launcher(launcher: str) -> None:
+    """The environment a launcher's process group is made from is there
+    (checked before a run starts, not by a dry run, which plans for any).
+
+    Raises:
+        ConfigError: naming the missing variables and the command that sets them.
+    """
+    if launcher == 'none':
+        return
+    if launcher not in LAUNCHER_VARIABLES:
+        raise ConfigError(f'launcher={launcher!r}: choose among none, '
+                          f'{", ".join(LAUNCHER_VARIABLES)}')
+    names, how = LAUNCHER_VARIABLES[launcher]
+    missing = [name for name in names if name not in os.environ]
+    if missing:
+        raise ConfigError(f'--launcher {launcher}: this process was not started by the '
+                          f'launcher (no {", ".join(missing)} in the environment); {how}, or '
+                          'leave --launcher out to train in one process')
 
 
 def check_strategy(cfg) -> None:

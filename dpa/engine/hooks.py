@@ -49,6 +49,11 @@ class TooManyBadSamples(RuntimeError):
     """The share of bad data rows passed ``max_bad_fraction``."""
 
 
+class TooManyNonFiniteSteps(RuntimeError):
+    """With ``skip_nonfinite_steps=True``, the share of skipped steps passed
+    ``max_nonfinite_fraction``: the artifact would be (nearly) untrained."""
+
+
 @HOOKS.register_module()
 class DPAHook(Hook):
     """Records a stage's losses and CMO statistics and, when training ends,
@@ -68,6 +73,10 @@ class DPAHook(Hook):
         tokenizer / image_processor: configs, for the final model's export.
         max_bad_fraction: largest tolerated share of bad rows in the dataset;
             past it the stage stops, naming the files and reasons.
+        max_nonfinite_fraction: with ``skip_nonfinite_steps=True``, largest
+            share of the stage's iterations whose non-finite loss may be
+            skipped; past it the stage stops without writing its artifact,
+            which would hand on an untrained part to the next stage.
         pad_to_square: whether the stage's images were padded to a square;
             the final model's saved image processors then pad too.
 
@@ -79,13 +88,15 @@ class DPAHook(Hook):
 
     def __init__(self, stage: str, artifact: str, work_dir: str, made_from: dict,
                  tokenizer: Optional[dict] = None, image_processor: Optional[dict] = None,
-                 max_bad_fraction: float = 0.01, pad_to_square: bool = False):
+                 max_bad_fraction: float = 0.01, pad_to_square: bool = False,
+                 max_nonfinite_fraction: float = 0.5):
         if artifact not in ARTIFACT_KINDS:
             raise ValueError(f'DPAHook.artifact must be one of {ARTIFACT_KINDS}, got {artifact!r}')
         self.stage, self.artifact, self.work_dir = stage, artifact, work_dir
         self.made_from = made_from
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.max_bad_fraction = max_bad_fraction
+        self.max_nonfinite_fraction = max_nonfinite_fraction
         self.pad_to_square = pad_to_square
         self.stats = dict(first_loss=None, last_loss=None, iterations=0,
                           sums={}, counts={})
@@ -141,6 +152,16 @@ class DPAHook(Hook):
         if skipped_steps:
             runner.message_hub.update_scalar('train/nonfinite_skipped', skipped_steps)
         self.stats['nonfinite_skipped'] = skipped_steps
+        if skipped_steps > self.max_nonfinite_fraction * runner.max_iters:
+            # Checked as it happens: the rest of the stage cannot bring the
+            # share back under the limit.
+            raise TooManyNonFiniteSteps(
+                f'[{self.stage}] {skipped_steps} of its first {runner.iter + 1} iterations had a '
+                'non-finite loss (NaN or inf) and were skipped (skip_nonfinite_steps=True): more '
+                f'than max_nonfinite_fraction={self.max_nonfinite_fraction} of the stage\'s '
+                f'{runner.max_iters}, so it stops without writing an artifact that would be '
+                'untrained. Lower the learning rate or fix the data, then run the stage again '
+                '(check the inputs with tools/check_data.py)')
         loss = float(outputs['loss'].detach())
         if self.stats['first_loss'] is None:
             self.stats['first_loss'] = loss

@@ -1,6 +1,7 @@
 """Optimizer wrappers that refuse to step on a non-finite loss: a NaN that
 reaches the weights poisons every later step, and the run looks alive."""
 import contextlib
+import math
 
 import torch
 from mmengine.dist import all_reduce, get_world_size
@@ -77,6 +78,62 @@ class GuardedAutocastOptimWrapper(NonFiniteGuard, OptimWrapper):
         device = next(model.parameters()).device.type
         with super().optim_context(model), torch.autocast(device, dtype=self.cast_dtype):
             yield
+
+
+def _number_problem(value, low=None, high=None, low_open=False, high_open=False):
+    """Why ``value`` is not a finite real number in the range, or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f'a number is required, got {value!r} ({type(value).__name__})'
+    if not math.isfinite(value):
+        return f'got {value!r}, a finite number is required'
+    if low is not None and (value <= low if low_open else value < low):
+        return f'got {value!r}, it must be {">" if low_open else ">="} {low}'
+    if high is not None and (value >= high if high_open else value > high):
+        return f'got {value!r}, it must be {"<" if high_open else "<="} {high}'
+    return None
+
+
+# The optimizer settings checked, with their range: (low, high, low_open, high_open).
+OPTIMIZER_RANGES = {'lr': (0, None, True, False), 'weight_decay': (0, None, False, False),
+                    'eps': (0, None, True, False), 'momentum': (0, 1, False, False)}
+OPTIMIZER_FIXES = {
+    'lr': 'a positive learning rate such as 2e-5',
+    'weight_decay': '0 (none) or a small positive value such as 0.01',
+    'eps': 'a small positive value such as 1e-8',
+    'momentum': 'a value in [0, 1] such as 0.9',
+    'betas': 'two values in [0, 1) such as (0.9, 0.999)',
+    'max_norm': 'a positive gradient norm such as 1.0',
+}
+
+
+def optimizer_problems(optim_wrapper: dict, prefix: str):
+    """``(key, problem, fix)`` for each numeric setting of an optimizer wrapper
+    config (``lr``, ``betas``, ``weight_decay``, ``eps``, ``momentum``,
+    ``clip_grad.max_norm``) a training step cannot use: a NaN, a negative
+    rate, a beta outside [0, 1), a string. ``prefix`` names the wrapper in
+    the keys (``align.optim_wrapper``)."""
+    optimizer = (optim_wrapper or {}).get('optimizer') or {}
+    for key, (low, high, low_open, high_open) in OPTIMIZER_RANGES.items():
+        if key in optimizer:
+            problem = _number_problem(optimizer[key], low, high, low_open, high_open)
+            if problem:
+                yield f'{prefix}.optimizer.{key}', problem, OPTIMIZER_FIXES[key]
+    if 'betas' in optimizer:
+        betas = optimizer['betas']
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+            yield (f'{prefix}.optimizer.betas', f'got {betas!r}, a pair is required',
+                   OPTIMIZER_FIXES['betas'])
+        else:
+            for beta in betas:
+                problem = _number_problem(beta, 0, 1, high_open=True)
+                if problem:
+                    yield f'{prefix}.optimizer.betas', problem, OPTIMIZER_FIXES['betas']
+                    break
+    clip = (optim_wrapper or {}).get('clip_grad') or {}
+    if 'max_norm' in clip:
+        problem = _number_problem(clip['max_norm'], 0, low_open=True)
+        if problem:
+            yield f'{prefix}.clip_grad.max_norm', problem, OPTIMIZER_FIXES['max_norm']
 
 
 GUARDED = {'OptimWrapper': 'GuardedOptimWrapper', 'AmpOptimWrapper': 'GuardedAmpOptimWrapper'}

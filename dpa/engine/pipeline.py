@@ -33,7 +33,7 @@ from dpa.engine.config_guard import prepare_stage_start, record_config_changes
 from dpa.engine.console import (ConsoleProgressHook, announce, build_with_console, log_file,
                                 stage_console, stage_start_line)
 from dpa.engine.curves import CurvesHook
-from dpa.engine.distributed import build_runner, init_cpu_process_group
+from dpa.engine.distributed import build_runner, check_launcher, init_cpu_process_group
 from dpa.engine.dry_run import training_stage_lines
 from dpa.engine.interrupts import (TrainingInterrupted, graceful_interrupts, requested_signal,
                                    stop_dataloader_workers)
@@ -74,6 +74,7 @@ def run_pipeline(cfg: Config, stage: Optional[str] = None, resume: bool = False,
     since is refused (:class:`StaleStagesError`), or with ``rerun_stale``
     moved aside and trained again (:mod:`dpa.engine.staleness`)."""
     cfg, stages = resolve_config(cfg, stage)
+    check_launcher(cfg.get('launcher', 'none'))
     init_cpu_process_group(cfg)
     prepare_synthetic_data(cfg)
     options = RunOptions(resume, allow_config_change, verbose)

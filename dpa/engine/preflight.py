@@ -7,15 +7,18 @@ Each component keeps its own check beside its code (``check_strategy``,
 ``check_data_sources``, the eval stage's ``check`` ...); this module calls
 them, per stage, in one order:
 
-1. :func:`resolve_config`: tiny stand-ins, path variables, the stages to
-   run (:func:`selected_stages`), then :func:`check_config`: the whole-run
-   checks, each training stage's checks, the closing stages' checks.
+1. :func:`resolve_config`: :func:`prepare_config` (tiny stand-ins, path
+   variables, the stages to run (:func:`selected_stages`), the synthetic
+   data's settings: what ``tools/check_data.py`` needs too), then
+   :func:`check_config`: the whole-run checks, each training stage's checks
+   (numbers of the recipe included), the closing stages' checks.
 2. :func:`plan_stages`: the work dir's state (finished, reused from another
    work dir, stale, to train) and the data files of the stages that train.
 
 A run takes its work-dir lock between the two, so the state it follows is
 the state it holds the lock on.
 """
+import inspect
 import os.path as osp
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
@@ -25,8 +28,10 @@ from mmengine.config import Config
 from dpa.artifacts import read_manifest, stage_work_dir
 from dpa.datasets.llava import CAPTION_SUFFIXES, LABEL_MODES
 from dpa.datasets.mixture import check_data_files, check_data_sources
+from dpa.datasets.synthetic import CAPTION_STYLES, make_synthetic_data
 from dpa.engine.compile import check_compile
 from dpa.engine.distributed import check_strategy
+from dpa.engine.optim import optimizer_problems
 from dpa.engine.paths import fill_path_variables
 from dpa.engine.precision import check_precision
 from dpa.engine.stage_config import (DATA_SWITCHES, IMAGE_MODES, STAGES, dependencies,
@@ -111,13 +116,43 @@ def closing_stages(cfg: Config, stage: Optional[str] = None) -> List[str]:
     return [s for s in cfg.get('stages', STAGES) if s not in STAGES]
 
 
-def resolve_config(cfg: Config, stage: Optional[str] = None):
-    """``(config, training stages)`` as the run uses them (tiny stand-ins,
-    path variables filled in), after every check that needs no model."""
+def prepare_config(cfg: Config, stage: Optional[str] = None):
+    """``(config, training stages)`` with the tiny stand-ins made and the
+    path variables filled in, the stages checked for order and the synthetic
+    data's settings checked: the config every tool reads its data paths
+    from (``tools/check_data.py`` stops here; a run goes on to
+    :func:`check_config`)."""
     if cfg.get('tiny_standin'):
         cfg = make_tiny(cfg)
     fill_path_variables(cfg)
     stages = selected_stages(cfg, stage)
+    check_synthetic_data(cfg.get('synthetic_data'))
+    return cfg, stages
+
+
+def check_synthetic_data(spec) -> None:
+    """``synthetic_data`` names settings :func:`make_synthetic_data` takes,
+    with a known caption style and positive counts."""
+    if not spec:
+        return
+    taken = inspect.signature(make_synthetic_data).parameters
+    unknown = sorted(set(spec) - set(taken))
+    if unknown:
+        raise ConfigError(f'synthetic_data: no setting(s) {unknown}; it takes {sorted(taken)}')
+    style = spec.get('caption_style', 'plain')
+    if style not in CAPTION_STYLES:
+        raise ConfigError(f'synthetic_data.caption_style={style!r}: choose one of '
+                          f'{sorted(CAPTION_STYLES)}')
+    for key in ('num_captions', 'num_instructions', 'image_size'):
+        value = spec.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f'synthetic_data.{key} must be a positive integer, got {value!r}')
+
+
+def resolve_config(cfg: Config, stage: Optional[str] = None):
+    """``(config, training stages)`` as the run uses them (tiny stand-ins,
+    path variables filled in), after every check that needs no model."""
+    cfg, stages = prepare_config(cfg, stage)
     check_config(cfg, stages)
     for name in closing_stages(cfg, stage):
         build_stage(name).check(cfg, stages)
@@ -130,6 +165,12 @@ def check_config(cfg: Config, stages: Sequence[str]) -> None:
     for key in ('llm', 'tokenizer', 'work_dir'):
         if key not in cfg:
             raise ConfigError(f'the config has no `{key}`')
+    for key, default in (('max_bad_fraction', 0.01), ('max_nonfinite_fraction', 0.5)):
+        value = cfg.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not 0 <= value <= 1:
+            raise ConfigError(f'{key}={value!r}: a share of the stage, a number in [0, 1] '
+                              f'such as {default}')
     check_strategy(cfg)
     check_compile(cfg)
     _check_reused_stages(cfg, stages)
@@ -148,6 +189,7 @@ def _check_training_stage(cfg: Config, stage: str, stages: Sequence[str]) -> Non
         value = recipe.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f'{stage}.{key} must be a positive integer, got {value!r}')
+    _check_recipe_numbers(recipe, stage)
     loss = recipe.get('loss', {})
     # Building the loss and checking LoRA is cheap and validates every key.
     try:
@@ -185,6 +227,19 @@ def _check_training_stage(cfg: Config, stage: str, stages: Sequence[str]) -> Non
             f'multiple of the {accumulation} micro-batches of an optimizer step, or a resumed '
             'run would lose the gradients accumulated before the checkpoint')
     _check_previous_artifacts(cfg, stage, stages)
+
+
+def _check_recipe_numbers(recipe, stage: str) -> None:
+    """The optimizer's numbers and the warm-up share: a NaN or negative
+    learning rate, a beta outside [0, 1), a negative weight decay pass
+    mmengine and fail (or silently diverge) in the first step."""
+    for key, problem, fix in optimizer_problems(recipe.get('optim_wrapper'),
+                                                f'{stage}.optim_wrapper'):
+        raise ConfigError(f'{key}: {problem}; set {fix} (--cfg-options {key}=...)')
+    ratio = recipe.get('warmup_ratio', 0)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+        raise ConfigError(f'{stage}.warmup_ratio={ratio!r}: the share of the steps that warm '
+                          'up, a number in [0, 1] such as 0.03')
 
 
 def _check_reused_stages(cfg: Config, stages: Sequence[str]) -> None:

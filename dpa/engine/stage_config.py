@@ -186,6 +186,7 @@ def stage_runner_config(cfg: Config, stage: str, resume: bool = False) -> Config
                            work_dir=work_dir, made_from=made_from, tokenizer=cfg.tokenizer,
                            image_processor=cfg.get('image_processor'),
                            max_bad_fraction=cfg.get('max_bad_fraction', 0.01),
+                           max_nonfinite_fraction=cfg.get('max_nonfinite_fraction', 0.5),
                            # The exported processors pad exactly when stage 3 padded.
                            pad_to_square=stage_pads_images(cfg, 'finetune')),
                       dict(type='GracefulExitHook', stage=stage, accumulation=accumulation),

@@ -32,9 +32,11 @@ import os
 import os.path as osp
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -53,6 +55,64 @@ REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 class LmmsEvalError(RuntimeError):
     """lmms-eval could not run, failed, or wrote no results for this run."""
+
+
+class LmmsEvalInterrupted(LmmsEvalError):
+    """A signal stopped the run; lmms-eval got it too and has exited."""
+
+    def __init__(self, signum: int, log: str):
+        self.signum = signum
+        super().__init__(f'lmms-eval stopped by {signal.Signals(signum).name} (it was passed on '
+                         f'to lmms-eval, which has exited; its log: {log}); no score recorded')
+
+
+def lmms_eval_python(python: Optional[str] = None) -> str:
+    """The interpreter of the lmms-eval environment: ``python``, else
+    ``$LMMS_EVAL_PYTHON``, else this one; checked before any model loads.
+
+    Raises:
+        LmmsEvalError: it is not an executable file, naming where it came from.
+    """
+    where = '--lmms-eval-python' if python else PYTHON_ENV if os.environ.get(PYTHON_ENV) \
+        else None
+    python = python or os.environ.get(PYTHON_ENV) or sys.executable
+    found = shutil.which(python) if osp.basename(python) == python else python
+    if found is None or not osp.isfile(found) or not os.access(found, os.X_OK):
+        problem = 'is not an executable file' if found and osp.exists(found) else 'does not exist'
+        raise LmmsEvalError(f'{where or "the python"} {python} {problem}: pass the python of the '
+                            'environment lmms-eval is installed in (README "Evaluate"), e.g. '
+                            '--lmms-eval-python /envs/lmms-eval/bin/python')
+    return found
+
+
+def run_forwarding_signals(command: Sequence[str], log: str) -> int:
+    """Run ``command`` with its output in the file ``log`` and return its
+    exit status. SIGTERM and SIGINT are passed on to it and waited for (a
+    scheduler's SIGTERM must not leave lmms-eval running on the GPU), then
+    :class:`LmmsEvalInterrupted` is raised."""
+    with open(log, 'w') as out:
+        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    received = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        child.send_signal(signum)
+
+    # Handlers can only be set in the main thread; elsewhere the signal is the main thread's.
+    signals = (signal.SIGTERM, signal.SIGINT) \
+        if threading.current_thread() is threading.main_thread() else ()
+    previous = {s: signal.signal(s, forward) for s in signals}
+    try:
+        returncode = child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if child.poll() is None:  # an exception in this process: do not leave it behind
+            child.kill()
+            child.wait()
+    if received:
+        raise LmmsEvalInterrupted(received[0], log)
+    return returncode
 
 
 def local_tasks() -> Dict[str, str]:
@@ -236,7 +296,11 @@ def _probe(python: str, model: str) -> None:
               'lmms_eval=importlib.util.find_spec("lmms_eval") is not None, '
               'dpa=spec.origin if spec else None, entry=[e.value for e in '
               'entry_points(group="lmms_eval.models") if e.name == "dpa"])))')
-    probe = subprocess.run([python, '-c', script], capture_output=True, text=True)
+    try:
+        probe = subprocess.run([python, '-c', script], capture_output=True, text=True)
+    except OSError as err:
+        raise LmmsEvalError(f'cannot run {python} ({err.strerror}): pass the python of the '
+                            'lmms-eval environment with --lmms-eval-python') from None
     found = json.loads(probe.stdout) if probe.returncode == 0 else {}
     if not found.get('lmms_eval'):
         raise LmmsEvalError(f'{python} cannot import lmms_eval: install it in a separate '
@@ -274,7 +338,7 @@ def run_lmms_eval(model_dir: str, tasks: Sequence[str], rows: List[dict], out_di
     Raises:
         LmmsEvalError: lmms-eval is missing, failed, or its output is incomplete.
     """
-    python = python or os.environ.get(PYTHON_ENV) or sys.executable
+    python = lmms_eval_python(python)
     name, pretrained = choose_model(model_dir, model)
     local = [t for t in tasks if t in local_tasks()]
     _probe(python, name)
@@ -287,18 +351,17 @@ def run_lmms_eval(model_dir: str, tasks: Sequence[str], rows: List[dict], out_di
     command = lmms_eval_command(python, name, pretrained, tasks, output_path, include, device,
                                 batch_size)
     log = osp.join(work, 'lmms_eval.log')
-    with open(log, 'w') as f:
-        result = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, text=True)
+    returncode = run_forwarding_signals(command, log)
     with open(log) as f:
         text = f.read()
     errors = log_errors(text)
-    if result.returncode != 0 or errors:
+    if returncode != 0 or errors:
         hint = ''
         choice = any(LOCAL_TASK_ROWS.get(t) == 'multiple_choice' for t in tasks)
         if name == 'llava_hf' and (choice or 'loglikelihood' in text):
             hint = ('\nlmms-eval 0.7.3\'s llava_hf fails on loglikelihood (multiple-choice) '
                     'tasks; the project\'s model scores them: --lmms-eval-model dpa')
-        raise LmmsEvalError(f'lmms-eval failed (exit status {result.returncode}, '
+        raise LmmsEvalError(f'lmms-eval failed (exit status {returncode}, '
                             f'{len(errors)} error line(s); log: {log}):\n'
                             + '\n'.join(errors[-20:]) + hint)
     record = dict(model=name, pretrained=osp.abspath(pretrained), tasks=list(tasks),

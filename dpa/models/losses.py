@@ -7,6 +7,7 @@ probability (CMO) or logit (CAL). ``s_txt`` comes from a pass of the same LLM
 without the image tokens. The weights are constants: no gradient flows
 through them.
 """
+import math
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -267,6 +268,13 @@ def check_clamp(clamp, key: str) -> None:
     """Raise a ValueError naming ``key`` unless clamp is (low, high), low <= high."""
     if clamp is None or len(clamp) != 2:
         raise ValueError(f'{key} must be a pair (delta_min, delta_max), got {clamp!r}')
+    for bound in clamp:
+        # A string compares with a string, and NaN with nothing: both would
+        # pass the order check below and fail (or poison the loss) in training.
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or \
+                not math.isfinite(bound):
+            raise ValueError(f'{key}={tuple(clamp)!r}: both bounds must be finite numbers, '
+                             f'got {bound!r}; e.g. {key}=(0.05, 0.5) (CMO) or (1, 5) (CAL)')
     if clamp[0] > clamp[1]:
         raise ValueError(f'{key}: delta_min={clamp[0]} is greater than delta_max={clamp[1]}; '
                          'swap them so that delta_min <= delta_max')

@@ -9,7 +9,6 @@ and without the image).
 Two priors: ``toy`` (a tiny LLM pre-trained here on style A, then gated) and
 ``smollm2`` (SmolLM2-135M-Instruct's real prior, gated by
 :mod:`dpa.analysis.prior_conflict.real_prior`; asked in English)."""
-import argparse
 import json
 import os
 import os.path as osp
@@ -20,13 +19,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, List, Sequence
 
-from mmengine.config import Config, DictAction
+from mmengine.config import Config
 
 from dpa.analysis.prior_conflict.data import make_benchmark_data
 from dpa.analysis.prior_conflict.language import ATTRIBUTES
 from dpa.analysis.prior_conflict.prior_llm import pretrain_prior
 from dpa.analysis.prior_conflict.real_prior import check_real_prior
 from dpa.analysis.relevance import read_jsonl
+from dpa.engine.config_file import parse_cfg_options
 from dpa.engine.config_guard import check_cfg_options
 from dpa.errors import ConfigError
 
@@ -231,9 +231,7 @@ def check_options(variants: Sequence[str], extra: Sequence[str], prior: str = 't
 
 
 def _parse_options(extra: Sequence[str]) -> dict:
-    namespace = argparse.Namespace()
-    DictAction(option_strings=[], dest='options')(None, namespace, list(extra))
-    return namespace.options
+    return parse_cfg_options(list(extra))
 
 
 def variant_cfg(variant: str, prior: str = 'toy', extra: Sequence[str] = ()) -> Config:
