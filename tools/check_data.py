@@ -27,7 +27,7 @@ from dpa.datasets.validation import (check_dataset, check_files,  # noqa: E402
 from dpa.engine.config_file import load_config  # noqa: E402
 from dpa.engine.config_guard import apply_cfg_options  # noqa: E402
 from dpa.engine.pipeline import prepare_synthetic_data  # noqa: E402
-from dpa.engine.preflight import selected_stages  # noqa: E402
+from dpa.engine.preflight import resolve_parts, selected_stages  # noqa: E402
 from dpa.engine.stage_config import stage_dataset_config  # noqa: E402
 from dpa.errors import ConfigError  # noqa: E402
 from dpa.registry import DATASETS  # noqa: E402
@@ -100,6 +100,8 @@ def main(argv=None):
         try:
             cfg = load_config(args.inputs[0])
             apply_cfg_options(cfg, args.cfg_options)
+            # As the run reads it: stand-ins and data of tiny_standin, {data_root} filled.
+            cfg = resolve_parts(cfg)
         except ConfigError as err:
             sys.exit(f'config error: {err}')
         problems = check_config_data(cfg)
