@@ -5,7 +5,15 @@ is finished exactly when its manifest exists; the manifest is written last.
 A manifest stores paths relative to the work dir, so a copied or moved work
 dir is self-contained, and the sha256 of every artifact file, which the next
 stage verifies before it uses the artifact, as do the tools that load the
-final model (:func:`verify_artifact_folder`)."""
+final model (:func:`verify_artifact_folder`).
+
+It also records what the artifact was made from: the checksum digest of every
+earlier artifact (``made_from.input_checksums``, by role). One function,
+:func:`stale_reason`, says whether those artifacts are still the ones the work
+dir holds; every reader applies it (the pipeline's plan through
+:func:`changed_input`, the tools and the eval stage through
+:func:`read_current_manifest`), so no reader trusts an artifact on its
+existence alone (docs/architecture.md, "What a manifest records")."""
 import contextlib
 import hashlib
 import json
@@ -13,10 +21,11 @@ import os
 import os.path as osp
 import shutil
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 MANIFEST = 'manifest.json'
 ARTIFACT_DIR = 'artifact'
+INPUT_CHECKSUMS = 'input_checksums'
 # What the pipeline reads from a manifest: without them it is not one.
 MANIFEST_KEYS = ('artifact', 'artifact_kind', 'made_from', 'iterations', 'first_loss',
                  'last_loss')
@@ -41,6 +50,16 @@ class ArtifactError(RuntimeError):
         return (f'{self.problem}. Re-run stage {self.stage!r}: move {folder} aside, then\n'
                 f'  python tools/train.py {config} --stage {self.stage} '
                 f'--work-dir {self.work_dir}')
+
+
+class StaleArtifactError(ArtifactError):
+    """A finished stage was made from an earlier artifact that has changed
+    since (an earlier stage trained again): its artifact belongs to the old one."""
+
+    def explain(self, config: str = 'CONFIG') -> str:
+        return (f'stage {self.stage!r} in {self.work_dir} is stale: {self.problem}. Train it '
+                f'again:\n  python tools/train.py {config} --work-dir {self.work_dir} '
+                '--rerun-stale')
 
 
 def stage_dir(work_dir: str, stage: str) -> str:
@@ -127,6 +146,7 @@ def verify_artifact_folder(folder: str) -> bool:
 
     Raises:
         ArtifactError: the manifest is unreadable or a file changed.
+        StaleArtifactError: the stage is stale (:func:`stale_reason`).
     """
     artifact, inner = osp.abspath(folder), ''
     while osp.basename(artifact) != ARTIFACT_DIR:
@@ -141,7 +161,88 @@ def verify_artifact_folder(folder: str) -> bool:
     if manifest is None or osp.abspath(manifest['artifact']) != artifact:
         return False
     verify_checksums(manifest, work_dir, stage, inner)
+    reason = stale_reason(manifest)
+    if reason is not None:
+        raise StaleArtifactError(reason, work_dir, stage)
     return True
+
+
+def _artifact_stage(path) -> Optional[Tuple[str, str]]:
+    """``(work dir, stage)`` of a ``<work dir>/<stage>/artifact`` path."""
+    if not isinstance(path, str) or osp.basename(osp.normpath(path)) != ARTIFACT_DIR:
+        return None
+    folder = osp.dirname(osp.normpath(path))
+    return osp.dirname(folder), osp.basename(folder)
+
+
+def changed_input(manifest: dict, sources: Optional[Dict[str, Tuple[str, str]]] = None
+                  ) -> Optional[str]:
+    """Why a finished stage no longer matches the earlier artifacts it was
+    made from (None: it matches, or its manifest, of an older version,
+    records no input checksums).
+
+    Args:
+        manifest: the stage's manifest (from :func:`read_manifest`).
+        sources: role -> ``(work dir, stage)`` of the artifact that counts now
+            (the pipeline passes its config's); default: where the manifest
+            says the artifact was.
+    """
+    made_from = manifest.get('made_from') or {}
+    recorded = made_from.get(INPUT_CHECKSUMS)
+    if not isinstance(recorded, dict):
+        return None
+    for role, digest in recorded.items():
+        where = (sources or {}).get(role) if sources is not None else _artifact_stage(
+            made_from.get(role))
+        if where is None:
+            continue
+        work_dir, stage = where
+        upstream = read_manifest(work_dir, stage)
+        if upstream is None:
+            if sources is None and osp.isdir(stage_dir(work_dir, stage)):
+                return (f'stage {stage!r}, whose {role} it was made from, has no finished '
+                        f'manifest now ({manifest_path(work_dir, stage)} is missing: it is being '
+                        'trained again, or was stopped)')
+            continue
+        if checksums_digest(upstream) != digest:
+            return (f'the {role} of stage {stage!r} changed since it was made from it '
+                    f'({upstream["artifact"]}, finished {upstream.get("finished_at")})')
+    return None
+
+
+def stale_reason(manifest: dict, _seen: Tuple[str, ...] = ()) -> Optional[str]:
+    """:func:`changed_input` of a stage and, in turn, of every earlier stage
+    it was made from: a model made from a stale projector is stale too."""
+    reason = changed_input(manifest)
+    if reason is not None:
+        return reason
+    made_from = manifest.get('made_from') or {}
+    for role in made_from.get(INPUT_CHECKSUMS) or {}:
+        where = _artifact_stage(made_from.get(role))
+        if where is None or osp.abspath(stage_dir(*where)) in _seen:
+            continue
+        upstream = read_manifest(*where)
+        deeper = upstream and stale_reason(upstream, _seen + (osp.abspath(stage_dir(*where)), ))
+        if deeper:
+            return f'stage {where[1]!r}, whose {role} it was made from, is stale: {deeper}'
+    return None
+
+
+def read_current_manifest(work_dir: str, stage: str, verify: bool = True) -> Optional[dict]:
+    """:func:`read_manifest`, refusing a stage that is stale (see
+    :func:`stale_reason`): what every reader of a finished stage's artifact
+    calls before it uses it.
+
+    Raises:
+        ArtifactError: as :func:`read_manifest`.
+        StaleArtifactError: the stage was made from an artifact that changed since.
+    """
+    manifest = read_manifest(work_dir, stage, verify=verify)
+    if manifest is not None:
+        reason = stale_reason(manifest)
+        if reason is not None:
+            raise StaleArtifactError(reason, work_dir, stage)
+    return manifest
 
 
 def checksums_digest(manifest: dict) -> str:

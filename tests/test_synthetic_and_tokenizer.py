@@ -1,5 +1,6 @@
 import json
 import os
+import os.path as osp
 import re
 
 import pytest
@@ -81,10 +82,16 @@ def test_idempotent_and_atomic(tmp_path):
     assert make_synthetic_data(root, 4, 4, image_size=16) == first
     assert os.stat(first['captions']).st_mtime_ns == mtime
     assert sorted(os.listdir(tmp_path)) == ['data']  # no temporary dir left behind
-    # Other parameters regenerate in place.
-    make_synthetic_data(root, 6, 4, image_size=16)
-    with open(first['captions']) as f:
+    # Other parameters get a folder of their own: the first set stays as it was.
+    other = make_synthetic_data(root, 6, 4, image_size=16)
+    assert osp.dirname(other['captions']) == str(root / 'c6_i4_e48_16px_seed0_plain_v2')
+    with open(other['captions']) as f:
         assert len(json.load(f)) == 6
+    with open(first['captions']) as f:
+        assert len(json.load(f)) == 4
+    assert os.stat(first['captions']).st_mtime_ns == mtime
+    assert make_synthetic_data(root, 6, 4, image_size=16) == other
+    assert [n for n in os.listdir(root) if '.tmp-' in n] == []
 
 
 def test_synthetic_text_is_in_vocabulary(data, tokenizer):

@@ -102,6 +102,7 @@ def main(argv=None):
         try:
             cfg = load_config(args.inputs[0])
             apply_cfg_options(cfg, args.cfg_options)
+            # As the run reads it: stand-ins and data of tiny_standin, {data_root} filled.
             cfg, stages = prepare_config(cfg)
         except ConfigError as err:
             sys.exit(f'config error: {err}')

@@ -9,8 +9,9 @@ WORK_DIR_OR_MODEL_DIR is a finished work dir (its final model), a native model
 dir (``dpa_model.json``) or an ``hf_llava`` export. Rows are
 ``{"id", "image", "question", "answer", "options", "type"}`` (image, options
 and type optional). Writes metrics.json and predictions.jsonl to --out
-(default: WORK_DIR_OR_MODEL_DIR/evaluation/<data file name>) and prints a
-table. The model's files are first checked against the sha256 its manifest
+(default: WORK_DIR_OR_MODEL_DIR/evaluation/<data file name>, with the hash of
+the data file's path appended when that folder holds another file's results)
+and prints a table. The model's files are first checked against the sha256 its manifest
 recorded (--no-verify skips that). --lmms-eval also runs lmms-eval
 (dpa.evaluation.lmms_eval) and records its scores and, for the local tasks,
 its per-row agreement with the built-in evaluator. Exits 1 when the model or
@@ -19,6 +20,8 @@ the data cannot be read, the data has bad rows (listed in bad_rows.jsonl;
 (no score printed), 2 on a usage error.
 """
 import argparse
+import hashlib
+import json
 import os
 import os.path as osp
 import sys
@@ -28,7 +31,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import dpa  # noqa: E402,F401
 from dpa.evaluation import (BadRowsError, EvalDataError, ModelLoadError, evaluate,  # noqa: E402
                             format_table, read_eval_rows)
-from dpa.evaluation.evaluator import read_predictions, write_metrics  # noqa: E402
+from dpa.evaluation.evaluator import (METRICS_FILE, read_predictions,  # noqa: E402
+                                      write_metrics)
 from dpa.errors import disk_full  # noqa: E402
 from dpa.evaluation.lmms_eval import (LMMS_EVAL_MODELS, LmmsEvalError,  # noqa: E402
                                       LmmsEvalInterrupted, lmms_eval_python, run_lmms_eval)
@@ -72,9 +76,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.batch_size < 1:
         sys.exit(f'--batch-size must be at least 1, got {args.batch_size}')
-    # Not MODEL/eval: in a work dir that is the eval stage's folder.
-    out = args.out or osp.join(args.model, 'evaluation',
-                               osp.splitext(osp.basename(args.data))[0])
+    out = args.out or default_out(args.model, args.data)
     try:
         device = check_device(args.device or default_device())
         python = lmms_eval_python(args.lmms_eval_python) if args.lmms_eval else None
@@ -101,6 +103,25 @@ def main(argv=None):
                  '--out with a folder on another disk, then run it again')
     print(format_table(metrics))
     print(f'metrics: {osp.join(out, "metrics.json")}')
+
+
+def default_out(model: str, data: str) -> str:
+    """MODEL/evaluation/<data file name>, unless that folder holds the results
+    of another data file of the same name (``test.jsonl`` of two benchmarks):
+    then MODEL/evaluation/<name>-<8 hex digits of the data file's path>, so
+    neither overwrites the other. (Not MODEL/eval: in a work dir that is the
+    eval stage's folder.)"""
+    name = osp.splitext(osp.basename(data))[0]
+    out = osp.join(model, 'evaluation', name)
+    try:
+        with open(osp.join(out, METRICS_FILE)) as f:
+            scored = json.load(f).get('data')
+    except (OSError, ValueError, AttributeError):
+        return out
+    if scored is None or scored == osp.abspath(data):
+        return out
+    digest = hashlib.sha256(osp.abspath(data).encode()).hexdigest()[:8]
+    return osp.join(model, 'evaluation', f'{name}-{digest}')
 
 
 def check_writable(out: str) -> None:

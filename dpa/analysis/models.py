@@ -5,7 +5,7 @@ import os.path as osp
 
 from mmengine.config import Config
 
-from dpa.artifacts import read_manifest, stage_work_dir
+from dpa.artifacts import read_current_manifest, read_manifest, stage_work_dir
 from dpa.errors import ConfigError
 from dpa.models.export import load_native
 from dpa.registry import MODELS
@@ -15,8 +15,8 @@ MODEL_CHOICES = ('base', 'proxy', 'trained')
 
 def _artifact(cfg: Config, stage: str, needed_for: str) -> str:
     work_dir = stage_work_dir(cfg, stage)
-    # The analysis must describe the artifact the stage wrote, not a damaged one.
-    manifest = read_manifest(work_dir, stage, verify=True)
+    # The analysis must describe the artifact the stage wrote, not a damaged or stale one.
+    manifest = read_current_manifest(work_dir, stage, verify=True)
     if manifest is None:
         raise ConfigError(f'{needed_for} needs the artifact of stage {stage!r}, but '
                           f'{osp.join(work_dir, stage)} holds no finished stage: run '

@@ -111,6 +111,11 @@ class LLaVAMixture(Dataset):
         return dict(samples_per_source=dict(self.counts))
 
     @property
+    def tokenizer(self):
+        """The tokenizer every source shares (``tools/check_data.py`` reads it)."""
+        return self.datasets[0].tokenizer
+
+    @property
     def load_problems(self) -> List[dict]:
         """Unreadable rows of every source (see ``LLaVADataset.load_problems``)."""
         return [problem for dataset in self.datasets for problem in dataset.load_problems]

@@ -8,6 +8,7 @@ colour, shape and position (rows ``{"id", "image", "question", "answer",
 templates of :mod:`dpa.synthetic_text`, whose ``VOCABULARY`` lists every word a
 word-level tokenizer needs.
 """
+import hashlib
 import json
 import os
 import random
@@ -219,18 +220,100 @@ def _generate(out_dir, num_captions, num_instructions, num_eval, image_size, see
     _generate_eval(rng, out_dir, num_eval, image_size, train_scenes)
 
 
-def _is_complete(root, params):
-    try:
-        with open(os.path.join(root, '.complete')) as f:
-            return json.load(f) == params
-    except (OSError, ValueError):
-        return False
+# What a synthetic data folder records: its settings and every file it wrote.
+MANIFEST = 'synthetic_data.json'
+# The record of folders made before the manifest (their settings only).
+_LEGACY_RECORD = '.complete'
+
+
+def _settings(num_captions, num_instructions, num_eval, image_size, seed, caption_style):
+    settings = dict(version=_FORMAT_VERSION, num_captions=num_captions,
+                    num_instructions=num_instructions, num_eval=num_eval,
+                    image_size=image_size, seed=seed)
+    if caption_style != 'plain':  # so that folders made before the option stay valid
+        settings['caption_style'] = caption_style
+    return settings
+
+
+def _folder_name(settings) -> str:
+    """The folder of a data set inside ``root``, named by its settings."""
+    return (f"c{settings['num_captions']}_i{settings['num_instructions']}_"
+            f"e{settings['num_eval']}_{settings['image_size']}px_seed{settings['seed']}_"
+            f"{settings.get('caption_style', 'plain')}_v{settings['version']}")
+
+
+def _recorded_settings(folder):
+    """The settings of the data set ``folder`` holds (None: it holds none)."""
+    for name, key in ((MANIFEST, 'settings'), (_LEGACY_RECORD, None)):
+        try:
+            with open(os.path.join(folder, name)) as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            continue
+        return record.get(key) if key and isinstance(record, dict) else record
+    return None
+
+
+def _paths(folder):
+    return dict(
+        image_folder=os.path.join(folder, 'images'),
+        captions=os.path.join(folder, 'captions.json'),
+        instructions=os.path.join(folder, 'instructions.jsonl'),
+        eval=os.path.join(folder, 'eval.jsonl'),
+    )
+
+
+def _is_free(folder) -> bool:
+    return not os.path.exists(folder) or (os.path.isdir(folder) and not os.listdir(folder))
+
+
+def _folder_for(root, settings):
+    """Where the data set of ``settings`` is, or goes: ``root`` itself when
+    it holds that set or nothing at all (so the first set made there is where
+    the README says), else ``root/<settings>``."""
+    if _recorded_settings(root) == settings or _is_free(root):
+        return root
+    return os.path.join(root, _folder_name(settings))
+
+
+def synthetic_data_paths(root, num_captions=64, num_instructions=48, image_size=64, seed=0,
+                         num_eval=48, caption_style='plain'):
+    """The paths :func:`make_synthetic_data` returns, when the data set of
+    these settings exists already; None otherwise. Nothing is written."""
+    settings = _settings(num_captions, num_instructions, num_eval, image_size, seed,
+                         caption_style)
+    root = os.path.abspath(os.fspath(root))
+    for folder in (root, os.path.join(root, _folder_name(settings))):
+        if _recorded_settings(folder) == settings:
+            return _paths(folder)
+    return None
+
+
+def _write_manifest(folder, settings):
+    """List every file the generator wrote, with its sha256, beside them."""
+    files = {}
+    for base, _, names in os.walk(folder):
+        for name in sorted(names):
+            path = os.path.join(base, name)
+            with open(path, 'rb') as f:
+                files[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    with open(os.path.join(folder, MANIFEST), 'w') as f:
+        json.dump(dict(settings=settings, files=dict(sorted(files.items()))), f, indent=1)
 
 
 def make_synthetic_data(root, num_captions=64, num_instructions=48, image_size=64, seed=0,
                         num_eval=48, caption_style='plain'):
-    """Generate (once) the synthetic data set under ``root``; return its paths
-    (``image_folder``, ``captions``, ``instructions``, ``eval``).
+    """Generate (once) the synthetic data set of these settings under ``root``;
+    return its paths (``image_folder``, ``captions``, ``instructions``, ``eval``).
+
+    ``root`` holds one data set per settings and nothing is ever deleted: the
+    first set made in ``root`` is written in it (``root/captions.json``,
+    ``root/images/``, ...), any other in a folder of its own named by its
+    settings (``root/c8_i4_e48_32px_seed0_plain_v2/``), so a file you put in
+    ``root`` stays and a run reading one set never sees another replace it.
+    Each set is built aside and moved into place by one rename, with
+    ``synthetic_data.json`` listing its settings and every file it wrote
+    (sha256). The same settings give the same bytes.
 
     Args:
         caption_style: the captions' wording, a key of :data:`CAPTION_STYLES`:
@@ -242,44 +325,28 @@ def make_synthetic_data(root, num_captions=64, num_instructions=48, image_size=6
     if caption_style not in CAPTION_STYLES:
         raise ValueError(f'synthetic_data.caption_style={caption_style!r}: choose one of '
                          f'{sorted(CAPTION_STYLES)}')
+    settings = _settings(num_captions, num_instructions, num_eval, image_size, seed,
+                         caption_style)
     root = os.path.abspath(os.fspath(root))
-    paths = dict(
-        image_folder=os.path.join(root, 'images'),
-        captions=os.path.join(root, 'captions.json'),
-        instructions=os.path.join(root, 'instructions.jsonl'),
-        eval=os.path.join(root, 'eval.jsonl'),
-    )
-    params = dict(
-        version=_FORMAT_VERSION,
-        num_captions=num_captions,
-        num_instructions=num_instructions,
-        num_eval=num_eval,
-        image_size=image_size,
-        seed=seed,
-    )
-    if caption_style != 'plain':  # so that roots made before the option stay valid
-        params['caption_style'] = caption_style
-    if _is_complete(root, params):
-        return paths
+    folder = _folder_for(root, settings)
+    if _recorded_settings(folder) == settings:
+        return _paths(folder)
 
-    # Build aside and rename, so readers never see a half-written root.
-    tmp = f'{root}.tmp-{os.getpid()}'
+    # Build aside and rename, so readers never see a half-written set.
+    tmp = f'{folder}.tmp-{os.getpid()}'
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    _generate(tmp, num_captions, num_instructions, num_eval, image_size, seed, caption_style)
-    with open(os.path.join(tmp, '.complete'), 'w') as f:
-        json.dump(params, f)
-    if _is_complete(root, params):
-        # Another process (e.g. another rank) finished first and may be
-        # reading it already: keep its copy.
-        shutil.rmtree(tmp, ignore_errors=True)
-        return paths
-    shutil.rmtree(root, ignore_errors=True)
     try:
-        os.replace(tmp, root)
+        _generate(tmp, num_captions, num_instructions, num_eval, image_size, seed, caption_style)
+        _write_manifest(tmp, settings)
+        os.replace(tmp, folder)  # fails on a folder that is not empty: never replaced
     except OSError:
-        # Another process (e.g. another rank) renamed its copy in first.
         shutil.rmtree(tmp, ignore_errors=True)
-        if not _is_complete(root, params):
-            raise
-    return paths
+        if _recorded_settings(folder) == settings:
+            return _paths(folder)  # another process (e.g. another rank) made it first
+        if folder == root and not _is_free(root):
+            # Another process filled root with something else meanwhile.
+            return make_synthetic_data(root, num_captions, num_instructions, image_size, seed,
+                                       num_eval, caption_style)
+        raise
+    return _paths(folder)

@@ -5,28 +5,35 @@
   the resolved config, or be one a user may legitimately add (see
   :data:`ADDABLE`), and values must have the type of the value they replace.
 - ``--resume``: the stage's resolved config (the parts that change the
-  result, and the sha256 of its data files) is saved when the stage starts;
-  a resumed stage compares and refuses any difference unless the change is
-  allowed explicitly, which the manifest then records.
+  result, the sha256 of its data files and a fingerprint of the images it
+  reads) is saved when the stage starts; a resumed stage compares and refuses
+  any difference unless the change is allowed explicitly, which the manifest
+  then records. The same config is recorded in the stage's manifest
+  (``stage_config``), which a later run compares before it skips the stage
+  (:mod:`dpa.engine.staleness`).
 """
 import difflib
 import fnmatch
+import hashlib
 import inspect
 import json
 import logging
+import os
 import os.path as osp
 from typing import Dict, List, Optional
 
 from mmengine.dist import is_main_process
 from mmengine.logging import print_log
 
+from dpa.datasets.llava import read_rows
 from dpa.datasets.mixture import as_list, data_sources
 from dpa.artifacts import atomic_write, read_manifest, sha256_of, write_manifest
 from dpa.engine.checkpoint import latest_complete_checkpoint
 from dpa.errors import ConfigError
 from dpa.engine.paths import PLACEHOLDER
 from dpa.engine.stage_config import STAGES
-from dpa.engine.staleness import INPUT_CHECKSUMS
+from dpa.engine.staleness import (IMAGE_FINGERPRINTS, INPUT_CHECKSUMS,  # noqa: F401
+                                  config_differences)
 from dpa.models.builders import PROCESSORS
 from dpa.registry import MODELS
 
@@ -54,6 +61,10 @@ ADDABLE = (
 BUILT_PARTS = ('llm', 'vision_tower', 'tokenizer', 'image_processor', 'model')
 STAGE_CONFIG = 'stage_config.json'
 DATA_CHECKSUMS = 'data_checksums'
+# The images a stage reads are fingerprinted by content (sha256) up to this many
+# bytes in all, by size and modification time beyond (reading them all at every
+# start would cost minutes on a large set).
+CONTENT_HASH_BYTES = 256 << 20
 
 
 def _dotted_keys(node, prefix: str = '') -> List[str]:
@@ -184,12 +195,13 @@ def _plain(value):
     return json.loads(json.dumps(value.to_dict() if hasattr(value, 'to_dict') else value))
 
 
-def result_config(cfg, stage: str, processes: int) -> dict:
+def result_config(cfg, stage: str, processes: int, images: bool = True) -> dict:
     """The parts of the resolved config that change a stage's result: its
     recipe (optimizer, schedule, batch arithmetic, loss), its data, the model
     parts, the number of processes, and the GPU switches that change the
     arithmetic (TF32 matmuls, compiled layers). Logging, checkpoint cadence,
-    workers and hooks are left out."""
+    workers and hooks are left out. ``images``: fingerprint the images the
+    stage reads too (:func:`image_fingerprints`)."""
     recipe = _plain(cfg[stage])
     for key in ('num_workers', 'checkpoint_interval'):
         recipe.pop(key, None)
@@ -197,6 +209,8 @@ def result_config(cfg, stage: str, processes: int) -> dict:
     if isinstance(recipe.get('data'), str):
         parts[recipe['data']] = _plain(cfg.get(recipe['data']))
         parts[DATA_CHECKSUMS] = data_checksums(cfg.get(recipe['data']))
+        if images and stage != 'proxy':  # the proxy stage reads the captions' text only
+            parts[IMAGE_FINGERPRINTS] = image_fingerprints(cfg.get(recipe['data']))
     keys = ['model', 'llm', 'tokenizer', 'seed', 'synthetic_data', 'skip_nonfinite_steps',
             'strategy', 'mixed_precision', 'tf32', 'compile']
     if stage != 'proxy':
@@ -220,20 +234,53 @@ def data_checksums(data) -> Dict[str, str]:
     return checksums
 
 
-def _flatten(node, prefix: str = '') -> Dict[str, object]:
-    if isinstance(node, dict) and node:
-        flat = {}
-        for key, value in node.items():
-            flat.update(_flatten(value, f'{prefix}{key}.'))
-        return flat
-    return {prefix[:-1]: node}
-
-
-def config_differences(saved: dict, current: dict) -> Dict[str, list]:
-    """``key -> [saved, current]`` for every dotted key whose value differs."""
-    before, after = _flatten(saved), _flatten(current)
-    return {key: [before.get(key), after.get(key)] for key in sorted(set(before) | set(after))
-            if before.get(key) != after.get(key)}
+def image_fingerprints(data) -> Dict[str, dict]:
+    """What the images a dataset config's rows name looked like, per image
+    folder: how many, their total size, and one digest, over the images'
+    content (sha256) when they hold at most :data:`CONTENT_HASH_BYTES`, else
+    over their sizes and modification times (``method``). Replacing an image
+    (another picture, even of the same size) changes the digest; an image
+    that is missing counts as such. Unreadable data files are left to the
+    data checks."""
+    if not data:
+        return {}
+    images = {}
+    for source in data_sources(data).values():
+        folder = source.get('image_folder') or ''
+        for path in as_list(source.get('data_files') or []):
+            try:
+                rows = read_rows(path, [])
+            except (OSError, ValueError):
+                continue
+            names = images.setdefault(osp.abspath(folder) if folder else '', set())
+            names.update(row['image'] for _, row in rows
+                         if isinstance(row, dict) and isinstance(row.get('image'), str))
+    fingerprints = {}
+    for folder, names in sorted(images.items()):
+        if not names:
+            continue
+        stats = {}
+        for name in sorted(names):
+            try:
+                stat = os.stat(osp.join(folder, name))
+                stats[name] = (stat.st_size, stat.st_mtime_ns)
+            except OSError:
+                stats[name] = None
+        total = sum(s[0] for s in stats.values() if s)
+        by_content = total <= CONTENT_HASH_BYTES
+        digest = hashlib.sha256()
+        for name, stat in stats.items():
+            if stat is None:
+                seen = 'missing'
+            elif by_content:
+                seen = sha256_of(osp.join(folder, name))
+            else:
+                seen = f'{stat[0]}:{stat[1]}'
+            digest.update(f'{name}\t{seen}\n'.encode())
+        fingerprints[folder or '.'] = dict(
+            images=len(stats), bytes=total, method='sha256' if by_content else 'size+mtime',
+            digest=digest.hexdigest())
+    return fingerprints
 
 
 def prepare_stage_start(cfg, stage: str, resume: bool, first_unfinished: bool,
@@ -257,8 +304,9 @@ def prepare_stage_start(cfg, stage: str, resume: bool, first_unfinished: bool,
             was trained again since would mix the two.
 
     Returns:
-        ``(resume, changes)``: whether the stage resumes, and the allowed
-        differences (``key -> [saved, current]``).
+        ``(resume, changes, current)``: whether the stage resumes, the allowed
+        differences (``key -> [saved, current]``), and this run's resolved
+        stage config, which the stage's manifest records.
 
     Raises:
         ConfigError: ``--resume`` finds no checkpoint of the stage to resume,
@@ -276,18 +324,19 @@ def prepare_stage_start(cfg, stage: str, resume: bool, first_unfinished: bool,
     if checkpoint is None:
         if is_main_process():
             atomic_write(json.dumps(current, indent=2), saved_path)
-        return False, {}
+        return False, {}, current
     if not osp.exists(saved_path):
         print_log(f'[{stage}] {saved_path} is missing (a work dir from an older version): the '
                   'config cannot be compared with the one the stage started with',
                   logger='current', level=logging.WARNING)
-        return True, {}
+        return True, {}, current
     with open(saved_path, encoding='utf-8') as f:
         saved = json.load(f)
-    for key in (DATA_CHECKSUMS, INPUT_CHECKSUMS):
+    compared = dict(current)
+    for key in (DATA_CHECKSUMS, INPUT_CHECKSUMS, IMAGE_FINGERPRINTS):
         if key not in saved:  # saved by a version that did not record them
-            current.pop(key, None)
-    changes = config_differences(saved, current)
+            compared.pop(key, None)
+    changes = config_differences(saved, compared)
     if changes and not allow_config_change:
         listing = '\n'.join(f'  {key}: {old!r} -> {new!r}' for key, (old, new) in changes.items())
         raise ConfigError(
@@ -298,7 +347,7 @@ def prepare_stage_start(cfg, stage: str, resume: bool, first_unfinished: bool,
     if changes:
         print_log(f'[{stage}] resuming with a changed config (--allow-config-change): '
                   + ', '.join(changes), logger='current', level=logging.WARNING)
-    return True, changes
+    return True, changes, current
 
 
 def record_config_changes(work_dir: str, stage: str, changes: Dict[str, list]) -> None:

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from dpa.artifacts import ARTIFACT_DIR, write_artifact_dir, write_manifest
 from dpa.engine.fsdp import gather_full_weights
+from dpa.engine.staleness import STAGE_CONFIG_KEY
 from dpa.models.builders import PROCESSORS
 from dpa.models.export import export_llava, save_native
 from dpa.models.export_base import ExportUnsupported
@@ -79,6 +80,8 @@ class DPAHook(Hook):
             which would hand on an untrained part to the next stage.
         pad_to_square: whether the stage's images were padded to a square;
             the final model's saved image processors then pad too.
+        made_by: the stage's resolved config as json text, recorded in the
+            manifest (``stage_config``) for later runs to compare.
 
     Bad rows are replaced by the dataset and listed in the batch; this hook
     appends each (once) to ``skipped_samples.jsonl`` in the stage's work dir and
@@ -89,7 +92,7 @@ class DPAHook(Hook):
     def __init__(self, stage: str, artifact: str, work_dir: str, made_from: dict,
                  tokenizer: Optional[dict] = None, image_processor: Optional[dict] = None,
                  max_bad_fraction: float = 0.01, pad_to_square: bool = False,
-                 max_nonfinite_fraction: float = 0.5):
+                 max_nonfinite_fraction: float = 0.5, made_by: Optional[str] = None):
         if artifact not in ARTIFACT_KINDS:
             raise ValueError(f'DPAHook.artifact must be one of {ARTIFACT_KINDS}, got {artifact!r}')
         self.stage, self.artifact, self.work_dir = stage, artifact, work_dir
@@ -98,6 +101,7 @@ class DPAHook(Hook):
         self.max_bad_fraction = max_bad_fraction
         self.max_nonfinite_fraction = max_nonfinite_fraction
         self.pad_to_square = pad_to_square
+        self.made_by = None if made_by is None else json.loads(made_by)
         self.stats = dict(first_loss=None, last_loss=None, iterations=0,
                           sums={}, counts={})
         self.skipped = {}
@@ -204,9 +208,10 @@ class DPAHook(Hook):
             target = osp.join(runner.work_dir, ARTIFACT_DIR)
             notes = []
             write_artifact_dir(target, lambda tmp: self._write(model, tmp, notes))
+            recorded = {} if self.made_by is None else {STAGE_CONFIG_KEY: self.made_by}
             write_manifest(self.work_dir, self.stage, dict(
                 artifact_kind=self.artifact, artifact=osp.abspath(target),
-                made_from=self.made_from, notes=notes, **self.stage_summary()))
+                made_from=self.made_from, notes=notes, **recorded, **self.stage_summary()))
             runner.logger.info(f'[{self.stage}] artifact written to {target}')
         barrier()
 

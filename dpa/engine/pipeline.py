@@ -25,8 +25,6 @@ from mmengine.dist import barrier, is_main_process
 from mmengine.logging import print_log
 
 from dpa.artifacts import read_manifest, stage_work_dir
-from dpa.datasets.mixture import as_list, data_sources, source_name
-from dpa.datasets.synthetic import make_synthetic_data
 from dpa.engine.checkpoint import latest_complete_checkpoint
 from dpa.engine.compile import apply_gpu_switches
 from dpa.engine.config_guard import prepare_stage_start, record_config_changes
@@ -38,10 +36,11 @@ from dpa.engine.dry_run import training_stage_lines
 from dpa.engine.interrupts import (TrainingInterrupted, graceful_interrupts, requested_signal,
                                    stop_dataloader_workers)
 from dpa.engine.optim import NonFiniteLossError
-from dpa.engine.preflight import StagePlan, plan_stages, resolve_config
+from dpa.engine.preflight import (StagePlan, plan_stages, prepare_synthetic_data,  # noqa: F401
+                                  resolve_config)
 from dpa.engine.stage_config import (STAGES, dependencies, gradient_accumulation,
                                      launched_processes, stage_runner_config)
-from dpa.engine.stages import Stage, build_stage, closing_stage_names
+from dpa.engine.stages import Stage, build_stage
 from dpa.engine.staleness import input_checksums, set_aside
 from dpa.engine.summary import training_summary_lines
 from dpa.engine.workdir import work_dir_lock
@@ -88,27 +87,6 @@ def run_pipeline(cfg: Config, stage: Optional[str] = None, resume: bool = False,
         return [build_stage(step.name).run(cfg, step, options) for step in plan.stages]
 
 
-def prepare_synthetic_data(cfg: Config) -> None:
-    """Make the embedded default's data on first use and point the datasets
-    that name no files of their own at it: a dataset given ``data_files``
-    keeps them (your data wins over ``synthetic_data``), as does an
-    ``eval.data``. Which data each dataset reads is logged."""
-    spec = cfg.get('synthetic_data')
-    if not spec:
-        return
-    paths = make_synthetic_data(**spec)
-    for data_key, files in (('caption_data', 'captions'), ('instruct_data', 'instructions')):
-        for name, source in data_sources(cfg[data_key]).items():
-            if source.get('data_files'):
-                print_log(f'{source_name(data_key, name)}: your data_files '
-                          f'{as_list(source.data_files)} (synthetic_data fills only datasets '
-                          'without data_files)', logger='current')
-                continue
-            source.update(data_files=[paths[files]], image_folder=paths['image_folder'])
-    for name in closing_stage_names():
-        build_stage(name).use_synthetic_data(cfg, paths)
-
-
 @PIPELINE_STAGES.register_module(name=list(STAGES))
 class TrainingStage(Stage):
     """``proxy``, ``align`` and ``finetune``: one mmengine Runner each."""
@@ -125,12 +103,12 @@ class TrainingStage(Stage):
             raise TrainingInterrupted(name, requested_signal(), 0, None)
         inputs = input_checksums({role: read_manifest(stage_work_dir(cfg, previous), previous)
                                   for role, previous in dependencies(cfg, name).items()})
-        resumes, changes = prepare_stage_start(cfg, name, options.resume,
-                                               options.first_unfinished,
-                                               launched_processes(cfg),
-                                               options.allow_config_change, inputs)
+        resumes, changes, made_by = prepare_stage_start(cfg, name, options.resume,
+                                                        options.first_unfinished,
+                                                        launched_processes(cfg),
+                                                        options.allow_config_change, inputs)
         options.first_unfinished = False
-        train_stage(cfg, name, resumes, options.verbose)
+        train_stage(cfg, name, resumes, options.verbose, made_by)
         record_config_changes(cfg.work_dir, name, changes)
         return dict(read_manifest(cfg.work_dir, name), skipped=False)
 
@@ -141,19 +119,22 @@ class TrainingStage(Stage):
         return training_summary_lines(manifest)
 
 
-def train_stage(cfg: Config, stage: str, resume: bool, verbose: bool = False) -> None:
+def train_stage(cfg: Config, stage: str, resume: bool, verbose: bool = False,
+                made_by: Optional[dict] = None) -> None:
     """Build and run one stage's Runner; the console shows a start line and a
     progress bar, mmengine's records go to its log file (``verbose``: to the
-    console too; :mod:`dpa.engine.console`)."""
+    console too; :mod:`dpa.engine.console`). ``made_by``: the stage's resolved
+    config, recorded in its manifest."""
     accumulation = gradient_accumulation(cfg, stage)
     with stage_console(verbose, accumulation):
-        _run_stage(cfg, stage, resume, verbose, accumulation)
+        _run_stage(cfg, stage, resume, verbose, accumulation, made_by)
 
 
-def _run_stage(cfg: Config, stage: str, resume: bool, verbose: bool, accumulation: int) -> None:
+def _run_stage(cfg: Config, stage: str, resume: bool, verbose: bool, accumulation: int,
+               made_by: Optional[dict]) -> None:
     recipe = cfg[stage]
-    runner = build_with_console(build_runner, stage_runner_config(cfg, stage, resume=resume),
-                                verbose)
+    runner = build_with_console(
+        build_runner, stage_runner_config(cfg, stage, resume=resume, made_by=made_by), verbose)
     apply_gpu_switches(cfg, runner)
     announce(runner, stage_start_line(
         stage, len(runner.train_dataloader.dataset), recipe.batch_size, launched_processes(cfg),

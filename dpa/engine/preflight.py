@@ -18,18 +18,22 @@ them, per stage, in one order:
 A run takes its work-dir lock between the two, so the state it follows is
 the state it holds the lock on.
 """
+import copy
 import inspect
 import os.path as osp
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from mmengine.config import Config
+from mmengine.logging import print_log
 
 from dpa.artifacts import read_manifest, stage_work_dir
 from dpa.datasets.llava import CAPTION_SUFFIXES, LABEL_MODES
-from dpa.datasets.mixture import check_data_files, check_data_sources
-from dpa.datasets.synthetic import CAPTION_STYLES, make_synthetic_data
+from dpa.datasets.mixture import (as_list, check_data_files, check_data_sources, data_sources,
+                                  source_name)
+from dpa.datasets.synthetic import CAPTION_STYLES, make_synthetic_data, synthetic_data_paths
 from dpa.engine.compile import check_compile
+from dpa.engine.config_guard import result_config
 from dpa.engine.distributed import check_strategy
 from dpa.engine.optim import optimizer_problems
 from dpa.engine.paths import fill_path_variables
@@ -37,8 +41,9 @@ from dpa.engine.precision import check_precision
 from dpa.engine.stage_config import (DATA_SWITCHES, IMAGE_MODES, STAGES, dependencies,
                                      launched_processes, part_identity, stage_pads_images,
                                      stage_trainable)
-from dpa.engine.stages import build_stage, stage_names
-from dpa.engine.staleness import StaleStagesError, stale_stages
+from dpa.engine.stages import build_stage, closing_stage_names, stage_names
+from dpa.engine.staleness import (StaleStagesError, describe_differences, made_differently,
+                                  stale_stages)
 from dpa.engine.standin import make_tiny
 from dpa.errors import ConfigError
 from dpa.models.anyres import check_anyres_config
@@ -116,15 +121,23 @@ def closing_stages(cfg: Config, stage: Optional[str] = None) -> List[str]:
     return [s for s in cfg.get('stages', STAGES) if s not in STAGES]
 
 
-def prepare_config(cfg: Config, stage: Optional[str] = None):
-    """``(config, training stages)`` with the tiny stand-ins made and the
-    path variables filled in, the stages checked for order and the synthetic
-    data's settings checked: the config every tool reads its data paths
-    from (``tools/check_data.py`` stops here; a run goes on to
-    :func:`check_config`)."""
+def resolve_parts(cfg: Config) -> Config:
+    """The config with the tiny stand-ins (``tiny_standin``) and its path
+    variables filled in: what every reader of a config's data and models
+    (the run, ``tools/check_data.py``) starts from."""
     if cfg.get('tiny_standin'):
         cfg = make_tiny(cfg)
     fill_path_variables(cfg)
+    return cfg
+
+
+def prepare_config(cfg: Config, stage: Optional[str] = None):
+    """``(config, training stages)`` with the parts resolved
+    (:func:`resolve_parts`), the stages checked for order and the synthetic
+    data's settings checked: the config every tool reads its data paths
+    from (``tools/check_data.py`` stops here; a run goes on to
+    :func:`check_config`)."""
+    cfg = resolve_parts(cfg)
     stages = selected_stages(cfg, stage)
     check_synthetic_data(cfg.get('synthetic_data'))
     return cfg, stages
@@ -251,9 +264,15 @@ def _check_reused_stages(cfg: Config, stages: Sequence[str]) -> None:
         if manifest is None:
             raise ConfigError(f'{stage}.from_work_dir={source!r} holds no finished {stage!r} '
                               f'stage ({osp.join(source, stage, "manifest.json")} is missing)')
-        if part_identity((manifest.get('made_from') or {}).get('llm')) != part_identity(cfg.llm):
-            raise ConfigError(f'{stage}.from_work_dir={source!r} was made from another `llm` '
-                              "than this config's: reuse a stage of the same base LLM")
+        made_from = manifest.get('made_from') or {}
+        for part in ['llm'] + (['vision_tower'] if 'vision_tower' in made_from else []):
+            changes = made_differently(part_identity(made_from.get(part)),
+                                       part_identity(cfg.get(part)))
+            if changes:
+                raise ConfigError(
+                    f'{stage}.from_work_dir={source!r} was made from another `{part}` than this '
+                    f"config's ({describe_differences(changes)}, theirs -> yours): its weights "
+                    f'belong to another base model; reuse a stage made with the same `{part}`')
 
 
 def _check_data_switches(cfg: Config, stage: str) -> None:
@@ -290,19 +309,22 @@ def _check_previous_artifacts(cfg: Config, stage: str, stages: Sequence[str]) ->
         made_from = manifest.get('made_from', {})
         parts = ['llm'] + (['vision_tower'] if role == 'projector' else [])
         for part in parts:
-            if part_identity(made_from.get(part)) != part_identity(cfg.get(part)):
+            changes = made_differently(part_identity(made_from.get(part)),
+                                       part_identity(cfg.get(part)))
+            if changes:
+                then = {key: old for key, (old, _) in changes.items()}
+                now = {key: new for key, (_, new) in changes.items()}
                 raise ConfigError(
                     f'stage {stage!r} would use the {role} of stage {previous!r} '
-                    f"({manifest['artifact']}), made with {part}="
-                    f'{part_identity(made_from.get(part))}, but this config has {part}='
-                    f'{part_identity(cfg.get(part))}: use the same `{part}` or another --work-dir')
+                    f"({manifest['artifact']}), made with {part}={then}, but this config has "
+                    f'{part}={now}: use the same `{part}` or another --work-dir')
         if role == 'projector':
             check_projector_file(osp.join(manifest['artifact'], 'projector.safetensors'),
                                  cfg.llm, cfg.vision_tower, bool(cfg.get('anyres')))
 
 
 def plan_stages(cfg: Config, stages: Sequence[str], stage: Optional[str] = None,
-                refuse_stale: bool = True) -> RunPlan:
+                refuse_stale: bool = True, compared: Optional[Config] = None) -> RunPlan:
     """The plan of a resolved config: each training stage's state in the work
     dir, then the closing stages; the data files of the stages that train are
     read (every one parses and holds rows).
@@ -312,8 +334,10 @@ def plan_stages(cfg: Config, stages: Sequence[str], stage: Optional[str] = None,
         stage: the one training stage run with ``--stage``.
         refuse_stale: raise :class:`StaleStagesError` when a finished stage is
             stale (a run without ``--rerun-stale``); else plan to train it again.
+        compared: the config finished stages are compared with (default ``cfg``).
     """
-    stale = stale_stages(cfg, stages, dependencies)
+    stale = stale_stages(cfg if compared is None else compared, stages, dependencies,
+                         made_by=_made_by)
     if stale and refuse_stale:
         raise StaleStagesError(stale, cfg.work_dir)
     steps = []
@@ -327,8 +351,43 @@ def plan_stages(cfg: Config, stages: Sequence[str], stage: Optional[str] = None,
     return RunPlan(cfg, steps)
 
 
+def _made_by(cfg: Config, stage: str) -> dict:
+    """The stage's resolved config as its manifest records it (the images are
+    compared on --resume, not before skipping a finished stage)."""
+    return result_config(cfg, stage, launched_processes(cfg), images=False)
+
+
 def plan_run(cfg: Config, stage: Optional[str] = None) -> RunPlan:
     """The plan ``--dry-run`` prints: :func:`resolve_config`, then
-    :func:`plan_stages` with stale stages planned to train again."""
+    :func:`plan_stages` with stale stages planned to train again (finished
+    stages compared with the synthetic data where it already exists: nothing
+    is written)."""
     cfg, stages = resolve_config(cfg, stage)
-    return plan_stages(cfg, stages, stage, refuse_stale=False)
+    with_data = copy.deepcopy(cfg)
+    prepare_synthetic_data(with_data, create=False)
+    return plan_stages(cfg, stages, stage, refuse_stale=False, compared=with_data)
+
+
+def prepare_synthetic_data(cfg: Config, create: bool = True) -> None:
+    """Make the embedded default's data on first use and point the datasets
+    that name no files of their own at it: a dataset given ``data_files``
+    keeps them (your data wins over ``synthetic_data``), as does an
+    ``eval.data``. Which data each dataset reads is logged. ``create=False``
+    (the dry run): only where the data already exists."""
+    spec = cfg.get('synthetic_data')
+    if not spec:
+        return
+    paths = make_synthetic_data(**spec) if create else synthetic_data_paths(**spec)
+    if paths is None:
+        return
+    for data_key, files in (('caption_data', 'captions'), ('instruct_data', 'instructions')):
+        for name, source in data_sources(cfg[data_key]).items():
+            if source.get('data_files'):
+                if create:
+                    print_log(f'{source_name(data_key, name)}: your data_files '
+                              f'{as_list(source.data_files)} (synthetic_data fills only '
+                              'datasets without data_files)', logger='current')
+                continue
+            source.update(data_files=[paths[files]], image_folder=paths['image_folder'])
+    for name in closing_stage_names():
+        build_stage(name).use_synthetic_data(cfg, paths)

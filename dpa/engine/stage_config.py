@@ -8,10 +8,11 @@ comes from the stage's section of the config (``proxy``, ``align``,
 ``finetune``).
 """
 import copy
+import inspect
 import itertools
 import json
 import os.path as osp
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from mmengine.config import Config, ConfigDict
 
@@ -25,6 +26,7 @@ from dpa.engine.staleness import INPUT_CHECKSUMS, input_checksums
 from dpa.models.anyres import anyres_settings
 from dpa.models.attention import packs_into_one_row
 from dpa.models.builders import num_image_tokens
+from dpa.registry import MODELS
 
 STAGES = ('proxy', 'align', 'finetune')
 TEMPLATES = {'proxy': 'caption_text', 'align': 'plain', 'finetune': 'chat'}
@@ -121,8 +123,11 @@ def stage_sampler_config(cfg: Config, stage: str) -> dict:
                 image_length=image_length, seed=cfg.get('seed'))
 
 
-def stage_runner_config(cfg: Config, stage: str, resume: bool = False) -> Config:
-    """The mmengine Runner config of one stage."""
+def stage_runner_config(cfg: Config, stage: str, resume: bool = False,
+                        made_by: Optional[dict] = None) -> Config:
+    """The mmengine Runner config of one stage; ``made_by`` (the stage's
+    resolved config, :func:`dpa.engine.config_guard.result_config`) goes to
+    its manifest."""
     recipe = cfg[stage]
     work_dir = osp.abspath(cfg.work_dir)
     inputs = {role: read_manifest(osp.abspath(stage_work_dir(cfg, previous)), previous)
@@ -188,7 +193,9 @@ def stage_runner_config(cfg: Config, stage: str, resume: bool = False) -> Config
                            max_bad_fraction=cfg.get('max_bad_fraction', 0.01),
                            max_nonfinite_fraction=cfg.get('max_nonfinite_fraction', 0.5),
                            # The exported processors pad exactly when stage 3 padded.
-                           pad_to_square=stage_pads_images(cfg, 'finetune')),
+                           pad_to_square=stage_pads_images(cfg, 'finetune'),
+                           # As json text: its keys (file paths) hold dots.
+                           made_by=None if made_by is None else json.dumps(made_by)),
                       dict(type='GracefulExitHook', stage=stage, accumulation=accumulation),
                       dict(type='RelevanceHistogramHook', stage=stage)]
         + copy.deepcopy(cfg.get('custom_hooks', [])),
@@ -211,8 +218,22 @@ def plain(value):
     return json.loads(json.dumps(value.to_dict() if isinstance(value, ConfigDict) else value))
 
 
+# Keys of a model part that say how its weights are run, not what they are.
+RUN_ONLY_PART_KEYS = ('attn_implementation', 'torch_dtype', 'trust_remote_code',
+                      'use_checkpoint_code')
+
+
 def part_identity(part) -> dict:
-    """What makes two configs of a model part the same model."""
+    """What makes two configs of a model part the same weights: every key
+    (``init_seed`` of a random stand-in, its ``config`` with any override, a
+    checkpoint path, the feature layer ...) but those of
+    :data:`RUN_ONLY_PART_KEYS`, with the builder's defaults filled in, so
+    ``init_seed=0`` and no ``init_seed`` are one identity."""
     part = plain(part) or {}
-    keys = ('type', 'pretrained', 'config', 'feature_layer', 'feature_select')
-    return {k: part.get(k) for k in keys}
+    builder = MODELS.get(part['type']) if isinstance(part.get('type'), str) else None
+    defaults = {}
+    if builder is not None:
+        defaults = {name: p.default for name, p in inspect.signature(builder).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+    full = plain({**defaults, **part})
+    return {k: v for k, v in sorted(full.items()) if k not in RUN_ONLY_PART_KEYS}

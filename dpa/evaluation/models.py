@@ -24,7 +24,8 @@ from PIL import Image
 from safetensors import SafetensorError
 
 from dpa.datasets.llava import open_image
-from dpa.artifacts import ArtifactError, read_manifest, verify_artifact_folder
+from dpa.artifacts import (ArtifactError, StaleArtifactError, read_current_manifest,
+                           read_manifest, verify_artifact_folder)
 from dpa.models.builders import IMAGE_TOKEN, PROCESSORS, num_image_tokens
 from dpa.models.export import NATIVE_CONFIG, load_native
 from dpa.models.export_base import stop_token_ids
@@ -299,7 +300,10 @@ def resolve_model_dir(path: str, verify: bool = True) -> str:
 
     ``verify``: check the model's files against the sha256 its stage's
     manifest recorded (when a manifest covers them), so that a corrupted
-    or edited model is refused rather than scored.
+    or edited model is refused rather than scored, and refuse a stale one
+    (made from an earlier artifact of its work dir that changed since, e.g.
+    align trained again: :func:`dpa.artifacts.read_current_manifest`, the
+    check the pipeline applies before it skips a stage).
     """
     if not osp.isdir(path):
         raise ModelLoadError(f'{path} is not a directory; give a work dir, a native model dir '
@@ -309,7 +313,11 @@ def resolve_model_dir(path: str, verify: bool = True) -> str:
             if verify:
                 verify_artifact_folder(path)
             return path
-        manifest = read_manifest(path, FINAL_STAGE, verify=verify)
+        manifest = (read_current_manifest if verify else read_manifest)(path, FINAL_STAGE,
+                                                                        verify=verify)
+    except StaleArtifactError as err:
+        raise ModelLoadError(f'{err.explain()}\n(--no-verify loads the stale model anyway)'
+                             ) from None
     except ArtifactError as err:
         raise ModelLoadError(f'{err}\n(--no-verify loads the model without this check, for '
                              'very large checkpoints you trust)') from None

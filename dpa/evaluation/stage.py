@@ -5,8 +5,12 @@ evaluation file, its metrics in the stage's manifest and the run summary.
     eval = dict(data='/data/eval.jsonl', image_folder='/data/images', batch_size=8)
 
 With ``synthetic_data`` and no ``eval.data``, the synthetic held-out split is
-used. Like a training stage it is skipped on re-run, unless the final model
-was re-trained since it was scored. The stage is registered in
+used. Like a training stage it is skipped on re-run, unless what it scored
+has changed: the final model (trained again since), the data file (another
+one, or the same one edited: its sha256) or the settings (``eval_settings`` in
+its manifest). The final model may be another run's (``finetune.from_work_dir``);
+it is read through :func:`dpa.artifacts.read_current_manifest`, so a stale one
+is refused. The stage is registered in
 :data:`dpa.registry.PIPELINE_STAGES` (:class:`EvalStage`): the engine runs it
 by name.
 """
@@ -16,7 +20,8 @@ from typing import List, Optional
 
 from mmengine.dist import barrier, is_main_process
 
-from dpa.artifacts import read_manifest, write_artifact_dir, write_manifest
+from dpa.artifacts import (checksums_digest, read_current_manifest, read_manifest, sha256_of,
+                           stage_work_dir, write_artifact_dir, write_manifest)
 from dpa.datasets.llava import read_rows
 from dpa.engine.console import stage_console
 from dpa.engine.interrupts import TrainingInterrupted, requested_signal
@@ -72,9 +77,10 @@ def check_eval_config(cfg, stages: List[str]) -> None:
     folder = spec.get('image_folder')
     if folder and spec.get('data') and not osp.isdir(folder):
         raise ConfigError(f'eval.image_folder: {folder!r} is not a directory')
-    if FINAL_STAGE not in stages and read_manifest(cfg.work_dir, FINAL_STAGE) is None:
+    final_dir = stage_work_dir(cfg, FINAL_STAGE)
+    if FINAL_STAGE not in stages and read_manifest(final_dir, FINAL_STAGE) is None:
         raise ConfigError(f'stage {EVAL_STAGE!r} scores the final model of stage '
-                          f"{FINAL_STAGE!r}, but {osp.join(cfg.work_dir, FINAL_STAGE)} has no "
+                          f"{FINAL_STAGE!r}, but {osp.join(final_dir, FINAL_STAGE)} has no "
                           f'manifest: run `--stage {FINAL_STAGE}` first (same --work-dir)')
 
 
@@ -85,16 +91,37 @@ def point_at_synthetic_split(cfg, paths: dict) -> None:
         spec.update(data=paths['eval'], image_folder=paths['image_folder'])
 
 
+def eval_settings(cfg, final: dict) -> dict:
+    """What the scores depend on: the model (its files' checksum digest), the
+    data file and its sha256, the image folder, every setting of ``eval`` but
+    the device, and the images' preprocessing. The stage's skip key, with the
+    model's ``finished_at``; a manifest of an older version, without it, is
+    scored again."""
+    spec = cfg[EVAL_STAGE]
+    settings = {key: spec.get(key) for key in EVAL_KEYS if key not in ('data', 'device')}
+    settings.update(data=osp.abspath(spec['data']), data_sha256=sha256_of(spec['data']),
+                    image_folder=osp.abspath(spec.get('image_folder') or ''),
+                    batch_size=spec.get('batch_size', 8),
+                    skip_bad_rows=spec.get('skip_bad_rows', False),
+                    pad_to_square=_pad_to_square(cfg, final['artifact']),
+                    model_checksums=checksums_digest(final))
+    return settings
+
+
 def run_eval_stage(cfg) -> dict:
     """Score the final model (rank 0) and write the stage's manifest; return
     it, with ``skipped`` True when an up-to-date one existed."""
     work_dir = cfg.work_dir
-    final = read_manifest(work_dir, FINAL_STAGE)
+    final_dir = stage_work_dir(cfg, FINAL_STAGE)
+    final = read_manifest(final_dir, FINAL_STAGE)
+    settings = eval_settings(cfg, final)
     manifest = read_manifest(work_dir, EVAL_STAGE)
-    if manifest is not None and manifest.get('model_finished_at') == final['finished_at']:
+    if (manifest is not None and manifest.get('model_finished_at') == final['finished_at']
+            and manifest.get('eval_settings') == settings):
         return dict(manifest, skipped=True)
-    # Checked here, once, before scoring: the scores must be the model's training wrote.
-    read_manifest(work_dir, FINAL_STAGE, verify=True)
+    # Checked here, once, before scoring: the scores must be the model's training wrote,
+    # made from the earlier artifacts the work dir holds.
+    read_current_manifest(final_dir, FINAL_STAGE, verify=True)
     if requested_signal():
         raise TrainingInterrupted(EVAL_STAGE, requested_signal(), 0, None)
     if is_main_process():
@@ -121,7 +148,8 @@ def run_eval_stage(cfg) -> dict:
         write_manifest(work_dir, EVAL_STAGE, dict(
             artifact_kind=ARTIFACT_KIND, artifact=osp.abspath(target),
             made_from=dict(model=final['artifact'], data=osp.abspath(spec['data'])),
-            model_finished_at=final['finished_at'], iterations=0, first_loss=None,
+            model_finished_at=final['finished_at'], eval_settings=settings, iterations=0,
+            first_loss=None,
             last_loss=None, metrics=summary_metrics(results)))
     barrier()
     return dict(read_manifest(work_dir, EVAL_STAGE), skipped=False)
