@@ -14,8 +14,10 @@ synthetic_data = dict(root='data/dpa_smollm2', caption_style='bracket')
 
 # A pretrained 135M LLM moves with rates between the paper's (4e-5, for 7B)
 # and the random tiny default's.
+# `fused=True`: torch's fused AdamW runs on the CPU too, 3-4x faster than its
+# default loop over 135 M parameters (0.27 s against 0.89 s a step, one thread).
 _adamw = dict(type='OptimWrapper', clip_grad=dict(max_norm=1.0),
-              optimizer=dict(type='AdamW', betas=(0.9, 0.999), weight_decay=0.0))
+              optimizer=dict(type='AdamW', betas=(0.9, 0.999), weight_decay=0.0, fused=True))
 proxy = dict(lora=dict(r=16, lora_alpha=32), max_length=128, batch_size=8, global_batch_size=8,
              max_epochs=1, checkpoint_interval=8,
              optim_wrapper=dict(_adamw, optimizer=dict(_adamw['optimizer'], lr=1e-3)))

@@ -135,6 +135,25 @@ def test_every_stage_trains_the_real_llm_and_the_export_stops_by_itself(trained)
         assert processor.decode(new[:-1]).strip(), 'an empty answer'
 
 
+def test_the_export_on_the_real_vision_tower_answers_as_the_native_model(trained):
+    """DINOv2 at 56 px in a LlavaForConditionalGeneration: the same prompt
+    ids and the same next-token logits as the native model, picture and all."""
+    _, manifests = trained
+    final = manifests['finetune']['artifact']
+    native = load_eval_model(final)
+    export = load_eval_model(osp.join(final, 'hf_llava'))
+    assert export.model.config.vision_config.model_type == 'dinov2'
+    image = Image.new('RGB', (64, 64), 'white')
+    image.paste((220, 40, 40), (16, 16, 48, 48))
+    ids, pixels = native.prompt('What colour is the shape?', image)
+    export_ids, export_pixels = export.prompt('What colour is the shape?', image)
+    assert ids == export_ids and ids.count(native.image_token_id) == 16
+    assert torch.allclose(pixels, export_pixels, atol=1e-6)
+    expected = native.last_logits([ids], [pixels], 1)
+    assert torch.allclose(export.last_logits([export_ids], [export_pixels], 1), expected,
+                          atol=1e-4, rtol=1e-4)
+
+
 def test_native_final_model_answers_in_english_and_stops(trained):
     _, manifests = trained
     model = load_eval_model(manifests['finetune']['artifact'])
