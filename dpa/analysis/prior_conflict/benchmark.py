@@ -54,7 +54,7 @@ PRIORS = {
     # one CPU thread (docs/prior_conflict.md, "A real prior").
     'smollm2': dict(configs='configs/prior_conflict/smollm2', root='prior_conflict_smollm2',
                     data=dict(wording='natural', num_captions=320, num_instructions=160,
-                              num_eval=24)),
+                              num_eval=24, image_size=56)),
 }
 
 
