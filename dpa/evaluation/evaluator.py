@@ -356,7 +356,7 @@ def evaluate(model_path: str, data: str, image_folder: str = '', out_dir: Option
         data: json/jsonl evaluation rows (see :mod:`dpa.evaluation.data`).
         image_folder: what the rows' image paths are relative to.
         out_dir: where the files go; None writes nothing.
-        batch_size: sequences per forward pass.
+        batch_size: options (or open questions) per forward pass.
         device: default ``cuda`` when available, else ``cpu``.
         skip_bad_rows: score the good rows when some are bad (they are listed
             and counted in ``skipped_rows``) instead of raising.

@@ -53,7 +53,8 @@ class DPALmmsModel(lmms):
     """Args (``--model_args``; ``--device`` and ``--batch_size`` arrive too):
         pretrained: a work dir, native model dir or ``hf_llava`` dir.
         device: ``cpu``, ``cuda``, ``cuda:1`` ... (default: cuda if available).
-        batch_size: sequences per forward pass (predictions do not depend on it).
+        batch_size: requests per forward pass, a document's kept together
+            (predictions do not depend on it).
         pad_to_square: native models: ``True``/``False`` overrides the recorded
             image preprocessing, as ``tools/eval.py --pad-to-square`` does.
     """
