@@ -1,6 +1,7 @@
 """The evaluator (tools/eval.py, dpa.evaluation): the synthetic held-out split,
 option scores against a hand computation from the model's full logits, batch
-size invariance, native and hf_llava agreement, generation, bad rows, the
+size invariance, native and hf_llava agreement, one pass over the prompt per
+row (scores equal to the full sequences'), generation, bad rows, the
 pipeline's eval stage and the lmms-eval bridge's files."""
 import json
 import os
@@ -26,6 +27,7 @@ from dpa.evaluation import (BadRowsError, EvalDataError, compute_metrics, evalua
                             load_eval_model, normalize_answer, predict, read_eval_rows)
 from dpa.evaluation.lmms_eval import (LmmsEvalError, agreement, choose_model, log_errors,
                                       read_results, write_local_tasks)
+from dpa.evaluation.evaluator import group_batches, option_ids, score_continuations
 from dpa.evaluation.models import load_image
 from dpa.evaluation.stage import check_eval_config
 from dpa.models.builders import IMAGE_TOKEN, PROCESSORS
@@ -251,6 +253,115 @@ def test_native_and_hf_llava_export_agree(model_dirs, native_model, eval_data):
     assert [r['prediction'] for r in a] == [r['prediction'] for r in b]
     for x, y in zip(a, b):
         assert x['option_scores'] == pytest.approx(y['option_scores'], abs=1e-4)
+
+
+# --------------------------------------------------------------------------- #
+# One pass over the prompt per row
+# --------------------------------------------------------------------------- #
+
+LONG_OPTION = 'It is a small red circle near the top left corner of the picture.'
+
+
+def _mixed_items(model, rows):
+    """Scoring items with every case the shared prompt pass must get right:
+    each row's prompt with its image and without (text only, made 0 to 2
+    sentences longer, so the left padding varies), options of one to many
+    tokens, and the model's own greedy continuation (one and three tokens,
+    whose ``greedy`` is True)."""
+    items = []
+    for k, row in enumerate(rows):
+        pictured = model.prompt(row['question'], load_image(row['image_path']))
+        text = model.prompt(row['question'] + ' Answer in a few words.' * (k % 3), None)
+        for ids, pixels in (pictured, text):
+            greedy = model.generate([ids], [pixels] if pixels is not None else [], 3)[0]
+            continuations = [option_ids(model.tokenizer, option)
+                             for option in row['options'] + [LONG_OPTION]]
+            continuations += [greedy[:1], greedy]
+            items += [(ids, pixels, continuation) for continuation in continuations]
+    return items
+
+
+def _count_prompt_passes(model):
+    """Record the prompts each prompt pass runs; a full-sequence pass fails."""
+    passes = []
+    prompt_pass = model.prompt_pass
+
+    def counted(sequences, pixel_values):
+        passes.append([tuple(s) for s in sequences])
+        return prompt_pass(sequences, pixel_values)
+
+    def refused(*args):
+        raise AssertionError('a full sequence ran')
+
+    model.prompt_pass, model.last_logits = counted, refused
+    return passes
+
+
+@pytest.mark.parametrize('kind', ['native', 'hf_llava'])
+def test_shared_prompt_scores_equal_full_sequence_scores(finished, data_root, kind):
+    """The trained tiny default, natively and as its transformers export: the
+    options continuing from their prompt's cache score as their full
+    sequences (within 1e-5, float32) with the same ``greedy``, each prompt
+    runs once whatever the batch size, and predict() (the no-image control
+    too) gives the same records."""
+    _, manifests = finished
+    final = manifests[2]['artifact']
+    model = load_eval_model(final if kind == 'native' else osp.join(final, 'hf_llava'))
+    assert model.prefix_cache == 'cache'  # transformers 5.25 names it so
+    rows, problems = read_eval_rows(str(data_root / 'eval.jsonl'), str(data_root / 'images'))
+    assert not problems
+    items = _mixed_items(model, rows[:6])
+    prompts = {(tuple(ids), id(pixels)) for ids, pixels, _ in items}
+    assert len({len(ids) for ids, _ in prompts}) >= 3  # left padding differs
+    assert len({len(c) for _, _, c in items}) >= 3
+    full = score_continuations(model, items, 4, share_prompts=False)
+    assert 0 < sum(greedy for _, greedy in full) < len(full)
+    passes = _count_prompt_passes(model)
+    for batch_size in (1, 8, 100):
+        passes.clear()
+        shared = score_continuations(model, items, batch_size)
+        assert sorted(p for run in passes for p in run) == sorted(ids for ids, _ in prompts)
+        assert len(passes) == (1 if batch_size == 100 else len(prompts))
+        assert [greedy for _, greedy in shared] == [greedy for _, greedy in full]
+        for (new, _), (old, _) in zip(shared, full):
+            assert new == pytest.approx(old, abs=1e-5)
+    del model.prompt_pass, model.last_logits
+
+    records = [predict(model, rows[:12], batch_size=8, show_progress=False, with_images=images)
+               for images in (True, False)]
+    model.prefix_cache = None  # the full sequences, as before
+    for images, new in zip((True, False), records):
+        old = predict(model, rows[:12], batch_size=8, show_progress=False, with_images=images)
+        assert [r['prediction'] for r in new] == [r['prediction'] for r in old]
+        for a, b in zip(new, old):
+            assert a['option_scores'] == pytest.approx(b['option_scores'], abs=1e-5)
+
+
+def test_a_cache_that_cannot_be_reordered_falls_back_to_full_sequences(model_dirs, eval_data):
+    model = load_eval_model(model_dirs['native'], 'cpu', pad_to_square=True)
+    rows, _ = read_eval_rows(eval_data['eval'], eval_data['image_folder'])
+    items = _mixed_items(model, rows[:2])
+    full = score_continuations(model, items, 3, share_prompts=False)
+    prompt_pass = model.prompt_pass
+
+    def legacy(*args):  # a cache of the old tuple kind
+        last, _, mask = prompt_pass(*args)
+        return last, ((torch.zeros(1), torch.zeros(1)),), mask
+
+    model.prompt_pass = legacy
+    fallen_back = score_continuations(model, items, 3)
+    assert model.prefix_cache is None  # the model's next batches go straight there
+    assert [greedy for _, greedy in fallen_back] == [greedy for _, greedy in full]
+    assert [logp for logp, _ in fallen_back] == pytest.approx([logp for logp, _ in full],
+                                                              abs=1e-5)
+
+
+def test_group_batches_never_split_a_group():
+    groups = [[0, 1, 2], [3], [4, 5], [6, 7, 8, 9, 10], [11]]
+    assert list(group_batches(groups, 4)) == [[[0, 1, 2], [3]], [[4, 5]],
+                                              [[6, 7, 8, 9, 10]], [[11]]]
+    assert list(group_batches(groups, 100)) == [groups]
+    assert list(group_batches([], 3)) == []
 
 
 def test_normalize_answer():

@@ -81,6 +81,39 @@ def test_real_prior_gates_need_both_conditions():
     assert not passed(dict(good, nll_style_b=good['nll_style_a'] + GATE['nll_margin'] - 0.01))
 
 
+def test_real_prior_gates_run_each_prompt_once_and_score_as_full_sequences(monkeypatch):
+    """The real-prior gates score options and captions through the
+    evaluator's shared prompt pass: the same values as every full sequence
+    (within 1e-5), with one pass over each distinct prompt."""
+    from mmengine.config import Config
+
+    from dpa.analysis.prior_conflict import real_prior
+    from dpa.evaluation import evaluator
+    from dpa.models.builders import PROCESSORS
+    from dpa.registry import MODELS
+    from tiny import REPO
+    tokenizer = PROCESSORS.build(dict(type='TinyTokenizer'))
+    torch.manual_seed(0)
+    llm = MODELS.build(Config.fromfile(f'{REPO}/configs/_base_/models/tiny_qwen2.py')
+                       .llm.to_dict()).eval()
+    gate = dict(real_prior.GATE, samples=3)
+    passes = []
+    prompt_pass = evaluator._score_shared_prompts
+
+    def counted(model, prompts, *args):
+        passes.extend(map(tuple, prompts))
+        return prompt_pass(model, prompts, *args)
+
+    monkeypatch.setattr(evaluator, '_score_shared_prompts', counted)
+    shared = real_prior.gates(llm, tokenizer, gate)
+    assert len(passes) == len(set(passes)) == 3 * len(ATTRIBUTES) + 1  # the caption prompt once
+    monkeypatch.setattr(real_prior, 'score_continuations',
+                        lambda *args: evaluator.score_continuations(*args, share_prompts=False))
+    full = real_prior.gates(llm, tokenizer, gate)
+    assert shared.keys() == full.keys()
+    assert shared == pytest.approx(full, abs=1e-5)
+
+
 def test_gates_of_an_untrained_prior_fail():
     tokenizer = build_tokenizer()
     torch.manual_seed(0)

@@ -47,7 +47,8 @@ def parse_args(argv=None):
                         help="folder the rows' image paths are relative to")
     parser.add_argument('--out', help='output folder (default: MODEL/evaluation/DATA_NAME)')
     parser.add_argument('--batch-size', type=int, default=8,
-                        help='sequences per forward pass (one per row and option)')
+                        help='options (or open questions) per forward pass; a row\'s prompt '
+                        'runs once, its options continue from its keys and values')
     parser.add_argument('--device', help='cpu, cuda, cuda:1, ... (default: cuda if available)')
     parser.add_argument('--skip-bad-rows', action='store_true',
                         help='score the good rows when some are bad (they are still listed)')

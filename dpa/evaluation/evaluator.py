@@ -3,9 +3,12 @@
 Multiple choice (a row with ``options``): each option's score is the sum of
 the log-probabilities of its tokens (tokenised alone, without special tokens)
 appended to the prompt's tokens; the prediction is the best option, the first
-one on ties. Open questions: greedy generation until an end-of-turn token (at
-most ``MAX_NEW_TOKENS``), correct when it equals the answer once both are
-lower-cased and stripped of surrounding whitespace and punctuation.
+one on ties. The prompt (image and question) runs once per row and the
+options continue from its keys and values, which gives the scores of the
+full sequences (see :func:`score_continuations`). Open questions: greedy
+generation until an end-of-turn token (at most ``MAX_NEW_TOKENS``), correct
+when it equals the answer once both are lower-cased and stripped of
+surrounding whitespace and punctuation.
 
 The no-image control: the rows that show a picture are asked again without
 it (the same question, text only), and their accuracy is reported beside the
@@ -65,11 +68,15 @@ class EvaluationInterrupted(RuntimeError):
         self.signum = signum
 
 
+def _check_interrupted(interrupted: Optional[Callable[[], Optional[int]]]):
+    signum = interrupted() if interrupted is not None else None
+    if signum:
+        raise EvaluationInterrupted(signum)
+
+
 def _batches(items, size, interrupted: Optional[Callable[[], Optional[int]]] = None):
     for start in range(0, len(items), size):
-        signum = interrupted() if interrupted is not None else None
-        if signum:
-            raise EvaluationInterrupted(signum)
+        _check_interrupted(interrupted)
         yield items[start:start + size]
 
 
@@ -80,18 +87,118 @@ def option_ids(tokenizer, option: str) -> List[int]:
     return ids
 
 
-def score_continuations(model, items, batch_size: int, progress=None,
-                        interrupted=None) -> List[Tuple[float, bool]]:
+def score_continuations(model, items, batch_size: int, progress=None, interrupted=None,
+                        share_prompts: bool = True) -> List[Tuple[float, bool]]:
     """The summed log-probability of each continuation after its prompt, and
     whether greedy decoding would produce it.
 
+    Items with the same prompt (equal ids and the same pixel values object:
+    a row's options) share one pass over it when the model keeps a key/value
+    cache (``model.prefix_cache``): see :func:`_score_shared_prompts`. The
+    scores equal those of the full sequences (:func:`_score_full_sequences`,
+    used otherwise) up to float rounding (tests/test_eval.py).
+
     Args:
-        model: a ``NativeEvalModel`` or ``HFLlavaEvalModel``.
+        model: a ``NativeEvalModel``, ``HFLlavaEvalModel`` or ``CausalLMScorer``.
         items: ``(prompt ids, pixel values or None, continuation ids)`` each.
-        batch_size: sequences per forward pass.
-        progress: a tqdm bar advanced by one per sequence.
+        batch_size: continuations per forward pass; with shared prompts, the
+            prompts of a batch are those of its continuations (a prompt with
+            more continuations than ``batch_size`` is a batch of its own).
+        progress: a tqdm bar advanced by one per continuation.
         interrupted: see :func:`_batches`.
+        share_prompts: False runs every item's full sequence.
     """
+    if not (share_prompts and getattr(model, 'prefix_cache', None)):
+        return _score_full_sequences(model, items, batch_size, progress, interrupted)
+    groups = {}  # (prompt ids, pixels' identity) -> the indices of its items
+    for index, (ids, pixels, _) in enumerate(items):
+        groups.setdefault((tuple(ids), id(pixels)), []).append(index)
+    results = [None] * len(items)
+    for batch in group_batches(list(groups.values()), batch_size, interrupted):
+        prompts = [items[group[0]] for group in batch]
+        indices = [index for group in batch for index in group]
+        scored = _score_shared_prompts(
+            model, [ids for ids, _, _ in prompts], [pixels for _, pixels, _ in prompts],
+            [items[index][2] for index in indices],
+            [g for g, group in enumerate(batch) for _ in group])
+        if scored is None:  # the model returned no cache it can reorder
+            model.prefix_cache = None
+            scored = _score_full_sequences(model, [items[i] for i in indices], batch_size)
+        for index, result in zip(indices, scored):
+            results[index] = result
+        if progress is not None:
+            progress.update(len(indices))
+    return results
+
+
+def group_batches(groups, size: int, interrupted=None):
+    """Batches of consecutive groups (lists) holding at most ``size`` items
+    together, a larger group alone: a group is never split. ``interrupted``:
+    see :func:`_batches`."""
+    batch, count = [], 0
+    for group in groups:
+        if batch and count + len(group) > size:
+            _check_interrupted(interrupted)
+            yield batch
+            batch, count = [], 0
+        batch.append(group)
+        count += len(group)
+    if batch:
+        _check_interrupted(interrupted)
+        yield batch
+
+
+def _score_shared_prompts(model, prompts, pixels, continuations, owners):
+    """Continuations scored after one pass over their prompts.
+
+    The left-padded prompts run once, keeping their keys and values; the
+    last position's logits predict each continuation's first token. The
+    continuations then run as one right-padded batch (all tokens but the
+    last, which nothing after it needs) on the cache of their own prompt
+    (``owners``: the index of each one's prompt), with the prompt's attention
+    mask before their own and position ids going on from the prompt's real
+    length: the same inputs, position for position, as the full sequence.
+
+    Returns:
+        ``(sum of log-probabilities, greedy)`` per continuation, or None when
+        the model's cache cannot be reordered by batch row.
+    """
+    last, cache, prompt_mask = model.prompt_pass(prompts, [p for p in pixels if p is not None])
+    if not hasattr(cache, 'batch_select_indices'):
+        return None
+    device = last.device
+    owners = torch.as_tensor(owners, device=device)
+    logps = torch.log_softmax(last[owners], dim=-1)[:, None]  # (n, 1, vocab)
+    longest = max(len(c) for c in continuations)
+    if longest > 1:
+        fed = torch.full((len(continuations), longest - 1), model.pad_id, dtype=torch.long)
+        fed_mask = torch.zeros_like(fed)
+        for row, continuation in enumerate(continuations):
+            if len(continuation) > 1:
+                fed[row, :len(continuation) - 1] = torch.as_tensor(continuation[:-1])
+                fed_mask[row, :len(continuation) - 1] = 1
+        prompt_mask = prompt_mask.to(device)
+        position_ids = (prompt_mask.sum(-1)[owners, None]
+                        + torch.arange(longest - 1, device=device))
+        cache.batch_select_indices(owners)  # one cache row per continuation
+        logits = model.continuation_logits(
+            fed.to(device), torch.cat([prompt_mask[owners], fed_mask.to(device)], dim=1),
+            position_ids, cache)
+        logps = torch.cat([logps, torch.log_softmax(logits, dim=-1)], dim=1)
+    results = []
+    for row, continuation in enumerate(continuations):
+        n = len(continuation)
+        targets = torch.as_tensor(continuation, device=device)
+        rows = logps[row, :n]
+        results.append((float(rows[torch.arange(n, device=device), targets].double().sum()),
+                        bool((rows.argmax(-1) == targets).all())))
+    return results
+
+
+def _score_full_sequences(model, items, batch_size: int, progress=None,
+                          interrupted=None) -> List[Tuple[float, bool]]:
+    """:func:`score_continuations` by running each item's full sequence
+    (prompt and continuation, left-padded), ``batch_size`` at a time."""
     results = []
     for batch in _batches(items, batch_size, interrupted):
         sequences = [ids + continuation for ids, _, continuation in batch]
@@ -104,7 +211,7 @@ def score_continuations(model, items, batch_size: int, progress=None,
             positions = torch.arange(keep - n - 1, keep - 1)
             targets = torch.as_tensor(continuation, device=logps.device)
             rows = logps[b, positions]
-            results.append((float(rows[torch.arange(n), targets].sum()),
+            results.append((float(rows[torch.arange(n), targets].double().sum()),
                             bool((rows.argmax(-1) == targets).all())))
         if progress is not None:
             progress.update(len(batch))
@@ -119,8 +226,8 @@ def score_options(model, prompts, rows, batch_size: int, progress=None,
         model: a ``NativeEvalModel`` or ``HFLlavaEvalModel``.
         prompts: ``(ids, pixel_values)`` of each row.
         rows: the rows (with ``options``).
-        batch_size: sequences (one per row and option) per forward pass.
-        progress: a tqdm bar advanced by one per sequence.
+        batch_size: options per forward pass (see :func:`score_continuations`).
+        progress: a tqdm bar advanced by one per option.
     """
     items = [(prompts[r][0], prompts[r][1], option_ids(model.tokenizer, option))
              for r, row in enumerate(rows) for option in row['options']]
@@ -249,7 +356,7 @@ def evaluate(model_path: str, data: str, image_folder: str = '', out_dir: Option
         data: json/jsonl evaluation rows (see :mod:`dpa.evaluation.data`).
         image_folder: what the rows' image paths are relative to.
         out_dir: where the files go; None writes nothing.
-        batch_size: sequences per forward pass.
+        batch_size: options (or open questions) per forward pass.
         device: default ``cuda`` when available, else ``cpu``.
         skip_bad_rows: score the good rows when some are bad (they are listed
             and counted in ``skipped_rows``) instead of raising.

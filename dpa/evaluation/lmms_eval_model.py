@@ -18,13 +18,16 @@ scores it:
   strings; sampling and beam search are refused (the evaluator decodes greedily).
 - ``loglikelihood`` (lmms-eval's multiple choice): the continuation's token
   log-probabilities summed after the prompt, as the built-in evaluator scores
-  an option. The first value returned is their negation, a loss: lmms-eval
-  0.7.3's models return losses and its multiple-choice scoring picks the
-  smallest, which is then the built-in evaluator's best option.
+  an option (one pass over a document's prompt, its options continuing from
+  the prompt's keys and values). The first value returned is their negation,
+  a loss: lmms-eval 0.7.3's models return losses and its multiple-choice
+  scoring picks the smallest, which is then the built-in evaluator's best
+  option.
 
 One process (no ``accelerate`` data parallelism); at most one image a request.
 """
 import logging
+from itertools import groupby
 from typing import List, Optional
 
 from lmms_eval.api.instance import GenerationResult
@@ -33,8 +36,8 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from mmengine.logging import print_log
 from PIL import Image
 
-from dpa.evaluation.evaluator import (MAX_NEW_TOKENS, generate_answers, option_ids,
-                                      score_continuations)
+from dpa.evaluation.evaluator import (MAX_NEW_TOKENS, generate_answers, group_batches,
+                                      option_ids, score_continuations)
 from dpa.evaluation.models import default_device, load_eval_model
 from dpa.models.builders import IMAGE_TOKEN
 
@@ -50,7 +53,8 @@ class DPALmmsModel(lmms):
     """Args (``--model_args``; ``--device`` and ``--batch_size`` arrive too):
         pretrained: a work dir, native model dir or ``hf_llava`` dir.
         device: ``cpu``, ``cuda``, ``cuda:1`` ... (default: cuda if available).
-        batch_size: sequences per forward pass (predictions do not depend on it).
+        batch_size: requests per forward pass, a document's kept together
+            (predictions do not depend on it).
         pad_to_square: native models: ``True``/``False`` overrides the recorded
             image preprocessing, as ``tools/eval.py --pad-to-square`` does.
     """
@@ -96,11 +100,24 @@ class DPALmmsModel(lmms):
         for start in range(0, len(requests), self.batch_size):
             yield requests[start:start + self.batch_size]
 
+    @staticmethod
+    def _prompt_key(request):
+        if len(request.args) == 2:  # unconditional: the context alone, no image
+            return (request.args[0],)
+        context, _, _, doc_id, task, split = request.args
+        return task, split, doc_id, context
+
     def loglikelihood(self, requests) -> List[GenerationResult]:
         """``(loss, is_greedy)`` of each request: the continuation's summed
-        negative log-probability and whether greedy decoding produces it."""
+        negative log-probability and whether greedy decoding produces it.
+
+        A document's requests (its options, one after the other) stay in one
+        chunk of about ``batch_size`` requests, so that their prompt runs
+        once (see :func:`score_continuations`)."""
         results = []
-        for chunk in self._chunks(requests):
+        runs = [list(run) for _, run in groupby(requests, key=self._prompt_key)]
+        for batch in group_batches(runs, self.batch_size):
+            chunk = [request for run in batch for request in run]
             items = []
             for request in chunk:
                 if len(request.args) == 2:  # acc_mutual_info's unconditional requests: no image
@@ -115,7 +132,8 @@ class DPALmmsModel(lmms):
             # and its multiple-choice scoring then fails ("too many values to
             # unpack"); a GenerationResult reaches it unchanged.
             results += [GenerationResult((-logp, greedy))
-                        for logp, greedy in score_continuations(self.model, items, len(items))]
+                        for logp, greedy in score_continuations(self.model, items,
+                                                                self.batch_size)]
         return results
 
     def generate_until(self, requests) -> List[str]:

@@ -81,6 +81,22 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int):
     return input_ids, attention_mask, position_ids
 
 
+def cache_keyword(llm) -> Optional[str]:
+    """The keyword by which ``llm`` (or the model a PEFT wrapper holds) takes
+    a key/value cache: ``cache`` (transformers 5.25 on), ``past_key_values``
+    (before), None when its forward takes neither (the scorer then runs every
+    option's full sequence)."""
+    base = llm.get_base_model() if hasattr(llm, 'get_base_model') else llm
+    parameters = inspect.signature(base.forward).parameters
+    return next((name for name in ('cache', 'past_key_values') if name in parameters), None)
+
+
+def returned_cache(outputs):
+    """The key/value cache a forward pass returned, or None."""
+    cache = outputs.get('cache')
+    return outputs.get('past_key_values') if cache is None else cache
+
+
 def default_device() -> str:
     return 'cuda' if torch.cuda.is_available() else 'cpu'
 
@@ -117,6 +133,8 @@ class NativeEvalModel:
         self.pad_id = tokenizer.pad_token_id
         self.end_of_turn_ids = end_of_turn_ids(tokenizer, getattr(model.llm, 'generation_config',
                                                                   None))
+        # How the LLM takes a key/value cache (see prompt_pass); None: it takes none.
+        self.prefix_cache = cache_keyword(model.llm)
 
     def image_input(self, image: Image.Image):
         """``(number of <image> ids, pixel values)`` of one image, as training
@@ -150,18 +168,42 @@ class NativeEvalModel:
         embeds, _ = self.model.embed(input_ids, pixels, image_sizes)
         return embeds, attention_mask, position_ids
 
+    def _llm(self, embeds, attention_mask, position_ids, keep: int = 0, cache=None,
+             use_cache: bool = False):
+        llm = self.model.llm
+        kwargs = dict(inputs_embeds=embeds, attention_mask=attention_mask,
+                      position_ids=position_ids, use_cache=use_cache)
+        if keep and _accepts(llm.forward, 'logits_to_keep'):
+            kwargs['logits_to_keep'] = keep
+        if cache is not None:
+            kwargs[self.prefix_cache] = cache
+        return llm(**kwargs)
+
     @torch.no_grad()
     def last_logits(self, sequences, pixel_values, keep: int) -> torch.Tensor:
         """Float32 logits of the last ``keep`` positions of each left-padded
         sequence: (batch, keep, vocab). The LLM is fed as in
         ``LlavaDPAModel.forward`` (same embeddings, mask and position ids)."""
         embeds, attention_mask, position_ids = self._inputs(sequences, pixel_values)
-        llm = self.model.llm
-        kwargs = dict(inputs_embeds=embeds, attention_mask=attention_mask,
-                      position_ids=position_ids, use_cache=False)
-        if _accepts(llm.forward, 'logits_to_keep'):
-            kwargs['logits_to_keep'] = keep
-        return llm(**kwargs).logits[:, -keep:].float()
+        return self._llm(embeds, attention_mask, position_ids, keep).logits[:, -keep:].float()
+
+    @torch.no_grad()
+    def prompt_pass(self, sequences, pixel_values):
+        """One pass over left-padded prompts that keeps their keys and values:
+        ``(float32 logits of the last position (batch, vocab), the cache, the
+        attention mask (batch, length))``, for :meth:`continuation_logits`."""
+        embeds, attention_mask, position_ids = self._inputs(sequences, pixel_values)
+        out = self._llm(embeds, attention_mask, position_ids, keep=1, use_cache=True)
+        return out.logits[:, -1].float(), returned_cache(out), attention_mask
+
+    @torch.no_grad()
+    def continuation_logits(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        """Float32 logits (batch, length, vocab) of text ids that continue the
+        prompts held in ``cache`` (one cache row per row of ``input_ids``);
+        ``attention_mask`` covers the cached positions and these."""
+        embeds, _ = self.model.embed(input_ids.to(self.device), None)
+        return self._llm(embeds, attention_mask.to(self.device), position_ids.to(self.device),
+                         cache=cache, use_cache=True).logits.float()
 
     @torch.no_grad()
     def generate(self, sequences, pixel_values, max_new_tokens: int,
@@ -199,6 +241,7 @@ class HFLlavaEvalModel:
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
         self.end_of_turn_ids = end_of_turn_ids(self.tokenizer, self.model.generation_config)
+        self.prefix_cache = cache_keyword(self.model)
 
     def prompt(self, question: str, image: Optional[Image.Image]):
         text = chat_prompt(self.tokenizer, question, image is not None)
@@ -235,6 +278,22 @@ class HFLlavaEvalModel:
         return out.logits[:, -keep:].float()
 
     @torch.no_grad()
+    def prompt_pass(self, sequences, pixel_values):
+        """See :meth:`NativeEvalModel.prompt_pass`."""
+        inputs, position_ids = self._inputs(sequences, pixel_values)
+        out = self.model(**inputs, position_ids=position_ids, logits_to_keep=1, use_cache=True)
+        return out.logits[:, -1].float(), returned_cache(out), inputs['attention_mask']
+
+    @torch.no_grad()
+    def continuation_logits(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        """See :meth:`NativeEvalModel.continuation_logits`."""
+        out = self.model(input_ids=input_ids.to(self.device),
+                         attention_mask=attention_mask.to(self.device),
+                         position_ids=position_ids.to(self.device), use_cache=True,
+                         **{self.prefix_cache: cache})
+        return out.logits.float()
+
+    @torch.no_grad()
     def generate(self, sequences, pixel_values, max_new_tokens: int,
                  streamer=None) -> List[List[int]]:
         inputs, _ = self._inputs(sequences, pixel_values)
@@ -246,6 +305,56 @@ class HFLlavaEvalModel:
                                   eos_token_id=self.end_of_turn_ids, pad_token_id=self.pad_id,
                                   streamer=streamer)
         return out[:, inputs['input_ids'].shape[1]:].tolist()
+
+
+class CausalLMScorer:
+    """A bare transformers causal LM (text only) behind the scorer's interface
+    (``last_logits``, ``prompt_pass``, ``continuation_logits``), so that
+    :func:`dpa.evaluation.evaluator.score_continuations` scores continuations
+    of plain text prompts the way the evaluator scores options (the
+    real-prior gates use it).
+
+    Args:
+        llm: the causal LM (eval mode).
+        pad_id: the id that fills padding (masked out; any id in the vocabulary).
+    """
+    kind = 'causal_lm'
+
+    def __init__(self, llm, pad_id: int = 0):
+        self.llm, self.pad_id = llm, pad_id
+        self.device = next(llm.parameters()).device
+        self.prefix_cache = cache_keyword(llm)
+
+    def _call(self, input_ids, attention_mask, position_ids, keep: int = 0, cache=None,
+              use_cache: bool = False):
+        kwargs = dict(input_ids=input_ids.to(self.device),
+                      attention_mask=attention_mask.to(self.device),
+                      position_ids=position_ids.to(self.device), use_cache=use_cache)
+        if keep and _accepts(self.llm.forward, 'logits_to_keep'):
+            kwargs['logits_to_keep'] = keep
+        if cache is not None:
+            kwargs[self.prefix_cache] = cache
+        return self.llm(**kwargs)
+
+    @torch.no_grad()
+    def last_logits(self, sequences, pixel_values, keep: int) -> torch.Tensor:
+        if pixel_values:
+            raise ValueError('a bare causal LM scores text only')
+        out = self._call(*left_pad(sequences, self.pad_id), keep=keep)
+        return out.logits[:, -keep:].float()
+
+    @torch.no_grad()
+    def prompt_pass(self, sequences, pixel_values):
+        if pixel_values:
+            raise ValueError('a bare causal LM scores text only')
+        input_ids, attention_mask, position_ids = left_pad(sequences, self.pad_id)
+        out = self._call(input_ids, attention_mask, position_ids, keep=1, use_cache=True)
+        return out.logits[:, -1].float(), returned_cache(out), attention_mask.to(self.device)
+
+    @torch.no_grad()
+    def continuation_logits(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        return self._call(input_ids, attention_mask, position_ids, cache=cache,
+                          use_cache=True).logits.float()
 
 
 def image_inputs(processed) -> list:

@@ -19,7 +19,6 @@ import random
 import statistics
 from typing import Callable, Dict, List
 
-import torch
 from mmengine.config import Config
 
 from dpa.analysis.prior_conflict.language import (ATTRIBUTES, NATURAL_QUESTIONS, natural_answer,
@@ -27,7 +26,8 @@ from dpa.analysis.prior_conflict.language import (ATTRIBUTES, NATURAL_QUESTIONS,
                                                   style_b_caption)
 from dpa.analysis.prior_conflict.prior_llm import PriorGateError
 from dpa.engine.paths import fill_path_variables
-from dpa.evaluation.models import chat_prompt
+from dpa.evaluation.evaluator import score_continuations
+from dpa.evaluation.models import CausalLMScorer, chat_prompt
 from dpa.models.builders import PROCESSORS
 from dpa.registry import MODELS
 
@@ -42,39 +42,46 @@ def _prompt_ids(tokenizer, user: str) -> List[int]:
                      add_special_tokens=False).input_ids
 
 
-@torch.no_grad()
-def _continuation_logprobs(model, prompt: List[int], continuations: List[List[int]]):
-    """Per continuation, the log-probabilities of its tokens after ``prompt``."""
-    length = max(len(c) for c in continuations)
-    ids = torch.tensor([prompt + c + [0] * (length - len(c)) for c in continuations])
-    logprobs = model(input_ids=ids).logits[:, len(prompt) - 1:-1].log_softmax(-1)
-    return [logprobs[i, torch.arange(len(c)), torch.tensor(c)] for i, c in enumerate(continuations)]
+def gates(model, tokenizer, gate: dict = GATE, batch_size: int = 32) -> Dict[str, float]:
+    """Text-alone accuracy per attribute and the per-token NLL of both styles.
 
-
-def gates(model, tokenizer, gate: dict = GATE) -> Dict[str, float]:
-    """Text-alone accuracy per attribute and the per-token NLL of both styles."""
+    Scored with the evaluator's :func:`score_continuations`: one pass over
+    each prompt, its options continuing from the prompt's keys and values
+    (the caption prompt, the same for every caption, runs once a batch);
+    ``batch_size`` continuations a pass."""
     rng = random.Random(gate['seed'])
-    result = {}
+    questions = {}  # attribute -> [(index of its first option's item, the answer)]
+    items = []
     for attribute, values in ATTRIBUTES.items():
-        correct = 0
+        questions[attribute] = []
         for _ in range(gate['samples']):
             scene = random_scene(rng)
             prompt = _prompt_ids(tokenizer,
                                  f'{natural_sentence(scene)} {NATURAL_QUESTIONS[attribute]}')
-            options = [tokenizer(natural_answer(attribute, dict(scene, **{attribute: v})),
-                                 add_special_tokens=False).input_ids for v in values]
-            scores = [float(lp.sum()) for lp in _continuation_logprobs(model, prompt, options)]
-            correct += values[scores.index(max(scores))] == scene[attribute]
-        result[f'text_accuracy_{attribute}'] = correct / gate['samples']
-    nll = {'a': [], 'b': []}
+            start = len(items)
+            items += [(prompt, None, tokenizer(natural_answer(attribute, dict(scene, **{
+                attribute: v})), add_special_tokens=False).input_ids) for v in values]
+            questions[attribute].append((start, scene[attribute]))
+    captions = {'a': [], 'b': []}  # style -> item indices
     prompt = _prompt_ids(tokenizer, CAPTION_PROMPT)
     for _ in range(gate['samples']):
         scene = random_scene(rng)
         for style, text in (('a', natural_sentence(scene)), ('b', style_b_caption(scene))):
-            ids = tokenizer(text, add_special_tokens=False).input_ids
-            nll[style].append(-float(_continuation_logprobs(model, prompt, [ids])[0].mean()))
-    result['nll_style_a'] = statistics.mean(nll['a'])
-    result['nll_style_b'] = statistics.mean(nll['b'])
+            captions[style].append(len(items))
+            items.append((prompt, None, tokenizer(text, add_special_tokens=False).input_ids))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scores = [logp for logp, _ in score_continuations(CausalLMScorer(model, pad_id), items,
+                                                      batch_size)]
+    result = {}
+    for attribute, values in ATTRIBUTES.items():
+        correct = 0
+        for start, answer in questions[attribute]:
+            options = scores[start:start + len(values)]
+            correct += values[options.index(max(options))] == answer
+        result[f'text_accuracy_{attribute}'] = correct / gate['samples']
+    for style in ('a', 'b'):
+        result[f'nll_style_{style}'] = statistics.mean(
+            -scores[i] / len(items[i][2]) for i in captions[style])
     return result
 
 
