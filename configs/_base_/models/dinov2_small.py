@@ -32,9 +32,9 @@ image_processor = dict(
         image_std=[0.229, 0.224, 0.225]))
 pad_to_square = True
 # What `tiny_standin=True` builds instead (dpa/engine/standin.py): a random
-# tiny DINOv2 at 32 px.
+# tiny DINOv2 at 32 px, with the 4 layers `feature_layer=-4` needs.
 vision_standin = dict(
-    config=dict(model_type='dinov2', use_mask_token=False),
+    config=dict(model_type='dinov2', use_mask_token=False, num_hidden_layers=4),
     image_processor=dict(
         image_processor_type='BitImageProcessor',
         size=dict(shortest_edge=32),
