@@ -35,7 +35,8 @@ from dpa.evaluation.evaluator import (METRICS_FILE, read_predictions,  # noqa: E
                                       write_metrics)
 from dpa.errors import disk_full  # noqa: E402
 from dpa.evaluation.lmms_eval import (LMMS_EVAL_MODELS, LmmsEvalError,  # noqa: E402
-                                      LmmsEvalInterrupted, lmms_eval_python, run_lmms_eval)
+                                      LmmsEvalInterrupted, disagreement_warnings,
+                                      lmms_eval_python, run_lmms_eval)
 from dpa.evaluation.models import check_device, default_device, resolve_model_dir  # noqa: E402
 
 
@@ -92,6 +93,8 @@ def main(argv=None):
                 resolve_model_dir(args.model, verify=False), tasks, rows, out, python, device,
                 args.lmms_eval_model, read_predictions(out), args.batch_size)
             write_metrics(metrics, out)
+            for line in disagreement_warnings(metrics['lmms_eval']):
+                print(line, file=sys.stderr)
     except LmmsEvalInterrupted as err:
         print(f'eval stopped: {err}', file=sys.stderr)
         sys.exit(128 + err.signum)

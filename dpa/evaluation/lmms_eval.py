@@ -27,6 +27,7 @@ task or a crashed request). For the local tasks, each row's answer is then
 compared with the built-in evaluator's (:func:`agreement`).
 """
 import glob
+import hashlib
 import json
 import os
 import os.path as osp
@@ -39,6 +40,8 @@ import tempfile
 import threading
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
+
+from dpa.evaluation.models import load_image
 
 TASKS_DIR = osp.join(osp.dirname(osp.abspath(__file__)), 'lmms_eval_tasks')
 DATA_PLACEHOLDER = '__DATA_FILES__'
@@ -157,10 +160,27 @@ def task_rows(task: str, rows: List[dict]) -> List[dict]:
     return chosen
 
 
+def task_image(path: str, out_dir: str) -> str:
+    """The picture at ``path`` as the project's loader reads it
+    (:func:`dpa.evaluation.models.load_image`: 8-bit RGB, 16-bit grey rescaled,
+    not clipped to white), written once as an 8-bit RGB PNG under
+    ``out_dir/images``: lmms-eval's task opens that with ``convert('RGB')``,
+    which leaves it as it is, so lmms-eval scores the picture training and
+    the built-in evaluator saw."""
+    folder = osp.join(out_dir, 'images')
+    os.makedirs(folder, exist_ok=True)
+    target = osp.join(folder, hashlib.sha256(osp.abspath(path).encode()).hexdigest()[:16]
+                      + '.png')
+    if not osp.exists(target):
+        load_image(path).save(target + '.tmp.png')
+        os.replace(target + '.tmp.png', target)
+    return target
+
+
 def write_local_tasks(tasks: Sequence[str], rows: List[dict], out_dir: str) -> str:
     """Copy the local ``tasks`` to ``out_dir/tasks/<task>/`` with their data
-    (``out_dir/<task>.jsonl``: the task's rows, images as absolute paths).
-    Returns the include path."""
+    (``out_dir/<task>.jsonl``: the task's rows, each picture as
+    :func:`task_image` wrote it). Returns the include path."""
     include = osp.join(out_dir, 'tasks')
     available = local_tasks()
     for task in tasks:
@@ -169,7 +189,7 @@ def write_local_tasks(tasks: Sequence[str], rows: List[dict], out_dir: str) -> s
         data = osp.join(out_dir, f'{task}.jsonl')
         with open(data, 'w') as f:
             for row in chosen:
-                image = osp.abspath(row['image_path']) if row['image_path'] else None
+                image = task_image(row['image_path'], out_dir) if row['image_path'] else None
                 f.write(json.dumps(dict(id=str(row['id']), image=image, question=row['question'],
                                         answer=row['answer'], options=row['options'],
                                         type=row['type'])) + '\n')
@@ -286,6 +306,20 @@ def agreement(task: str, samples: List[dict], rows: List[dict],
     if LOCAL_TASK_ROWS[task] == 'multiple_choice':
         record['max_score_difference'] = difference
     return record
+
+
+def disagreement_warnings(record: dict) -> List[str]:
+    """One console line per local task whose lmms-eval answers differ from
+    the built-in evaluator's on some rows (the same model, data and pictures
+    should give the same answers: a difference is a bug to look at)."""
+    lines = []
+    for task, agree in (record.get('agreement') or {}).items():
+        if agree['agree'] < agree['rows']:
+            lines.append(f"warning: lmms-eval {task} answered {agree['rows'] - agree['agree']} of "
+                         f"{agree['rows']} rows otherwise than the built-in evaluator (ids "
+                         f"{', '.join(agree['differing_ids'])}); both read the same model, rows "
+                         'and pictures, so this is worth a look')
+    return lines
 
 
 def _probe(python: str, model: str) -> None:

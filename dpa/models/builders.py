@@ -273,6 +273,7 @@ def check_checkpoint_paths(cfg) -> None:
         if gguf is not None:
             if not osp.isfile(gguf):
                 raise ConfigError(f'{key}: the GGUF checkpoint {gguf!r} does not exist')
+            gguf_config(gguf)  # its header: not GGUF, truncated or unknown fails here, by name
             continue
         path = part.get('pretrained')
         if is_onnx_file(path):

@@ -97,7 +97,7 @@ def _config_from_gguf(path: str):
                             'listed in transformers.integrations.ggml.GGUF_CONFIG_MAPPING)'
                             ) from None
         raise _unreadable(path, err) from None
-    except (OSError, IndexError, KeyError, EOFError) as err:
+    except Exception as err:  # noqa: BLE001 - any reader failure on a damaged file
         raise _unreadable(path, err) from None
 
 
@@ -108,7 +108,7 @@ def _dequantize(path: str, directory: str) -> dict:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
         quantized = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
                                                                       dtype=torch.float32)
-    except (OSError, ValueError, IndexError, KeyError, EOFError) as err:
+    except Exception as err:  # noqa: BLE001 - any reader failure on a damaged file
         raise _unreadable(path, err) from None
     # A model loaded from GGUF refuses save_pretrained; the same class built
     # from its config without the quantization record takes its weights.
