@@ -36,6 +36,7 @@ import runpy
 import shlex
 import subprocess
 import sys
+import traceback
 from dataclasses import dataclass, field
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -175,7 +176,7 @@ def parse_only():
 
 @contextlib.contextmanager
 def environment(cwd: str, env: dict):
-    old_cwd, old_env, old_stdin = os.getcwd(), dict(os.environ), sys.stdin
+    old_cwd, old_env, old_stdin, old_path = os.getcwd(), dict(os.environ), sys.stdin, sys.path[:]
     os.chdir(cwd)
     os.environ.update(env)
     sys.stdin = io.StringIO('')  # an interactive tool sees Ctrl-D at once
@@ -186,12 +187,15 @@ def environment(cwd: str, env: dict):
         os.environ.clear()
         os.environ.update(old_env)
         sys.stdin = old_stdin
+        sys.path[:] = old_path  # the tools put their folder's parent first
 
 
 def run_tool(tool: str, argv: list, cwd: str, env=None, parse=False):
     """``python TOOL ARGV`` in this process: (exit code, output)."""
     out = io.StringIO()
     code = 0
+    old_argv = sys.argv
+    sys.argv = [tool] + list(argv)  # argparse names the tool in its messages
     with environment(cwd, env or {}), contextlib.redirect_stdout(out), \
             contextlib.redirect_stderr(out):
         try:
@@ -206,9 +210,10 @@ def run_tool(tool: str, argv: list, cwd: str, env=None, parse=False):
             if not isinstance(exit_.code, (int, type(None))):
                 print(exit_.code, file=out)
         except Exception as err:  # noqa: BLE001 - a traceback is a failed command
-            import traceback
             traceback.print_exc(file=out)
             code = f'{type(err).__name__}: {err}'
+        finally:
+            sys.argv = old_argv
     return code, out.getvalue()
 
 
