@@ -101,6 +101,15 @@ def test_ci_blocks_are_what_ci_runs():
         assert block.text.strip() in ci, f'{block.where}: not a line of .ci/run'
 
 
+def test_readme_is_a_front_page():
+    """The README stays a front page (issue 33: at most ~250 lines; the manual
+    is docs/), and the real-weights demo is one block between its markers."""
+    text = open(osp.join(REPO, 'README.md'), encoding='utf-8').read()
+    assert len(text.split('\n')) <= 250
+    assert text.count('<!-- demo:start -->') == 1 and text.count('<!-- demo:end -->') == 1
+    assert text.index('<!-- demo:start -->') < text.index('<!-- demo:end -->')
+
+
 # ------------------------------------------------------------ the runner itself
 
 def planted(tmp_path, marker, body):
