@@ -5,7 +5,7 @@ and multiple choice, each row's answer compared with the built-in evaluator's;
 and failed lmms-eval runs reported as failures, with no score.
 
 lmms-eval is not a dependency of the project: it lives in its own environment
-(README "Evaluate"), whose python ``LMMS_EVAL_PYTHON`` names. With it set,
+(docs/evaluate.md), whose python ``LMMS_EVAL_PYTHON`` names. With it set,
 these tests fail when that python cannot run lmms-eval (CI sets it); without
 it, they run when this python imports ``lmms_eval`` and skip otherwise.
 """
@@ -89,7 +89,7 @@ def check_agreement(result, out, tasks):
 @pytest.fixture(scope='module')
 def tiny_default(finished, data_root, tmp_path_factory):
     work_dir, _ = finished
-    # 16 of the 48 questions keep the test short; README "Evaluate" shows all 48.
+    # 16 of the 48 questions keep the test short; docs/evaluate.md shows all 48.
     data = mixed_rows(data_root / 'eval.jsonl', tmp_path_factory.mktemp('rows') / 'mixed.jsonl',
                       limit=16)
     return work_dir, data, str(data_root / 'images')
