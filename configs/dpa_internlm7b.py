@@ -2,7 +2,7 @@
 # stages 1-2, Cambrian-737K instructions for stage 3, global batch 256 whatever
 # the number of GPUs. One node of 8 GPUs:
 #   tools/dist_train.sh configs/dpa_internlm7b.py 8
-# Paths: --cfg-options checkpoint_root=/ckpt data_root=/datasets (see README).
+# Paths: --cfg-options checkpoint_root=/ckpt data_root=/datasets (docs/families.md).
 # With the checkpoint's own code (llm.use_checkpoint_code=True) also set
 # proxy.pack=False: that code ignores the position-id restarts that keep
 # packed samples apart.

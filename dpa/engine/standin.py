@@ -78,12 +78,14 @@ def _tiny_tokenizer(cfg) -> dict:
 
 def _tiny_vision(cfg):
     vision, processor = dict(cfg.vision_tower), dict(cfg.image_processor)
-    if vision.get('pretrained') is not None:
+    replaced = vision.get('pretrained') is not None
+    if replaced:
         spec = _standin(cfg, 'vision_standin', 'vision_tower')
         vision.pop('pretrained')
         vision.pop('image_size', None)  # the stand-in's pictures are TINY_VISION's
         vision.update(config={**TINY_VISION, **spec['config']}, torch_dtype='float32')
-    if processor.get('pretrained') is not None:
+    if replaced or processor.get('pretrained') is not None:
+        # The stand-in tower's pictures are its own size, whatever the real one's were.
         spec = _standin(cfg, 'vision_standin', 'image_processor')
         processor = dict(type='HFImageProcessor', config=spec['image_processor'])
     return vision, processor

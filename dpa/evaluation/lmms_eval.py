@@ -83,7 +83,7 @@ def lmms_eval_python(python: Optional[str] = None) -> str:
     if found is None or not osp.isfile(found) or not os.access(found, os.X_OK):
         problem = 'is not an executable file' if found and osp.exists(found) else 'does not exist'
         raise LmmsEvalError(f'{where or "the python"} {python} {problem}: pass the python of the '
-                            'environment lmms-eval is installed in (README "Evaluate"), e.g. '
+                            'environment lmms-eval is installed in (docs/evaluate.md), e.g. '
                             '--lmms-eval-python /envs/lmms-eval/bin/python')
     return found
 
@@ -338,7 +338,7 @@ def _probe(python: str, model: str) -> None:
     found = json.loads(probe.stdout) if probe.returncode == 0 else {}
     if not found.get('lmms_eval'):
         raise LmmsEvalError(f'{python} cannot import lmms_eval: install it in a separate '
-                            'environment (README "Evaluate") and pass its python with '
+                            'environment (docs/evaluate.md) and pass its python with '
                             f'--lmms-eval-python or {PYTHON_ENV}')
     if model != 'dpa':
         return

@@ -63,7 +63,7 @@ def check_eval_config(cfg, stages: List[str]) -> None:
             raise ConfigError(f'eval.device: {err}') from None
     if not spec.get('data') and not cfg.get('synthetic_data'):
         raise ConfigError('eval.data is not set: point it at a json/jsonl file of evaluation '
-                          'rows (see README "Evaluate")')
+                          'rows (see docs/evaluate.md)')
     if spec.get('data') and not osp.isfile(spec['data']):
         raise ConfigError(f"eval.data: {spec['data']!r} does not exist")
     if spec.get('data'):
