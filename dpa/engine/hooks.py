@@ -5,6 +5,7 @@ import os.path as osp
 from collections import Counter
 from typing import Optional
 
+import torch
 from mmengine.dist import all_gather_object, barrier, get_world_size, is_main_process
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
@@ -17,6 +18,7 @@ from dpa.engine.staleness import STAGE_CONFIG_KEY
 from dpa.models.builders import PROCESSORS
 from dpa.models.export import export_llava, save_native
 from dpa.models.export_base import ExportUnsupported
+from dpa.models.proxy import FINETUNE_ADAPTER_DIR, has_lora, merge_lora
 from dpa.registry import HOOKS
 
 STAT_KEYS = ('cmo_w_mean', 'cmo_at_min', 'cmo_at_max', 'cmo_delta_mean',
@@ -44,6 +46,23 @@ def sort_adapter_config(out_dir: str) -> None:
             config[key] = sorted(config[key])
     with open(path, 'w', encoding='utf-8') as f:
         f.write(json.dumps(config, indent=2, sort_keys=True))
+
+
+RNG_KEY = 'dpa_rng_state'
+
+
+def random_state() -> dict:
+    """torch's generator states (CPU, and every CUDA device's), for a checkpoint."""
+    state = dict(cpu=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_random_state(state: dict) -> None:
+    torch.set_rng_state(state['cpu'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
 
 
 class TooManyBadSamples(RuntimeError):
@@ -118,6 +137,9 @@ class DPAHook(Hook):
         self._record_skipped(getattr(runner.train_dataloader.dataset, 'load_problems', []))
 
     def before_train_iter(self, runner, batch_idx, data_batch=None):
+        if getattr(self, 'rng_to_restore', None) is not None:
+            set_random_state(self.rng_to_restore)
+            self.rng_to_restore = None
         records = []
         if isinstance(data_batch, dict) and 'skipped' in data_batch:
             records = data_batch.pop('skipped')
@@ -179,13 +201,21 @@ class DPAHook(Hook):
                 counts[key] = counts.get(key, 0) + 1
 
     # The statistics travel with checkpoints so a resumed stage reports the
-    # whole stage, not only its tail.
+    # whole stage, not only its tail. So does the random state: dropout (LoRA's
+    # lora_dropout) draws from it, and a resumed stage must draw what the
+    # uninterrupted one would have.
     def before_save_checkpoint(self, runner, checkpoint):
-        checkpoint.setdefault('meta', {})['dpa_stats'] = self.stats
+        meta = checkpoint.setdefault('meta', {})
+        meta['dpa_stats'] = self.stats
+        meta[RNG_KEY] = random_state()
 
     def after_load_checkpoint(self, runner, checkpoint):
         self.stats = checkpoint.get('meta', {}).get('dpa_stats', self.stats)
         self.nonfinite_before_resume = self.stats.get('nonfinite_skipped', 0)
+        # Set at the first resumed iteration, not now: making the data
+        # iterator and skipping the batches already trained on draw from the
+        # generator first, which the uninterrupted run did at its start.
+        self.rng_to_restore = checkpoint.get('meta', {}).get(RNG_KEY)
 
     def stage_summary(self) -> dict:
         n = max(self.stats['iterations'], 1)
@@ -223,6 +253,14 @@ class DPAHook(Hook):
             state = {k: v.detach().contiguous() for k, v in model.projector.state_dict().items()}
             save_file(state, osp.join(out_dir, 'projector.safetensors'))
         else:
+            if has_lora(model.llm):
+                # Stage 3 with LoRA: the adapter as trained, then the merged
+                # model every reader of a final model loads unchanged.
+                model.llm.save_pretrained(osp.join(out_dir, FINETUNE_ADAPTER_DIR))
+                sort_adapter_config(osp.join(out_dir, FINETUNE_ADAPTER_DIR))
+                merge_lora(model)
+                notes.append(f'LoRA merged into llm/ (and hf_llava/); the adapter as trained '
+                             f'is in {FINETUNE_ADAPTER_DIR}/')
             tokenizer = build_from_cfg(self.tokenizer, PROCESSORS)
             image_processor = build_from_cfg(self.image_processor, PROCESSORS)
             save_native(model, tokenizer, image_processor, out_dir, self.pad_to_square)
