@@ -383,6 +383,18 @@ def test_deepspeed_gets_the_stage_accumulation_clipping_and_precision(name, zero
                                         optimizer=dict(type='AdamW', lr=4e-5))
 
 
+def test_deepspeed_keeps_the_projector_learning_rate():
+    """`projector_lr` (a LoRA stage 3's) is a parameter group DeepSpeed's
+    optimizer gets too."""
+    cfg = runner_cfg()
+    cfg['optim_wrapper'].update(constructor='ProjectorLrConstructor',
+                                paramwise_cfg=dict(projector_lr=2e-5))
+    out = apply_strategy(cfg, strategy_config('deepspeed_zero2.py'), 'finetune', accumulation=4)
+    assert out['optim_wrapper'] == dict(
+        type='DeepSpeedOptimWrapper', optimizer=dict(type='AdamW', lr=4e-5),
+        constructor='ProjectorLrConstructor', paramwise_cfg=dict(projector_lr=2e-5))
+
+
 def test_fsdp2_gets_mixed_precision_and_keeps_the_optimizer_wrapper():
     cfg = strategy_config('fsdp.py')
     cfg.trainable_dtype = 'float32'

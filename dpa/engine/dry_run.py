@@ -96,14 +96,17 @@ def _trainable_lines(cfg: Config, stage: str, processes: int) -> List[str]:
                  f' modules)')
     try:
         plan = plan_stage(cfg, stage, processes, trainable)
-    except (UnknownArchitecture, KeyError, OSError, ValueError) as err:
-        return [line, f'  memory per process: no estimate ({err})']
+    except Exception as err:  # noqa: BLE001  an estimate never stops the plan
+        reason = err if isinstance(err, UnknownArchitecture) else f'{type(err).__name__}: {err}'
+        return [line, f'  memory per process: no estimate ({reason})']
     line += (f": {format_count(plan['trainable_parameters'])} parameters "
              f"(LLM {format_count(plan['llm_parameters'])})")
+    unit, size = ('GB', GB) if plan['total'] >= GB / 10 else ('MB', 2 ** 20)
+    parts = ' + '.join(f'{name} {plan[key] / size:.1f}' for name, key in (
+        ('weights', 'weights'), ('gradients', 'gradients'), ('optimizer', 'optimizer'),
+        ('activations', 'activations')))
     return [line, (f"  memory per process (estimate, tools/plan_memory.py): "
-                   f"{plan['total'] / GB:.1f} GB = weights {plan['weights'] / GB:.1f} + "
-                   f"gradients {plan['gradients'] / GB:.1f} + optimizer "
-                   f"{plan['optimizer'] / GB:.1f} + activations {plan['activations'] / GB:.1f} "
+                   f"{plan['total'] / size:.1f} {unit} = {parts} "
                    f"({'with' if plan['checkpointing'] else 'without'} activation "
                    'checkpointing)')]
 
