@@ -66,10 +66,10 @@ def batch(cfg, seed=0, rows=2, length=24):
 
 
 def logits(model, inputs):
+    dtype = next(model.projector.parameters()).dtype
     with torch.no_grad():
         return model(inputs['input_ids'], inputs['attention_mask'],
-                     pixel_values=inputs['pixel_values'].to(next(model.projector.parameters()).dtype),
-                     mode='tensor')
+                     pixel_values=inputs['pixel_values'].to(dtype), mode='tensor')
 
 
 # ------------------------------------------------------------------ no training

@@ -91,9 +91,9 @@ def _trainable_lines(cfg: Config, stage: str, processes: int) -> List[str]:
     lora = stage_lora(cfg, stage) if 'lora' in trainable else None
     line = f"  trainable: {', '.join(trainable)}"
     if lora is not None:
+        modules = lora.get('target_modules') or 'PEFT default'
         line += (f" (LoRA r={lora.get('r', 8)}, alpha={lora.get('lora_alpha', 8)}, dropout "
-                 f"{lora.get('lora_dropout', 0.0)} on {lora.get('target_modules') or 'PEFT default'}"
-                 f' modules)')
+                 f"{lora.get('lora_dropout', 0.0)} on {modules} modules)")
     try:
         plan = plan_stage(cfg, stage, processes, trainable)
     except Exception as err:  # noqa: BLE001  an estimate never stops the plan

@@ -6,7 +6,8 @@ from collections import Counter
 from typing import Optional
 
 import torch
-from mmengine.dist import all_gather_object, barrier, get_world_size, is_main_process
+from mmengine.dist import (all_gather_object, barrier, get_rank, get_world_size,
+                           is_main_process)
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import build_from_cfg
@@ -48,21 +49,23 @@ def sort_adapter_config(out_dir: str) -> None:
         f.write(json.dumps(config, indent=2, sort_keys=True))
 
 
-RNG_KEY = 'dpa_rng_state'
+def iteration_seed(seed: int, iteration: int, rank: int) -> int:
+    """The seed of torch's generator for one iteration of one process."""
+    return ((seed * 1_000_003 + iteration) * 65_537 + rank) % (1 << 63)
 
 
-def random_state() -> dict:
-    """torch's generator states (CPU, and every CUDA device's), for a checkpoint."""
-    state = dict(cpu=torch.get_rng_state())
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
+@HOOKS.register_module()
+class IterationSeedHook(Hook):
+    """Seeds torch's generator from (seed, iteration, rank) before every
+    iteration. Dropout (LoRA's ``lora_dropout``) draws from it, each process
+    as many numbers as its batches' shapes ask, so the state after N
+    iterations differs between ranks and is in no checkpoint: seeded per
+    iteration, a resumed stage draws what the uninterrupted one did, on every
+    rank, under DDP or FSDP2."""
+    priority = 'VERY_HIGH'
 
-
-def set_random_state(state: dict) -> None:
-    torch.set_rng_state(state['cpu'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        torch.manual_seed(iteration_seed(runner.seed, runner.iter, get_rank()))
 
 
 class TooManyBadSamples(RuntimeError):
@@ -137,9 +140,6 @@ class DPAHook(Hook):
         self._record_skipped(getattr(runner.train_dataloader.dataset, 'load_problems', []))
 
     def before_train_iter(self, runner, batch_idx, data_batch=None):
-        if getattr(self, 'rng_to_restore', None) is not None:
-            set_random_state(self.rng_to_restore)
-            self.rng_to_restore = None
         records = []
         if isinstance(data_batch, dict) and 'skipped' in data_batch:
             records = data_batch.pop('skipped')
@@ -201,21 +201,13 @@ class DPAHook(Hook):
                 counts[key] = counts.get(key, 0) + 1
 
     # The statistics travel with checkpoints so a resumed stage reports the
-    # whole stage, not only its tail. So does the random state: dropout (LoRA's
-    # lora_dropout) draws from it, and a resumed stage must draw what the
-    # uninterrupted one would have.
+    # whole stage, not only its tail.
     def before_save_checkpoint(self, runner, checkpoint):
-        meta = checkpoint.setdefault('meta', {})
-        meta['dpa_stats'] = self.stats
-        meta[RNG_KEY] = random_state()
+        checkpoint.setdefault('meta', {})['dpa_stats'] = self.stats
 
     def after_load_checkpoint(self, runner, checkpoint):
         self.stats = checkpoint.get('meta', {}).get('dpa_stats', self.stats)
         self.nonfinite_before_resume = self.stats.get('nonfinite_skipped', 0)
-        # Set at the first resumed iteration, not now: making the data
-        # iterator and skipping the batches already trained on draw from the
-        # generator first, which the uninterrupted run did at its start.
-        self.rng_to_restore = checkpoint.get('meta', {}).get(RNG_KEY)
 
     def stage_summary(self) -> dict:
         n = max(self.stats['iterations'], 1)

@@ -231,6 +231,7 @@ def stage_runner_config(cfg: Config, stage: str, resume: bool = False,
                            # As json text: its keys (file paths) hold dots.
                            made_by=None if made_by is None else json.dumps(made_by)),
                       dict(type='GracefulExitHook', stage=stage, accumulation=accumulation),
+                      dict(type='IterationSeedHook'),
                       dict(type='RelevanceHistogramHook', stage=stage)]
         + copy.deepcopy(cfg.get('custom_hooks', [])),
         # The newest complete checkpoint, not mmengine's last_checkpoint pointer.
