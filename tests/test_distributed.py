@@ -231,6 +231,58 @@ def test_fsdp_resume_after_sigterm_is_exact(fsdp_run, data_dir, tmp_path):
     assert all(torch.equal(got[key], expected[key]) for key in expected)
 
 
+# LoRA stage 3 (finetune.lora, issue 31), with dropout and its own projector lr.
+LORA_OPTIONS = ('finetune.lora.r=4', 'finetune.lora.lora_alpha=8',
+                'finetune.lora.lora_dropout=0.05', 'finetune.lora.target_modules=all-linear',
+                'finetune.projector_lr=1e-3')
+
+
+@pytest.fixture(scope='module')
+def lora_runs(two_process_run, fsdp_run, data_dir, tmp_path_factory):
+    """The LoRA stage 3 on two processes, under DDP and FSDP2, each on its
+    strategy's stages 1-2."""
+    runs = {}
+    for name, config, finished in (('ddp', 'dist_tiny.py', two_process_run[2]),
+                                   ('fsdp', 'dist_tiny_fsdp.py', fsdp_run[1])):
+        work_dir = tmp_path_factory.mktemp(f'lora_{name}') / 'work'
+        for stage in ('proxy', 'align'):
+            shutil.copytree(finished / stage, work_dir / stage)
+        result = dist_train(config, work_dir, data_dir, *LORA_OPTIONS, '--stage', 'finetune')
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        runs[name] = work_dir
+    return runs
+
+
+def test_lora_finetune_under_fsdp_equals_ddp(lora_runs):
+    """Adapters inside the sharded decoder layers, the projector in the root:
+    gathered on rank 0 and merged, the artifact is the DDP one."""
+    ddp = artifact_tensors(lora_runs['ddp'], 'finetune')
+    fsdp = artifact_tensors(lora_runs['fsdp'], 'finetune')
+    assert fsdp.keys() == ddp.keys()
+    assert ('adapter/adapter_model.safetensors',
+            'base_model.model.model.layers.0.mlp.down_proj.lora_B.weight') in fsdp
+    assert not any('lora' in key for f, key in fsdp if f.startswith(('llm', 'hf_llava')))
+    for key, value in fsdp.items():
+        torch.testing.assert_close(value, ddp[key], rtol=0, atol=1e-5, msg=str(key))
+
+
+def test_lora_finetune_fsdp_resume_after_sigterm_is_exact(lora_runs, fsdp_run, data_dir,
+                                                          tmp_path):
+    work_dir = tmp_path / 'work'
+    for stage in ('proxy', 'align'):
+        shutil.copytree(fsdp_run[1] / stage, work_dir / stage)
+    args = (*LORA_OPTIONS, '--stage', 'finetune')
+    stopped = dist_train('dist_tiny_fsdp.py', work_dir, data_dir, *args,
+                         DPA_TEST_SIGTERM_AT='finetune:1')
+    assert "stage 'finetune' interrupted by SIGTERM after iteration 1" in stopped.stderr
+    resumed = dist_train('dist_tiny_fsdp.py', work_dir, data_dir, *args, '--resume')
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    expected = artifact_tensors(lora_runs['fsdp'], 'finetune')
+    got = artifact_tensors(work_dir, 'finetune')
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[key], expected[key]) for key in expected)
+
+
 def test_dist_train_passes_the_multinode_settings(tmp_path):
     fake_python = tmp_path / 'python'
     fake_python.write_text('#!/usr/bin/env bash\necho "$@" > "$(dirname "$0")/args"\n')
@@ -329,6 +381,18 @@ def test_deepspeed_gets_the_stage_accumulation_clipping_and_precision(name, zero
     assert strategy['bf16'] == dict(enabled=True)
     assert out['optim_wrapper'] == dict(type='DeepSpeedOptimWrapper',
                                         optimizer=dict(type='AdamW', lr=4e-5))
+
+
+def test_deepspeed_keeps_the_projector_learning_rate():
+    """`projector_lr` (a LoRA stage 3's) is a parameter group DeepSpeed's
+    optimizer gets too."""
+    cfg = runner_cfg()
+    cfg['optim_wrapper'].update(constructor='ProjectorLrConstructor',
+                                paramwise_cfg=dict(projector_lr=2e-5))
+    out = apply_strategy(cfg, strategy_config('deepspeed_zero2.py'), 'finetune', accumulation=4)
+    assert out['optim_wrapper'] == dict(
+        type='DeepSpeedOptimWrapper', optimizer=dict(type='AdamW', lr=4e-5),
+        constructor='ProjectorLrConstructor', paramwise_cfg=dict(projector_lr=2e-5))
 
 
 def test_fsdp2_gets_mixed_precision_and_keeps_the_optimizer_wrapper():

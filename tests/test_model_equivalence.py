@@ -325,13 +325,35 @@ def test_merged_proxy_equals_peft_adapter(tmp_path):
     torch.testing.assert_close(merged.lm_head.weight, base.lm_head.weight, atol=0, rtol=0)
 
 
-def test_proxy_wrapper_needs_exactly_one_source(tmp_path):
-    with pytest.raises(ValueError, match='exactly one'):
+def test_proxy_wrapper_needs_a_source(tmp_path):
+    with pytest.raises(ValueError, match='needs `lora`'):
         ProxyLLMWrapper(llm=llm_cfg())
-    with pytest.raises(ValueError, match='exactly one'):
-        ProxyLLMWrapper(llm=llm_cfg(), lora=dict(r=8), adapter=str(tmp_path))
     with pytest.raises(ValueError, match=r'lora\.r'):
         ProxyLLMWrapper(llm=llm_cfg(), lora=dict(r=0))
+    with pytest.raises(ValueError, match='lora_dropout'):
+        ProxyLLMWrapper(llm=llm_cfg(), lora=dict(r=4, lora_dropout=1.5))
+    with pytest.raises(ValueError, match='does not know'):
+        ProxyLLMWrapper(llm=llm_cfg(), lora=dict(r=4, rank=4))
+
+
+def test_a_fresh_lora_goes_on_the_merged_proxy(tmp_path):
+    """Stage 3 from the proxy with LoRA: the proxy's adapter is merged, the
+    new adapter starts as the identity on top of it."""
+    cfg = llm_cfg('llama')
+    proxy = ProxyLLMWrapper(llm=cfg, lora=dict(r=4, target_modules='all-linear'))
+    with torch.no_grad():
+        for n, p in proxy.named_parameters():
+            if 'lora_B' in n:
+                p.normal_(0, 0.1)
+    proxy.save_pretrained(tmp_path)
+    merged = ProxyLLMWrapper(llm=cfg, adapter=str(tmp_path)).eval()
+    both = ProxyLLMWrapper(llm=cfg, adapter=str(tmp_path), lora=dict(r=2)).eval()
+    assert {n for n, p in both.named_parameters() if p.requires_grad} and all(
+        'lora_' in n for n, p in both.named_parameters() if p.requires_grad)
+    input_ids = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(both(input_ids=input_ids).logits,
+                                   merged(input_ids=input_ids).logits, atol=0, rtol=0)
 
 
 # --------------------------------------------------------------------------

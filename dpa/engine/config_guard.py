@@ -55,6 +55,7 @@ ADDABLE = (
 ) + tuple(f'{stage}.{key}' for stage in STAGES for key in (
     'num_workers', 'group_by_modality_length', 'pack', 'trainable', 'use_proxy',
     'init_from_proxy', 'checkpoint_interval', 'caption_suffix', 'image_mode', 'labels', 'lora',
+    'projector_lr',
     'from_work_dir',
     'lora.*', 'loss.*', 'optim_wrapper.*'))
 # Parts built from ``type=`` whose builder's other arguments may be added.

@@ -181,8 +181,11 @@ def apply_strategy(runner_cfg: dict, cfg, stage: str, accumulation: int) -> dict
     if precision is not None:
         strategy['bf16' if precision == 'bfloat16' else 'fp16'] = dict(enabled=True)
     # DeepSpeed owns accumulation, clipping and precision.
+    # Its parameter groups (the projector's own lr, `projector_lr`) stay.
+    groups = {key: optim_wrapper[key] for key in ('constructor', 'paramwise_cfg')
+              if key in optim_wrapper}
     runner_cfg['optim_wrapper'] = dict(type='DeepSpeedOptimWrapper',
-                                       optimizer=optim_wrapper['optimizer'])
+                                       optimizer=optim_wrapper['optimizer'], **groups)
     runner_cfg['strategy'] = strategy
     return runner_cfg
 

@@ -16,10 +16,11 @@ from mmengine.config import Config
 from dpa.artifacts import stage_work_dir
 from dpa.datasets.llava import read_rows
 from dpa.datasets.mixture import as_list, data_sources
+from dpa.engine.memory_plan import GB, UnknownArchitecture, format_count, plan_stage
 from dpa.engine.preflight import STALE, StagePlan, plan_run
 from dpa.engine.schedule import warmup_problem
 from dpa.engine.stage_config import (ARTIFACTS, dependencies, gradient_accumulation,
-                                     launched_processes, stage_trainable)
+                                     launched_processes, stage_lora, stage_trainable)
 from dpa.engine.stages import build_stage
 from dpa.errors import ConfigError
 from dpa.models.export import planned_export_blocker
@@ -83,6 +84,33 @@ def _strategy(cfg: Config) -> str:
     return f'DDP on {processes} processes' if processes > 1 else 'one process'
 
 
+def _trainable_lines(cfg: Config, stage: str, processes: int) -> List[str]:
+    """What the stage trains, how many parameters, and the memory plan's
+    estimate per GPU (:mod:`dpa.engine.memory_plan`; no weights loaded)."""
+    trainable = stage_trainable(cfg, stage)
+    lora = stage_lora(cfg, stage) if 'lora' in trainable else None
+    line = f"  trainable: {', '.join(trainable)}"
+    if lora is not None:
+        modules = lora.get('target_modules') or 'PEFT default'
+        line += (f" (LoRA r={lora.get('r', 8)}, alpha={lora.get('lora_alpha', 8)}, dropout "
+                 f"{lora.get('lora_dropout', 0.0)} on {modules} modules)")
+    try:
+        plan = plan_stage(cfg, stage, processes, trainable)
+    except Exception as err:  # noqa: BLE001  an estimate never stops the plan
+        reason = err if isinstance(err, UnknownArchitecture) else f'{type(err).__name__}: {err}'
+        return [line, f'  memory per process: no estimate ({reason})']
+    line += (f": {format_count(plan['trainable_parameters'])} parameters "
+             f"(LLM {format_count(plan['llm_parameters'])})")
+    unit, size = ('GB', GB) if plan['total'] >= GB / 10 else ('MB', 2 ** 20)
+    parts = ' + '.join(f'{name} {plan[key] / size:.1f}' for name, key in (
+        ('weights', 'weights'), ('gradients', 'gradients'), ('optimizer', 'optimizer'),
+        ('activations', 'activations')))
+    return [line, (f"  memory per process (estimate, tools/plan_memory.py): "
+                   f"{plan['total'] / size:.1f} {unit} = {parts} "
+                   f"({'with' if plan['checkpointing'] else 'without'} activation "
+                   'checkpointing)')]
+
+
 def training_stage_lines(cfg: Config, step: StagePlan) -> List[str]:
     """A training stage's lines of the plan (``step``: its plan)."""
     stage = step.name
@@ -111,17 +139,16 @@ def training_stage_lines(cfg: Config, step: StagePlan) -> List[str]:
         problem = warmup_problem(steps, recipe.warmup_ratio)
         if problem:
             lines.append(f'  warning: {problem}')
-    lora = recipe.get('lora') or {}
-    lines.append(f"  trainable: {', '.join(stage_trainable(cfg, stage))}"
-                 + (f" (LoRA r={lora.get('r')}, alpha={lora.get('lora_alpha')})"
-                    if stage == 'proxy' else ''))
+    lines += _trainable_lines(cfg, stage, processes)
     loss = dict(recipe.get('loss', {}))
     mode = loss.pop('mode', 'vanilla')
     lines.append(f'  loss: {mode}' + (f" ({', '.join(f'{k}={v}' for k, v in loss.items())})"
                                       if loss else ''))
     optim = recipe.optim_wrapper.get('optimizer', {})
-    lines.append(f"  optimizer: {optim.get('type')} lr {optim.get('lr')}, warm-up "
-                 f"{recipe.warmup_ratio:.0%}, max length {recipe.max_length}")
+    projector_lr = recipe.get('projector_lr')
+    lines.append(f"  optimizer: {optim.get('type')} lr {optim.get('lr')}"
+                 + (f' (projector {projector_lr})' if projector_lr is not None else '')
+                 + f", warm-up {recipe.warmup_ratio:.0%}, max length {recipe.max_length}")
     precision = cfg.get('mixed_precision') or 'float32'
     lines.append(f"  strategy: {_strategy(cfg)}; precision: {precision} (trainable weights "
                  f"{cfg.get('trainable_dtype') or 'as loaded'})")

@@ -5,7 +5,9 @@ import os.path as osp
 from collections import Counter
 from typing import Optional
 
-from mmengine.dist import all_gather_object, barrier, get_world_size, is_main_process
+import torch
+from mmengine.dist import (all_gather_object, barrier, get_rank, get_world_size,
+                           is_main_process)
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import build_from_cfg
@@ -17,6 +19,7 @@ from dpa.engine.staleness import STAGE_CONFIG_KEY
 from dpa.models.builders import PROCESSORS
 from dpa.models.export import export_llava, save_native
 from dpa.models.export_base import ExportUnsupported
+from dpa.models.proxy import FINETUNE_ADAPTER_DIR, has_lora, merge_lora
 from dpa.registry import HOOKS
 
 STAT_KEYS = ('cmo_w_mean', 'cmo_at_min', 'cmo_at_max', 'cmo_delta_mean',
@@ -44,6 +47,25 @@ def sort_adapter_config(out_dir: str) -> None:
             config[key] = sorted(config[key])
     with open(path, 'w', encoding='utf-8') as f:
         f.write(json.dumps(config, indent=2, sort_keys=True))
+
+
+def iteration_seed(seed: int, iteration: int, rank: int) -> int:
+    """The seed of torch's generator for one iteration of one process."""
+    return ((seed * 1_000_003 + iteration) * 65_537 + rank) % (1 << 63)
+
+
+@HOOKS.register_module()
+class IterationSeedHook(Hook):
+    """Seeds torch's generator from (seed, iteration, rank) before every
+    iteration. Dropout (LoRA's ``lora_dropout``) draws from it, each process
+    as many numbers as its batches' shapes ask, so the state after N
+    iterations differs between ranks and is in no checkpoint: seeded per
+    iteration, a resumed stage draws what the uninterrupted one did, on every
+    rank, under DDP or FSDP2."""
+    priority = 'VERY_HIGH'
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        torch.manual_seed(iteration_seed(runner.seed, runner.iter, get_rank()))
 
 
 class TooManyBadSamples(RuntimeError):
@@ -223,6 +245,14 @@ class DPAHook(Hook):
             state = {k: v.detach().contiguous() for k, v in model.projector.state_dict().items()}
             save_file(state, osp.join(out_dir, 'projector.safetensors'))
         else:
+            if has_lora(model.llm):
+                # Stage 3 with LoRA: the adapter as trained, then the merged
+                # model every reader of a final model loads unchanged.
+                model.llm.save_pretrained(osp.join(out_dir, FINETUNE_ADAPTER_DIR))
+                sort_adapter_config(osp.join(out_dir, FINETUNE_ADAPTER_DIR))
+                merge_lora(model)
+                notes.append(f'LoRA merged into llm/ (and hf_llava/); the adapter as trained '
+                             f'is in {FINETUNE_ADAPTER_DIR}/')
             tokenizer = build_from_cfg(self.tokenizer, PROCESSORS)
             image_processor = build_from_cfg(self.image_processor, PROCESSORS)
             save_native(model, tokenizer, image_processor, out_dir, self.pad_to_square)

@@ -21,7 +21,11 @@ checkpointing every layer keeps about ``8 h + 2 kv + 4 i`` values per token
 flash/sdpa attention keeps no T x T scores); with checkpointing a layer keeps
 its input (``h``) and one layer at a time is recomputed in full. The loss adds
 its float32 logits: ``loss_chunk_size`` rows at a time (x3: logits, softmax,
-gradient). The frozen vision tower runs without gradient and is not counted;
+gradient). LoRA adds, per adapted linear layer and token, its ``r`` values of
+``A x`` and, with ``lora_dropout > 0``, the dropped-out copy of the layer's
+input (PEFT's dropout is not in place); the backward still runs through every
+frozen layer (to reach the adapters below it), so the activations above are
+kept as for a full fine-tune. The frozen vision tower runs without gradient and is not counted;
 nor are the CUDA context and allocator fragmentation, hence :data:`HEADROOM`.
 """
 import os.path as osp
@@ -125,10 +129,43 @@ def llm_parameters(arch: dict) -> Dict[str, int]:
                 total=layer * arch['num_hidden_layers'] + root)
 
 
-def lora_parameters(arch: dict, rank: int) -> int:
-    """LoRA on every linear layer of the decoder (``target_modules='all-linear'``)."""
-    per_layer = sum(rank * (a + b) for a, b in _linear_shapes(arch))
+# The names of the linear layers of :func:`_linear_shapes`, in its order
+# (Llama, Qwen2, Gemma-2, Mistral ...).
+LINEAR_NAMES = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
+
+
+def lora_shapes(arch: dict, target_modules='all-linear') -> List[tuple]:
+    """(in, out) of the linear layers of one decoder layer that LoRA adapts:
+    every one for ``'all-linear'``, else those named in ``target_modules``."""
+    shapes = _linear_shapes(arch)
+    if target_modules == 'all-linear':
+        return shapes
+    if target_modules is None or isinstance(target_modules, str):
+        raise UnknownArchitecture(
+            f'lora.target_modules={target_modules!r}: the plan counts LoRA for '
+            f"'all-linear' or a list among {LINEAR_NAMES}")
+    unknown = set(target_modules) - set(LINEAR_NAMES)
+    if unknown:
+        raise UnknownArchitecture(f'lora.target_modules names {sorted(unknown)}: the plan knows '
+                                  f'the linear layers {LINEAR_NAMES}')
+    return [shape for name, shape in zip(LINEAR_NAMES, shapes) if name in target_modules]
+
+
+def lora_parameters(arch: dict, rank: int, target_modules='all-linear') -> int:
+    """LoRA's A and B of every adapted linear layer of the decoder."""
+    per_layer = sum(rank * (a + b) for a, b in lora_shapes(arch, target_modules))
     return per_layer * arch['num_hidden_layers']
+
+
+def _lora_activation_bytes(arch: dict, tokens: int, compute_bytes: int, lora: dict,
+                           checkpointing: bool) -> float:
+    """What LoRA keeps for the backward beyond the frozen layers' activations."""
+    shapes = lora_shapes(arch, lora.get('target_modules', 'all-linear'))
+    values = len(shapes) * lora.get('r', 8)
+    if lora.get('lora_dropout', 0.0) > 0:
+        values += sum(a for a, _ in shapes)  # the dropped-out inputs
+    per_layer = tokens * values * compute_bytes
+    return per_layer * (1 if checkpointing else arch['num_hidden_layers'])
 
 
 def vision_parameters(arch: dict) -> int:
@@ -187,9 +224,11 @@ def plan_stage(cfg, stage: str, gpus: int, trainable: List[str]) -> dict:
     train_count, train_bytes = 0, master or loaded
     if 'llm' in trainable:
         frozen, train_count = [], llm['total']
+    lora = None
     if 'lora' in trainable or stage == 'proxy':
-        lora = recipe.get('lora', {})
-        train_count += lora_parameters(llm_arch, lora.get('r', 8))
+        lora = recipe.get('lora') or {}
+        train_count += lora_parameters(llm_arch, lora.get('r', 8),
+                                       lora.get('target_modules', 'all-linear'))
         train_bytes = 4  # PEFT keeps adapters in float32 (see ALWAYS_FLOAT32)
     if stage != 'proxy' and cfg.get('vision_tower') is not None:
         vision_arch = architecture(cfg.vision_tower, text=False)
@@ -224,6 +263,9 @@ def plan_stage(cfg, stage: str, gpus: int, trainable: List[str]) -> dict:
     chunk = cfg.model.get('loss_chunk_size', 512)
     with_ckpt = _activation_bytes(llm_arch, tokens, compute, True, chunk)
     without = _activation_bytes(llm_arch, tokens, compute, False, chunk)
+    if lora is not None:
+        with_ckpt += _lora_activation_bytes(llm_arch, tokens, compute, lora, True)
+        without += _lora_activation_bytes(llm_arch, tokens, compute, lora, False)
     checkpointing = cfg.model.get('gradient_checkpointing', False)
     activations = with_ckpt if checkpointing else without
     return dict(strategy=strategy, weights=weights, gradients=gradients, optimizer=optimizer,
@@ -238,16 +280,26 @@ def plan(cfg, gpus: int, trainable: Dict[str, List[str]]) -> Dict[str, dict]:
     return {stage: plan_stage(cfg, stage, gpus, parts) for stage, parts in trainable.items()}
 
 
+def format_count(count: float) -> str:
+    """A parameter count in a few characters: 7.62B, 323.0M, 41.5K."""
+    for unit, size in (('B', 1e9), ('M', 1e6), ('K', 1e3)):
+        if count >= size:
+            return f'{count / size:.{2 if unit == "B" else 1}f}{unit}'
+    return str(int(count))
+
+
 def format_plan(plans: Dict[str, dict], gpus: int, gpu_memory_gb: float) -> str:
-    """A table of the plan, and whether each stage fits ``HEADROOM`` of a GPU."""
+    """A table of the plan: per stage the parameters it trains, the memory,
+    and whether it fits ``HEADROOM`` of a GPU."""
     budget = gpu_memory_gb * HEADROOM
-    lines = [f'{"stage":<9}{"strategy":<15}{"weights":>9}{"grads":>8}{"optim":>8}'
+    lines = [f'{"stage":<9}{"strategy":<15}{"trains":>9}{"weights":>9}{"grads":>8}{"optim":>8}'
              f'{"act(ckpt)":>11}{"act(full)":>11}{"total":>8}  fits {gpus} x {gpu_memory_gb:g} GB '
              f'(uses <= {budget:.0f} GB)']
     for stage, p in plans.items():
         fits = p['total'] / GB <= budget
         lines.append(
-            f'{stage:<9}{p["strategy"]:<15}{p["weights"] / GB:>9.1f}{p["gradients"] / GB:>8.1f}'
+            f'{stage:<9}{p["strategy"]:<15}{format_count(p["trainable_parameters"]):>9}'
+            f'{p["weights"] / GB:>9.1f}{p["gradients"] / GB:>8.1f}'
             f'{p["optimizer"] / GB:>8.1f}{p["activations_checkpointed"] / GB:>11.1f}'
             f'{p["activations_full"] / GB:>11.1f}{p["total"] / GB:>8.1f}  '
             f'{"yes" if fits else "NO"}'

@@ -5,9 +5,9 @@ import math
 
 import torch
 from mmengine.dist import all_reduce, get_world_size
-from mmengine.optim import AmpOptimWrapper, OptimWrapper
+from mmengine.optim import AmpOptimWrapper, DefaultOptimWrapperConstructor, OptimWrapper
 
-from dpa.registry import OPTIM_WRAPPERS
+from dpa.registry import OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -78,6 +78,28 @@ class GuardedAutocastOptimWrapper(NonFiniteGuard, OptimWrapper):
         device = next(model.parameters()).device.type
         with super().optim_context(model), torch.autocast(device, dtype=self.cast_dtype):
             yield
+
+
+@OPTIM_WRAPPER_CONSTRUCTORS.register_module()
+class ProjectorLrConstructor(DefaultOptimWrapperConstructor):
+    """Two parameter groups, as LLaVA's trainer makes with ``mm_projector_lr``:
+    the projector's at ``paramwise_cfg['projector_lr']``, every other
+    trainable parameter (LoRA adapters, the LLM) at the optimizer's ``lr``.
+    The schedule scales both alike (warm-up, cosine). Frozen parameters are
+    left out of the optimizer.
+
+    The projector is found by identity (``model.projector``, under a DDP or
+    FSDP2 wrapper ``model.module.projector``), not by name.
+    """
+
+    def add_params(self, params, module, **kwargs):
+        model = getattr(module, 'module', module)
+        projector = {id(p) for p in model.projector.parameters()}
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        groups = [dict(params=[p for p in trainable if id(p) not in projector]),
+                  dict(params=[p for p in trainable if id(p) in projector],
+                       lr=self.paramwise_cfg['projector_lr'])]
+        params.extend(group for group in groups if group['params'])
 
 
 def _number_problem(value, low=None, high=None, low_open=False, high_open=False):

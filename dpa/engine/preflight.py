@@ -38,9 +38,9 @@ from dpa.engine.distributed import check_strategy
 from dpa.engine.optim import optimizer_problems
 from dpa.engine.paths import fill_path_variables
 from dpa.engine.precision import check_precision
-from dpa.engine.stage_config import (DATA_SWITCHES, IMAGE_MODES, STAGES, dependencies,
-                                     launched_processes, part_identity, stage_pads_images,
-                                     stage_trainable)
+from dpa.engine.stage_config import (DATA_SWITCHES, IMAGE_MODES, LORA_STAGES, STAGES,
+                                     dependencies, launched_processes, part_identity,
+                                     stage_lora, stage_pads_images, stage_trainable)
 from dpa.engine.stages import build_stage, closing_stage_names, stage_names
 from dpa.engine.staleness import (StaleStagesError, describe_differences, made_differently,
                                   stale_stages)
@@ -207,10 +207,9 @@ def _check_training_stage(cfg: Config, stage: str, stages: Sequence[str]) -> Non
     # Building the loss and checking LoRA is cheap and validates every key.
     try:
         VisualRelevanceLoss(**loss)
-        if stage == 'proxy':
-            check_lora(recipe.get('lora', {}))
     except ValueError as err:
         raise ConfigError(f'{stage}.{err}') from None
+    _check_stage_lora(cfg, stage)
     check_reference_scope(cfg.model.get('text_pass'), loss, stage)
     _check_data_switches(cfg, stage)
     if cfg.get('anyres') and stage != 'proxy':
@@ -240,6 +239,37 @@ def _check_training_stage(cfg: Config, stage: str, stages: Sequence[str]) -> Non
             f'multiple of the {accumulation} micro-batches of an optimizer step, or a resumed '
             'run would lose the gradients accumulated before the checkpoint')
     _check_previous_artifacts(cfg, stage, stages)
+
+
+def _check_stage_lora(cfg: Config, stage: str) -> None:
+    """LoRA settings, and the trainable parts and learning rates that go
+    with them: a stage trains LoRA adapters exactly when its recipe has
+    ``lora``, never beside the whole LLM they would adapt."""
+    recipe = cfg[stage]
+    if 'lora' in recipe and stage not in LORA_STAGES:
+        raise ConfigError(f'{stage}.lora: the {stage} stage trains no LLM weights; LoRA applies '
+                          f'to the stages {LORA_STAGES}')
+    lora = stage_lora(cfg, stage)
+    if lora is not None:
+        try:
+            check_lora(lora)
+        except ValueError as err:
+            raise ConfigError(f'{stage}.{err}') from None
+    trainable = stage_trainable(cfg, stage)
+    if 'lora' in trainable and lora is None:
+        raise ConfigError(f"{stage}.trainable names 'lora' but {stage}.lora is not set; give "
+                          f'{stage}.lora.r=... (and lora_alpha) to train adapters')
+    if lora is not None and 'llm' in trainable:
+        raise ConfigError(f"{stage}.trainable={trainable}: 'llm' trains every weight of the LLM "
+                          f'that {stage}.lora adapts; train one of the two')
+    projector_lr = recipe.get('projector_lr')
+    if projector_lr is not None:
+        if 'projector' not in trainable or len(trainable) == 1:
+            raise ConfigError(f'{stage}.projector_lr: the stage trains {trainable}; a separate '
+                              'projector learning rate needs the projector and another part')
+        for key, problem, fix in optimizer_problems(
+                dict(optimizer=dict(lr=projector_lr)), stage):
+            raise ConfigError(f'{stage}.projector_lr: {problem}; set {fix}')
 
 
 def _check_recipe_numbers(recipe, stage: str) -> None:

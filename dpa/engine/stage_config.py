@@ -32,6 +32,9 @@ STAGES = ('proxy', 'align', 'finetune')
 TEMPLATES = {'proxy': 'caption_text', 'align': 'plain', 'finetune': 'chat'}
 ARTIFACTS = {'proxy': 'adapter', 'align': 'projector', 'finetune': 'model'}
 TRAINABLE = {'proxy': ['lora'], 'align': ['projector'], 'finetune': ['llm', 'projector']}
+# The stages that may train LoRA adapters (`<stage>.lora`): the proxy always,
+# stage 3 when its recipe has `lora` (then in place of the whole LLM).
+LORA_STAGES = ('proxy', 'finetune')
 # Per-stage data switches of the recipes (docs/fidelity.md).
 DATA_SWITCHES = {'proxy': ('caption_suffix', ), 'align': ('caption_suffix', 'image_mode'),
                  'finetune': ('labels', 'image_mode')}
@@ -49,9 +52,36 @@ def launched_processes(cfg: Config) -> int:
     return world_size(cfg.get('launcher', 'none'))
 
 
+def stage_lora(cfg: Config, stage: str) -> Optional[dict]:
+    """The ``peft.LoraConfig`` arguments of the adapters ``stage`` trains, or
+    None when it trains none (``finetune`` without ``lora``: the whole LLM)."""
+    if stage not in LORA_STAGES:
+        return None
+    lora = cfg[stage].get('lora')
+    if stage == 'proxy':
+        return plain(lora or {})
+    return None if lora is None else plain(lora)
+
+
 def stage_trainable(cfg: Config, stage: str) -> List[str]:
-    """The parts ``stage`` trains: the recipe's ``trainable``, else the stage's default."""
-    return list(cfg[stage].get('trainable', TRAINABLE[stage]))
+    """The parts ``stage`` trains: the recipe's ``trainable``, else the stage's
+    default, with LoRA adapters in place of the LLM when the recipe has ``lora``."""
+    recipe = cfg[stage]
+    if 'trainable' in recipe:
+        return list(recipe.trainable)
+    if stage_lora(cfg, stage) is not None:
+        return ['lora' if part == 'llm' else part for part in TRAINABLE[stage]]
+    return list(TRAINABLE[stage])
+
+
+def projector_lr_settings(cfg: Config, stage: str) -> dict:
+    """The optimizer wrapper keys that give the projector its own learning
+    rate (``<stage>.projector_lr``, LLaVA's ``mm_projector_lr``), or none."""
+    projector_lr = cfg[stage].get('projector_lr')
+    if projector_lr is None:
+        return {}
+    return dict(constructor='ProjectorLrConstructor',
+                paramwise_cfg=dict(projector_lr=projector_lr))
 
 
 def dependencies(cfg: Config, stage: str) -> Dict[str, str]:
@@ -135,8 +165,11 @@ def stage_runner_config(cfg: Config, stage: str, resume: bool = False,
     artifacts = {role: manifest['artifact'] for role, manifest in inputs.items()}
 
     llm = copy.deepcopy(cfg.llm)
-    if stage == 'proxy':
-        llm = dict(type='ProxyLLMWrapper', llm=llm, lora=recipe.lora)
+    lora = stage_lora(cfg, stage)
+    if lora is not None:
+        # A fresh adapter, on the merged proxy when stage 3 starts from it.
+        llm = dict(type='ProxyLLMWrapper', llm=llm, lora=lora,
+                   adapter=artifacts.get('llm_adapter'))
     elif 'llm_adapter' in artifacts:
         llm = dict(type='ProxyLLMWrapper', llm=llm, adapter=artifacts['llm_adapter'])
     model = dict(copy.deepcopy(cfg.model), llm=llm, tokenizer=cfg.tokenizer,
@@ -159,7 +192,8 @@ def stage_runner_config(cfg: Config, stage: str, resume: bool = False,
     made_from[INPUT_CHECKSUMS] = input_checksums(inputs)
     if stage != 'proxy':
         made_from['vision_tower'] = plain(cfg.vision_tower)
-    optim_wrapper = dict(copy.deepcopy(recipe.optim_wrapper), accumulative_counts=accumulation)
+    optim_wrapper = dict(copy.deepcopy(recipe.optim_wrapper), accumulative_counts=accumulation,
+                         **projector_lr_settings(cfg, stage))
     if optim_wrapper.get('type', 'OptimWrapper') in GUARDED:
         optim_wrapper.update(type=GUARDED[optim_wrapper.get('type', 'OptimWrapper')],
                              skip_nonfinite=cfg.get('skip_nonfinite_steps', False))
@@ -197,6 +231,7 @@ def stage_runner_config(cfg: Config, stage: str, resume: bool = False,
                            # As json text: its keys (file paths) hold dots.
                            made_by=None if made_by is None else json.dumps(made_by)),
                       dict(type='GracefulExitHook', stage=stage, accumulation=accumulation),
+                      dict(type='IterationSeedHook'),
                       dict(type='RelevanceHistogramHook', stage=stage)]
         + copy.deepcopy(cfg.get('custom_hooks', [])),
         # The newest complete checkpoint, not mmengine's last_checkpoint pointer.

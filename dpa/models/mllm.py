@@ -313,8 +313,13 @@ class LlavaDPAModel(BaseModel):
         if rows.numel() == 0:
             if self.same_passes_on_every_rank:
                 # Sharded layers gather their weights with collectives on each
-                # call: every rank must call them as often as the others.
-                self.llm_outputs(embeds[:1, :1], attention_mask[:1, :1], position_ids[:1, :1])
+                # call: every rank must call them as often as the others. The
+                # random state is kept: dropout (LoRA's) in this discarded pass
+                # must not change the masks of the passes that count.
+                cuda = [embeds.device.index] if embeds.device.type == 'cuda' else []
+                with torch.random.fork_rng(devices=cuda):
+                    self.llm_outputs(embeds[:1, :1], attention_mask[:1, :1],
+                                     position_ids[:1, :1])
             return embeds.new_zeros((0, self.output_size)), text_index
         keep = attention_mask.bool() & ~image_mask
         kept = keep[rows]

@@ -19,6 +19,14 @@ finetune = dict(
     global_batch_size=256,
     max_epochs=1,
     warmup_ratio=0.03,
+    # `lora=dict(r=128, lora_alpha=256, lora_dropout=0.05,
+    # target_modules='all-linear')` (peft.LoraConfig arguments) trains LoRA
+    # adapters on the LLM instead of the whole LLM (LLaVA's --lora_enable,
+    # docs/lora.md); the projector trains in full; the final model is written
+    # merged, the adapter beside it. Absent: the whole LLM trains.
+    # The projector's own learning rate (LLaVA's mm_projector_lr); None: the
+    # optimizer's lr.
+    projector_lr=None,
     optim_wrapper=dict(
         type='OptimWrapper',
         optimizer=dict(type='AdamW', lr=4e-5, betas=(0.9, 0.999), weight_decay=0.0),
