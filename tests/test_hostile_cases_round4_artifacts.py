@@ -15,7 +15,7 @@ from dpa.engine.config_guard import result_config
 from dpa.engine.pipeline import prepare_synthetic_data
 from dpa.engine.preflight import resolve_config
 from dpa.models.builders import PROCESSORS
-from test_hostile_cases import Case, Outcome, Run
+from test_hostile_cases import Case, Outcome, Run, play
 from tiny import REPO, TINY, tiny_config
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -294,10 +294,4 @@ CASES = [
 
 @pytest.mark.parametrize('case', CASES, ids=[c.name for c in CASES])
 def test_hostile_case(case, tmp_path, data_root, finished, monkeypatch):
-    run = Run(tmp_path, data_root, finished, monkeypatch)
-    outcome = run.last = case.act(run)
-    assert outcome.code == case.code, outcome.text[-3000:]
-    for words in case.says:
-        assert words in outcome.text, f'{words!r} not in:\n{outcome.text[-3000:]}'
-    if case.then is not None:
-        assert case.then(run), outcome.text[-3000:]
+    play(case, Run(tmp_path, data_root, finished, monkeypatch))

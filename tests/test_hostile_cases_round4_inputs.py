@@ -17,7 +17,7 @@ import dpa  # noqa: F401
 from dpa.evaluation.lmms_eval import disagreement_warnings, write_local_tasks
 from dpa.evaluation.models import load_image
 from dpa.models import converted_cache, gguf
-from test_hostile_cases import Case, Outcome, Run
+from test_hostile_cases import Case, Outcome, Run, play
 from tiny import REPO, TINY
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -138,11 +138,5 @@ CASES = [
 
 @pytest.mark.parametrize('case', CASES, ids=[c.name for c in CASES])
 def test_hostile_case(case, tmp_path, data_root, finished, monkeypatch):
-    run = Run(tmp_path, data_root, finished, monkeypatch)
-    outcome = run.last = case.act(run)
-    assert outcome.code == case.code, outcome.text[-3000:]
+    outcome = play(case, Run(tmp_path, data_root, finished, monkeypatch))
     assert 'Traceback' not in outcome.text, outcome.text[-3000:]
-    for words in case.says:
-        assert words in outcome.text, f'{words!r} not in:\n{outcome.text[-3000:]}'
-    if case.then is not None:
-        assert case.then(run), outcome.text[-3000:]

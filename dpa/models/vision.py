@@ -82,15 +82,14 @@ class HFVisionTower(nn.Module):
 
 def _processor_side(processor: dict):
     """The side of the square pictures an image processor config makes, if it says."""
-    for key in ('crop_size', 'size'):
-        value = processor.get(key)
-        if key == 'crop_size' and not processor.get('do_center_crop', True):
-            continue
-        if isinstance(value, dict) and value.get('height') == value.get('width') is not None:
+    crop = processor.get('crop_size') if processor.get('do_center_crop', True) else None
+    size = processor.get('size')
+    for value in (crop, size):
+        if isinstance(value, dict) and value.get('height') is not None \
+                and value.get('height') == value.get('width'):
             return value['height']
-        if isinstance(value, dict) and 'shortest_edge' in value and key == 'size' and \
-                'crop_size' not in processor:
-            return value['shortest_edge']
+    if isinstance(size, dict) and 'crop_size' not in processor:
+        return size.get('shortest_edge')
     return None
 
 
