@@ -1,5 +1,5 @@
 # DPA on a real pretrained LLM, on a CPU: SmolLM2-135M-Instruct (installed from
-# PyPI, see its base file) with a random frozen tiny CLIP, on synthetic
+# PyPI, see its base file) with a real frozen DINOv2-S (also from PyPI), on synthetic
 # pictures whose captions are in a style the LLM's prior finds very unlikely
 # ("[ top ] circle / red ."), all four stages. `pip install -e '.[smollm2]'`,
 # then `python tools/train.py configs/dpa_smollm2_135m.py`.
@@ -10,7 +10,10 @@ _base_ = [
     '_base_/schedules/finetune.py', '_base_/default_runtime.py'
 ]
 stages = ['proxy', 'align', 'finetune', 'eval']
-synthetic_data = dict(root='data/dpa_smollm2', caption_style='bracket')
+# 1600 captions: the projector learns the pictures' content, not 64 pictures
+# (the frozen features of each are computed once and cached).
+synthetic_data = dict(root='data/dpa_smollm2', caption_style='bracket', num_captions=1600,
+                      num_instructions=320)
 
 # A pretrained 135M LLM moves with rates between the paper's (4e-5, for 7B)
 # and the random tiny default's.
@@ -18,13 +21,13 @@ synthetic_data = dict(root='data/dpa_smollm2', caption_style='bracket')
 # default loop over 135 M parameters (0.27 s against 0.89 s a step, one thread).
 _adamw = dict(type='OptimWrapper', clip_grad=dict(max_norm=1.0),
               optimizer=dict(type='AdamW', betas=(0.9, 0.999), weight_decay=0.0, fused=True))
-proxy = dict(lora=dict(r=16, lora_alpha=32), max_length=128, batch_size=8, global_batch_size=8,
-             max_epochs=1, checkpoint_interval=8,
+proxy = dict(lora=dict(r=16, lora_alpha=32), max_length=128, batch_size=32, global_batch_size=32,
+             max_epochs=1, checkpoint_interval=25,
              optim_wrapper=dict(_adamw, optimizer=dict(_adamw['optimizer'], lr=1e-3)))
-align = dict(max_length=128, batch_size=8, global_batch_size=8, max_epochs=2,
-             checkpoint_interval=8,
-             optim_wrapper=dict(_adamw, optimizer=dict(_adamw['optimizer'], lr=2e-3)))
+align = dict(max_length=128, batch_size=16, global_batch_size=16, max_epochs=2,
+             checkpoint_interval=100,
+             optim_wrapper=dict(_adamw, optimizer=dict(_adamw['optimizer'], lr=3e-3)))
 finetune = dict(max_length=256, batch_size=8, global_batch_size=8, max_epochs=1,
-                checkpoint_interval=6,
+                checkpoint_interval=20,
                 optim_wrapper=dict(_adamw, optimizer=dict(_adamw['optimizer'], lr=5e-5)))
 default_hooks = dict(logger=dict(interval=4))

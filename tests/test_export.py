@@ -252,6 +252,25 @@ def test_export_full_features_keeps_cls_token(tmp_path, tokenizer, image_process
     assert_close(hf_logits(hf, inputs), our_logits(model, inputs))
 
 
+def test_export_folds_the_feature_scale_into_the_projector(tmp_path, tokenizer, image_processor):
+    """transformers' LLaVA has no feature scale: the export multiplies the
+    projector's first weight by it, and answers as the scaled native model."""
+    model = build_model(qwen2_cfg(), vision_tower=clip_cfg(feature_scale=7.0))
+    export_llava(model, tokenizer, image_processor, str(tmp_path / 'hf'))
+    hf, processor = load_export(str(tmp_path / 'hf'))
+    _, inputs = processor_inputs(processor, shape_image())
+    assert_close(hf_logits(hf, inputs), our_logits(model, inputs))
+    # The scale matters: the same model read without it answers otherwise.
+    model.vision_tower.feature_scale = 1.0
+    assert (hf_logits(hf, inputs) - our_logits(model, inputs)).abs().max() > 1e-2
+    # The native directory keeps the scale (and the unscaled projector).
+    model.vision_tower.feature_scale = 7.0
+    save_native(model, tokenizer, image_processor, str(tmp_path / 'native'))
+    rebuilt = load_native(str(tmp_path / 'native')).eval()
+    assert rebuilt.vision_tower.feature_scale == 7.0
+    assert torch.equal(our_logits(rebuilt, inputs), our_logits(model, inputs))
+
+
 # --------------------------------------------------------------------------- #
 # An <image> id outside the LLM's vocabulary
 # --------------------------------------------------------------------------- #

