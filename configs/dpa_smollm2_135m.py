@@ -22,7 +22,7 @@ synthetic_data = dict(root='data/dpa_smollm2', caption_style='bracket', num_capt
 _adamw = dict(type='OptimWrapper', clip_grad=dict(max_norm=1.0),
               optimizer=dict(type='AdamW', betas=(0.9, 0.999), weight_decay=0.0, fused=True))
 proxy = dict(lora=dict(r=16, lora_alpha=32), max_length=128, batch_size=32, global_batch_size=32,
-             max_epochs=1, checkpoint_interval=25,
+             max_epochs=1, checkpoint_interval=50,
              optim_wrapper=dict(_adamw, optimizer=dict(_adamw['optimizer'], lr=1e-3)))
 align = dict(max_length=128, batch_size=16, global_batch_size=16, max_epochs=2,
              checkpoint_interval=100,

@@ -5,6 +5,7 @@ frozen-feature cache.
 This module does not skip: the README's test command installs the package,
 and a broken install must turn CI red.
 """
+import copy
 import json
 import os
 import os.path as osp
@@ -213,9 +214,11 @@ def test_cached_features_equal_computed_ones_and_survive_damage(tower, tmp_path)
 
 
 def test_the_feature_scale_multiplies_what_the_cache_keeps_unscaled(tower, tmp_path):
-    scaled = HFVisionTower(pretrained=dinov2_onnx(), image_size=SIDE, feature_layer=-4,
-                           feature_scale=10.0, feature_cache=str(tmp_path)).eval()
-    scaled.requires_grad_(False)
+    # The module's tower, read with a scale and a cache of its own (another
+    # test of this module damages the shared conversion on purpose).
+    scaled = copy.deepcopy(tower).requires_grad_(False)
+    scaled.feature_scale, scaled.use_feature_cache = 10.0, True
+    scaled.feature_cache_root, scaled._cache = str(tmp_path), None
     pixels = torch.randn(2, 3, SIDE, SIDE)
     with torch.no_grad():
         plain = tower.compute_features(pixels)
@@ -227,5 +230,6 @@ def test_the_feature_scale_multiplies_what_the_cache_keeps_unscaled(tower, tmp_p
     kept = [load_file(str(f))['features'] for f in sorted(tmp_path.rglob('*.safetensors'))]
     assert len(kept) == 2 and all(
         any(torch.allclose(k, row, atol=1e-5) for row in plain) for k in kept)
+    # Refused before any model is read.
     with pytest.raises(ValueError, match='feature_scale must be > 0'):
-        HFVisionTower(pretrained=dinov2_onnx(), image_size=SIDE, feature_scale=0)
+        HFVisionTower(pretrained='/no/such/model.onnx', image_size=SIDE, feature_scale=0)
