@@ -449,5 +449,8 @@ def test_loss_and_gradients_equal_with_and_without_the_feature_cache(tmp_path):
     (plain, plain_grads, _), (filled, _, writer), (read, read_grads, reader) = results
     assert writer.misses == 2 and (reader.misses, reader.hits) == (0, 4)
     assert torch.equal(plain, filled) and torch.equal(plain, read)
+    # The read-back features are contiguous where the tower's are a strided
+    # slice (CLS dropped): some CPUs' GEMM kernels then round the float64
+    # gradient sums in another order (seen: 5e-18 apart, on gradients of 1e-3).
     for a, b in zip(plain_grads, read_grads):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-15)
