@@ -120,3 +120,101 @@ def test_anyres_peer_is_the_same_model_under_transformers_llava_next():
     ours = model(**batch)['loss']
     peer = peer_loss(transformers_llava(model), **batch)['loss']
     torch.testing.assert_close(peer, ours, rtol=1e-5, atol=1e-6)
+
+
+def write_shape_only_config(tmp_path, llm_dir=None):
+    """A config on the tiny default whose LLM and vision tower point at
+    checkpoint folders that hold a config.json and nothing else: the
+    benchmark's --config mode needs their shape, not their weights."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+    if llm_dir is None:
+        llm_dir = tmp_path / 'llm'
+        LlamaConfig(vocab_size=600, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                    tie_word_embeddings=True).save_pretrained(llm_dir)
+    vision_dir = tmp_path / 'vision'
+    CLIPVisionConfig(hidden_size=40, intermediate_size=80, num_hidden_layers=3,
+                     num_attention_heads=2, image_size=32, patch_size=4).save_pretrained(vision_dir)
+    path = tmp_path / 'shape_only.py'
+    path.write_text(
+        f"_base_ = [{osp.join(REPO, 'configs', 'dpa_tiny.py')!r}]\n"
+        f"llm = dict(_delete_=True, type='HFCausalLM', pretrained={str(llm_dir)!r}, "
+        "torch_dtype='float32')\n"
+        f"vision_tower = dict(_delete_=True, type='HFVisionTower', pretrained={str(vision_dir)!r}, "
+        "feature_layer=-2, torch_dtype='float32')\n"
+        "align = dict(batch_size=3, global_batch_size=6)\n")
+    return path
+
+
+def test_config_mode_times_the_configs_model_at_its_shape_in_one_run(tmp_path):
+    from dpa.benchmark.config_run import config_markdown, run_config_variants
+    path = write_shape_only_config(tmp_path)
+    args = benchmark_cli.parse_args(['--config', str(path), '--steps', '2',
+                                     '--variants', 'cmo', 'cmo_reference', 'hf_llava'])
+    records = run_config_variants(args, work_dir=str(tmp_path / 'work'))
+    assert {(r['stage'], r['variant']) for r in records} == {
+        (stage, variant) for stage in ('align', 'finetune')
+        for variant in ('vanilla', 'cmo', 'cmo_reference', 'hf_llava')}
+    for r in records:
+        # The model timed: the checkpoint's shapes, random weights.
+        assert (r['llm_type'], r['hidden_size'], r['layers'], r['intermediate_size'],
+                r['heads'], r['kv_heads'], r['vocab_size']) == ('llama', 48, 3, 96, 4, 2, 600)
+        assert (r['vision_type'], r['vision_hidden'], r['vision_layers']) == \
+            ('clip_vision_model', 40, 3)
+        assert r['image_tokens'] == (32 // 4) ** 2
+        assert r['shape'] == ('caption_data' if r['stage'] == 'align' else 'instruct_data')
+        assert r['median_step_s'] > 0 and r['peak_mem_mb'] > 0 and r['tokens_per_s'] > 0
+    for stage in ('align', 'finetune'):
+        rows = {r['variant']: r for r in records if r['stage'] == stage}
+        base = rows['vanilla']
+        for r in rows.values():  # the ratios of one run, to its own vanilla
+            assert r['ratio_to_vanilla'] == pytest.approx(r['median_step_s'] / base['median_step_s'])
+            assert r['mem_ratio_to_vanilla'] == pytest.approx(r['peak_mem_mb'] / base['peak_mem_mb'])
+    align = next(r for r in records if r['stage'] == 'align')
+    assert align['trainable'] == ['projector'] and align['batch_size'] == 3  # the recipe's
+    assert [b['share'] for b in align['batches']] == [1.0]
+    finetune = next(r for r in records if r['stage'] == 'finetune')
+    assert finetune['trainable'] == ['llm', 'projector']
+    # Stage 3 groups rows by modality: an image batch and a text-only batch.
+    assert [b['images'] > 0 for b in finetune['batches']] == [True, False]
+    assert sum(b['share'] for b in finetune['batches']) == pytest.approx(1.0)
+    table = config_markdown(records, args)
+    assert 'llama hidden 48, 3 layers' in table
+    assert '| 600 | caption_data | align | cmo_reference |' in table
+
+
+def test_config_mode_refuses_what_it_cannot_benchmark(tmp_path, capsys):
+    path = write_shape_only_config(tmp_path, llm_dir=tmp_path / 'missing')
+    with pytest.raises(SystemExit) as raised:
+        benchmark_cli.main(['--config', str(path), '--steps', '1'])
+    message = str(raised.value.code)
+    assert 'cannot benchmark it' in message and 'missing' in message
+    text_only = tmp_path / 'text_only.py'
+    text_only.write_text(f"_base_ = [{osp.join(REPO, 'configs', 'dpa_tiny.py')!r}]\n"
+                         "stages = ['proxy']\n")
+    with pytest.raises(SystemExit) as raised:
+        benchmark_cli.main(['--config', str(text_only), '--steps', '1'])
+    assert 'trains none of the stages' in str(raised.value.code)
+    for argv in (['--real-weights'], ['--config', str(path), '--profile']):
+        with pytest.raises(SystemExit):
+            benchmark_cli.parse_args(argv)
+
+
+def test_peer_takes_an_image_id_outside_the_vocabulary():
+    """SmolLM2's tokenizer adds <image> after the LLM's vocabulary: ours masks
+    it before the embedding lookup, the peer is given a free id inside it."""
+    model = build_model('qwen2', loss=dict(type='VisualRelevanceLoss', mode='vanilla'))
+    input_ids, attention_mask, pixel_values = make_batch()
+    labels = supervised_labels(model, input_ids, attention_mask, pixel_values)
+    vocab = model.llm.get_input_embeddings().num_embeddings
+    outside = input_ids.masked_fill(input_ids == model.image_token_id, vocab + 7)
+    llava = transformers_llava(model)
+    with torch.no_grad():
+        want = model(input_ids, attention_mask, labels, pixel_values)['loss']
+        model.image_token_id = vocab + 7
+        ours = model(outside, attention_mask, labels, pixel_values)['loss']
+        llava.dpa_image_token_id = vocab + 7
+        peer = peer_loss(llava, outside, attention_mask, labels, pixel_values)['loss']
+    assert ours == want
+    torch.testing.assert_close(peer.double(), want, rtol=1e-5, atol=1e-6)
+    assert int(outside.max()) == vocab + 7 and llava.config.image_token_id < vocab

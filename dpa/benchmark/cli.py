@@ -55,7 +55,9 @@ import time
 import torch
 
 from dpa.engine.config_file import add_cfg_options, positive_int
+from dpa.errors import ConfigError
 
+from .config_run import config_markdown, run_config_variants
 from .data_pipeline import data_pipeline_markdown, run_data_pipeline
 from .profile import profile_variants
 from .report import markdown, profile_markdown, threads
@@ -90,8 +92,14 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f'--caption-tokens {low} {high}: the first is the minimum')
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         parser.error(f'--device {args.device}: no GPU is visible')
+    if args.clock == 'cpu' and args.device != 'cpu':
+        parser.error('--clock cpu times CPU steps; a GPU step is timed by the wall clock')
     if args.device != 'cpu' and not args.device.startswith('cuda'):
         parser.error(f'--device {args.device}: use cpu or cuda[:N]')
+    if args.config and (args.data_pipeline or args.profile):
+        parser.error('--config times training steps: not with --data-pipeline or --profile')
+    if args.real_weights and not args.config:
+        parser.error('--real-weights needs --config')
     if args.json:
         folder = osp.dirname(osp.abspath(args.json))
         if not osp.isdir(folder) or not os.access(folder, os.W_OK):
@@ -124,6 +132,10 @@ def parse_args(argv=None):
     parser.add_argument('--threads', type=positive_int, default=1,
                         help="torch's CPU threads; 1 keeps timings steady on a machine that "
                         'other jobs share')
+    parser.add_argument('--clock', default='wall', choices=['wall', 'cpu'],
+                        help="what a step's time is: elapsed (wall) or the process's CPU time "
+                        '(cpu: on a CPU that other jobs share, what the step computed, not how '
+                        'long it waited for a core; CPU only)')
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--dtype', default='float32', choices=DTYPES)
     parser.add_argument('--caption-batch-size', type=positive_int, default=16)
@@ -136,6 +148,15 @@ def parse_args(argv=None):
                         help='instead of timing steps, profile them (torch.profiler): where '
                         'the time of a step goes, per variant (see dpa/benchmark/profile.py)')
     parser.add_argument('--json', help='also write the records to this JSON file')
+    parser.add_argument('--config', metavar='CONFIG',
+                        help="time CONFIG's own model (random weights at its checkpoints' "
+                        "shape) on its align and finetune batches instead of a synthetic "
+                        'shape; the LLM and shape flags are then not used (see '
+                        'dpa/benchmark/config_run.py); with --stages, --variants, --steps, '
+                        '--real-weights, --cfg-options')
+    parser.add_argument('--real-weights', action='store_true',
+                        help="with --config: load the config's checkpoints instead of random "
+                        'weights (CMO then scores what a pretrained model scores)')
     parser.add_argument('--data-pipeline', metavar='CONFIG',
                         help="instead of training steps, the loader throughput of CONFIG's "
                         'stages per worker count beside an estimated GPU step time (see '
@@ -166,6 +187,14 @@ def main(argv=None):
         print(data_pipeline_markdown(records))
         finish(records, args, argv, start)
         return
+    if args.config:
+        try:
+            records = run_config_variants(args)
+        except ConfigError as err:
+            sys.exit(f'tools/benchmark.py --config {args.config}: cannot benchmark it: {err}')
+        print(config_markdown(records, args))
+        finish(records, args, argv, start)
+        return
     if args.profile:
         records = profile_variants(args)
         print(profile_markdown(records, args))
@@ -185,7 +214,8 @@ def finish(records, args, argv, start: float) -> None:
     device = torch.cuda.get_device_name() if args.device == 'cuda' else \
         f'CPU, {threads(torch.get_num_threads())}'
     for record in records:
-        record.update(device=device, dtype=args.dtype)
+        record.update(device=device)
+        record.setdefault('dtype', args.dtype)  # --config: the config's
     print(f'\n{time.perf_counter() - start:.0f} s; command: python tools/benchmark.py '
           + ' '.join(sys.argv[1:] if argv is None else argv))
     if args.json:

@@ -21,11 +21,13 @@ def transformers_llava(model) -> nn.Module:
     Args:
         model: a :class:`dpa.models.LlavaDPAModel` with a transformers-native
             LLM, an HF vision tower and the mlp2x_gelu projector.
+
+    An ``<image>`` id outside the LLM's vocabulary (a tokenizer that added it,
+    as SmolLM2's does) is given to the peer as an id inside it that the batch
+    does not use (:func:`peer_loss`): transformers' LLaVA looks the image
+    tokens up in the embedding table before it replaces them, and the export
+    resizes the table, which the peer cannot do to modules it shares.
     """
-    vocab = model.llm.get_input_embeddings().num_embeddings
-    if model.image_token_id >= vocab:
-        raise ValueError(f'<image> id {model.image_token_id} lies outside the LLM vocabulary '
-                         f'({vocab}): transformers LLaVA looks it up in the embedding table')
     text_config = model.llm.config.to_dict()
     with torch.device('meta'):
         if model.anyres is None:
@@ -38,6 +40,7 @@ def transformers_llava(model) -> nn.Module:
     if model.anyres is not None:
         llava.model.image_newline = model.projector.image_newline
     llava.lm_head = model.llm.get_output_embeddings()
+    llava.dpa_image_token_id = model.image_token_id
     left = [name for name, tensor in chain(llava.named_parameters(), llava.named_buffers())
             if tensor.is_meta]
     if left:
@@ -50,6 +53,15 @@ def peer_loss(llava: nn.Module, input_ids, attention_mask, labels, pixel_values=
     """The peer's training loss on one of the benchmark's batches (AnyRes:
     every image with the same number of tiles, as the benchmark makes them)."""
     extra = {}
+    vocab = llava.get_input_embeddings().num_embeddings
+    image_id = llava.dpa_image_token_id
+    if image_id >= vocab:
+        used = torch.zeros(vocab, dtype=torch.bool, device=input_ids.device)
+        used[input_ids[input_ids < vocab]] = True
+        free = int((~used).nonzero()[0, 0])  # an id the batch does not hold
+        input_ids = input_ids.masked_fill(input_ids == image_id, free)
+        image_id = free
+    llava.config.image_token_id = llava.model.config.image_token_id = image_id
     if image_sizes is not None:
         # LLaVA-NeXT takes (images, tiles, C, H, W); ours are concatenated.
         pixel_values = pixel_values.view(len(image_sizes), -1, *pixel_values.shape[1:])

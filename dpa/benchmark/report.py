@@ -8,15 +8,9 @@ def threads(n: int) -> str:
     return f'{n} thread' + ('s' if n > 1 else '')
 
 
-def markdown(records: List[dict], args) -> str:
-    lines = [f'LLM: random Qwen2, hidden {args.hidden_size}, {args.layers} layers, '
-             f'intermediate {args.intermediate_size}, {args.heads} heads / {args.kv_heads} kv; '
-             f'{args.dtype} on {args.device}, {threads(torch.get_num_threads())}; batch '
-             f'{args.batch_size}; loss chunk {args.chunk_size}; median of {args.steps} steps '
-             f'({args.reference_steps} for cmo_reference) after {args.warmup} warm-up '
-             'step(s) and a round measuring memory.',
-             '',
-             '| vocab | shape | stage | variant | step (s) | x vanilla | peak mem (MB) '
+def step_rows(records: List[dict]) -> List[str]:
+    """The table of the training-step records (align and finetune)."""
+    lines = ['| vocab | shape | stage | variant | step (s) | x vanilla | peak mem (MB) '
              '| x vanilla | tokens/s |',
              '|---|---|---|---|---:|---:|---:|---:|---:|']
     for r in records:
@@ -25,6 +19,18 @@ def markdown(records: List[dict], args) -> str:
                          f"{r['median_step_s']:.3f} | {r['ratio_to_vanilla']:.2f} | "
                          f"{r['peak_mem_mb']:.0f} | {r['mem_ratio_to_vanilla']:.2f} | "
                          f"{r['tokens_per_s']:.0f} |")
+    return lines
+
+
+def markdown(records: List[dict], args) -> str:
+    lines = [f'LLM: random Qwen2, hidden {args.hidden_size}, {args.layers} layers, '
+             f'intermediate {args.intermediate_size}, {args.heads} heads / {args.kv_heads} kv; '
+             f'{args.dtype} on {args.device}, {threads(torch.get_num_threads())}; batch '
+             f'{args.batch_size}; loss chunk {args.chunk_size}; median of {args.steps} steps '
+             f'({args.reference_steps} for cmo_reference) after {args.warmup} warm-up '
+             f'step(s) and a round measuring memory; {args.clock} clock.',
+             '']
+    lines += step_rows(records)
     packing = [r for r in records if r['stage'] == 'proxy']
     if packing:
         lines += ['', f'Stage 1 (LoRA r={args.lora_rank}): {args.caption_batch_size} captions '

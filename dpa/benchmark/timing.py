@@ -36,8 +36,11 @@ def peak_mb(device: str) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith('VmHWM')) / 1024
 
 
+CLOCKS = dict(wall=time.perf_counter, cpu=time.process_time)
+
+
 def interleaved_steps(steps: Dict[str, Callable[[], None]], timed: Dict[str, int],
-                      warmup: int, device: str) -> Dict[str, dict]:
+                      warmup: int, device: str, clock: str = 'wall') -> Dict[str, dict]:
     """Median step time and peak memory of each step function.
 
     ``warmup`` steps of the first function create the optimizer's state (the
@@ -50,8 +53,13 @@ def interleaved_steps(steps: Dict[str, Callable[[], None]], timed: Dict[str, int
         steps: name -> one optimizer step.
         timed: name -> how many of its steps are timed.
         warmup: steps of the first function before measuring, at least 1.
+        clock: ``'wall'`` (elapsed time) or ``'cpu'`` (the process's CPU
+            time: on a CPU shared with other jobs, what the step computed
+            rather than how long it waited for a core; with one thread the
+            two agree on an idle machine).
     """
     sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+    now = CLOCKS[clock]
     for _ in range(max(warmup, 1)):
         next(iter(steps.values()))()
     times = {name: [] for name in steps}
@@ -62,12 +70,12 @@ def interleaved_steps(steps: Dict[str, Callable[[], None]], timed: Dict[str, int
                 continue
             if round_index == 0:
                 reset_peak(device)
-            start = time.perf_counter()
+            start = now()
             step()
             sync()
             if round_index == 0:
                 peaks[name] = peak_mb(device)
             else:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(now() - start)
     return {name: dict(median_step_s=statistics.median(times[name]), peak_mem_mb=peaks[name])
             for name in steps}

@@ -209,6 +209,31 @@ def stage_models(args) -> List[Tuple[str, Optional[Tuple[int, int]], List[str]]]
     return [(stage, grid, names) for stage in args.stages for grid, names in grids.items()]
 
 
+def time_variants(model, optim: OptimWrapper, losses: Dict[str, Callable],
+                  batches: List[Tuple[dict, float]], args) -> Dict[str, dict]:
+    """Median step time, peak memory and tokens per step of each variant on
+    ``batches`` ((batch, share of the steps) pairs, weighted by their share),
+    with the ratios to vanilla, all in one interleaved run."""
+    steps, timed = {}, {}
+    for variant, loss in losses.items():
+        for index, (batch, _) in enumerate(batches):
+            steps[variant, index] = step_fn(model, optim, batch, loss)
+            timed[variant, index] = (args.reference_steps
+                                     if variant == 'cmo_reference' else args.steps)
+    measured = interleaved_steps(steps, timed, args.warmup, args.device,
+                                 getattr(args, 'clock', 'wall'))
+    results = {}
+    for variant in losses:
+        # A step of this shape: its batches weighted by their share.
+        parts = [(measured[variant, i], share, int(batch['attention_mask'].sum()))
+                 for i, (batch, share) in enumerate(batches)]
+        results[variant] = dict(
+            median_step_s=sum(m['median_step_s'] * share for m, share, _ in parts),
+            peak_mem_mb=max(m['peak_mem_mb'] for m, _, _ in parts),
+            tokens_per_step=sum(tokens * share for _, share, tokens in parts))
+    return with_ratios(results, 'vanilla')
+
+
 def run_training_variants(args) -> List[dict]:
     records = []
     for vocab in args.vocab_sizes:
@@ -219,23 +244,8 @@ def run_training_variants(args) -> List[dict]:
             losses = {variant: variant_loss(variant, model.split_llm) for variant in args.variants}
             for shape_name in shape_names:
                 batches = shape_batches(SHAPES[shape_name], stage, vocab, args)
-                steps, timed = {}, {}
-                for variant, loss in losses.items():
-                    for index, (batch, _) in enumerate(batches):
-                        steps[variant, index] = step_fn(model, optim, batch, loss)
-                        timed[variant, index] = (args.reference_steps
-                                                 if variant == 'cmo_reference' else args.steps)
-                measured = interleaved_steps(steps, timed, args.warmup, args.device)
-                results = {}
-                for variant in losses:
-                    # A step of this shape: its batches weighted by their share.
-                    parts = [(measured[variant, i], share, int(batch['attention_mask'].sum()))
-                             for i, (batch, share) in enumerate(batches)]
-                    results[variant] = dict(
-                        median_step_s=sum(m['median_step_s'] * share for m, share, _ in parts),
-                        peak_mem_mb=max(m['peak_mem_mb'] for m, _, _ in parts),
-                        tokens_per_step=sum(tokens * share for _, share, tokens in parts))
-                for variant, result in with_ratios(results, 'vanilla').items():
+                for variant, result in time_variants(model, optim, losses, batches,
+                                                     args).items():
                     records.append(dict(vocab_size=vocab, shape=shape_name, stage=stage,
                                         variant=variant, batch_size=args.batch_size, **result))
                     print(f'  {records[-1]}', file=sys.stderr, flush=True)

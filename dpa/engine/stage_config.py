@@ -153,17 +153,15 @@ def stage_sampler_config(cfg: Config, stage: str) -> dict:
                 image_length=image_length, seed=cfg.get('seed'))
 
 
-def stage_runner_config(cfg: Config, stage: str, resume: bool = False,
-                        made_by: Optional[dict] = None) -> Config:
-    """The mmengine Runner config of one stage; ``made_by`` (the stage's
-    resolved config, :func:`dpa.engine.config_guard.result_config`) goes to
-    its manifest."""
+def stage_model_config(cfg: Config, stage: str,
+                       artifacts: Optional[Dict[str, str]] = None) -> dict:
+    """The ``LlavaDPAModel`` config of one stage: the config's LLM (with the
+    stage's LoRA adapters, or the proxy's adapter), tokenizer, vision tower
+    and loss, and the parts the stage trains. ``artifacts``: the earlier
+    stages' outputs by role (``llm_adapter``, ``projector``); none: the stage
+    starts from the checkpoints alone (the benchmark's model)."""
+    artifacts = artifacts or {}
     recipe = cfg[stage]
-    work_dir = osp.abspath(cfg.work_dir)
-    inputs = {role: read_manifest(osp.abspath(stage_work_dir(cfg, previous)), previous)
-              for role, previous in dependencies(cfg, stage).items()}
-    artifacts = {role: manifest['artifact'] for role, manifest in inputs.items()}
-
     llm = copy.deepcopy(cfg.llm)
     lora = stage_lora(cfg, stage)
     if lora is not None:
@@ -183,7 +181,21 @@ def stage_runner_config(cfg: Config, stage: str, resume: bool = False,
             model['anyres'] = plain(cfg.anyres)
         if 'projector' in artifacts:
             model['projector_weights'] = osp.join(artifacts['projector'], 'projector.safetensors')
+    return model
 
+
+def stage_runner_config(cfg: Config, stage: str, resume: bool = False,
+                        made_by: Optional[dict] = None) -> Config:
+    """The mmengine Runner config of one stage; ``made_by`` (the stage's
+    resolved config, :func:`dpa.engine.config_guard.result_config`) goes to
+    its manifest."""
+    recipe = cfg[stage]
+    work_dir = osp.abspath(cfg.work_dir)
+    inputs = {role: read_manifest(osp.abspath(stage_work_dir(cfg, previous)), previous)
+              for role, previous in dependencies(cfg, stage).items()}
+    artifacts = {role: manifest['artifact'] for role, manifest in inputs.items()}
+
+    model = stage_model_config(cfg, stage, artifacts)
     dataset = stage_dataset_config(cfg, stage)
     loader = loader_settings(cfg, stage)
 
