@@ -454,3 +454,79 @@ def test_loss_and_gradients_equal_with_and_without_the_feature_cache(tmp_path):
     # gradient sums in another order (seen: 5e-18 apart, on gradients of 1e-3).
     for a, b in zip(plain_grads, read_grads):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-15)
+
+
+# --------------------------------------------------------------------------
+# The lazy no-image pass: after the image scores, for the targets above the floor
+# --------------------------------------------------------------------------
+def count_passes(model):
+    """Record the (rows, length) of every decoder pass of ``model``."""
+    shapes = []
+    run = model.split_llm.hidden_states
+
+    def recorded(embeds, attention_mask, position_ids):
+        shapes.append(tuple(embeds.shape[:2]))
+        return run(embeds, attention_mask, position_ids)
+    model.split_llm.hidden_states = recorded
+    return shapes
+
+
+@pytest.mark.parametrize('model_type', ['llama', 'qwen2'])
+def test_lazy_text_pass_equals_the_full_pass(model_type):
+    """CMO runs the removed pass after the image scores, on the rows with a
+    target above delta_min, each cut after its last such target: the same
+    weights, loss, statistics and gradients as the full pass before it."""
+    model = build_model(model_type, loss=dict(type='VisualRelevanceLoss', mode='cmo'),
+                        trainable=('llm', 'projector'))
+    with torch.no_grad():  # sharper distributions, a stronger image: weights vary
+        model.llm.lm_head.weight.mul_(40)
+        model.projector.linear_2.weight.mul_(20)
+    input_ids, attention_mask, pixel_values = make_batch()
+    labels = supervised_labels(model, input_ids, attention_mask, pixel_values)
+    # The second image row's targets: its last two at the floor, the others not.
+    labels[1, -2:] = torch.where(labels[1, -2:] != IGNORE_INDEX, 7, labels[1, -2:])
+    assert model.loss_fn.skips_floor_targets
+    shapes = count_passes(model)
+    out, grads, scores = {}, {}, {}
+    for lazy in (False, True):
+        model.zero_grad()
+        inputs = model.loss_inputs(input_ids, attention_mask, labels, pixel_values, lazy=lazy)
+        out[lazy] = model.loss_fn(**inputs)
+        out[lazy]['loss'].backward()
+        grads[lazy] = {n: p.grad.clone() for n, p in model.named_parameters()
+                       if p.grad is not None}
+        inputs = model.loss_inputs(input_ids, attention_mask, labels, pixel_values, lazy=lazy)
+        scores[lazy] = model.loss_fn.token_scores(**inputs)
+    for key, value in out[False].items():
+        torch.testing.assert_close(out[True][key], value, rtol=1e-12, atol=1e-12, msg=key)
+    assert 0 < out[True]['cmo_at_min'].item() < 1
+    assert grads[True].keys() == grads[False].keys() and grads[False]
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-12, atol=1e-12, msg=name)
+    for key in ('score_img', 'weight', 'clamped_delta', 'logp'):
+        torch.testing.assert_close(scores[True][key], scores[False][key], rtol=1e-12,
+                                   atol=1e-12, msg=key)
+    # NaN where the text score was not computed, the same in both.
+    torch.testing.assert_close(scores[True]['score_txt'], scores[False]['score_txt'],
+                               rtol=1e-12, atol=1e-12, equal_nan=True)
+    # The full pass: both image rows, whole; the lazy one: shorter.
+    # Full: the text pass, then the image pass; lazy: the image pass first.
+    full, lazy = shapes[0], shapes[5]
+    assert shapes[1] == shapes[4] == tuple(input_ids.shape)
+    assert full[0] == 2 and lazy[0] <= 2 and lazy[1] < full[1]
+
+
+def test_lazy_text_pass_runs_nothing_when_every_target_is_at_the_floor():
+    model = build_model(loss=dict(type='VisualRelevanceLoss', mode='cmo'))
+    input_ids, attention_mask, pixel_values = make_batch()
+    labels = torch.where(attention_mask.bool() & (input_ids != IMAGE_ID), input_ids,
+                         torch.full_like(input_ids, IGNORE_INDEX))
+    shapes = count_passes(model)
+    with torch.no_grad():
+        lazy = model(input_ids, attention_mask, labels, pixel_values)
+        assert shapes == [tuple(input_ids.shape)]  # the image pass alone
+        full = model.loss_fn(**model.loss_inputs(input_ids, attention_mask, labels,
+                                                 pixel_values))
+    assert lazy['cmo_at_min'].item() == 1.0
+    for key, value in full.items():
+        torch.testing.assert_close(lazy[key], value, rtol=0, atol=0, msg=key)

@@ -23,10 +23,13 @@ ratio to vanilla, the peak memory and its ratio, and the tokens per second
   second pass, full-vocabulary float32 logits, a clone and two softmaxes. It
   costs many times the others: ``--reference-steps`` (default 1) are timed;
 - ``cmo_all_text_scores`` (only with ``--variants``): CMO scoring the no-image
-  pass for every target. ``cmo`` skips the targets whose image probability is
-  at most ``delta_min`` (their weight is ``delta_min`` whatever the text pass
-  says); in the benchmark's random models that is every target, so ``cmo`` is
-  CMO's best case and this its worst;
+  pass for every target, the pass run whole before the image pass. ``cmo``
+  skips the targets whose image probability is at most ``delta_min`` (their
+  weight is ``delta_min`` whatever the text pass says): it runs the pass after
+  the image scores, on the rows holding a target above the floor, each cut
+  after its last one. In the benchmark's random models every target is at the
+  floor, so ``cmo`` runs no pass at all: it is CMO's best case and this its
+  worst (every target above the floor);
 - ``hf_llava``: the peer, transformers' ``LlavaForConditionalGeneration`` made
   of the same modules and trained with its own loss (full logits, then
   ``ForCausalLMLoss``), what TRL-based LLaVA training runs;

@@ -131,12 +131,21 @@ class VisualRelevanceLoss(nn.Module):
     def needs_text_pass(self) -> bool:
         return self.mode != 'vanilla'
 
+    @property
+    def skips_floor_targets(self) -> bool:
+        """Whether the no-image score of a target whose image probability is
+        at most ``delta_min`` goes unused (CMO with ``delta_min >= 0``): the
+        model then runs that pass after the image scores, for the other
+        targets only (:meth:`dpa.models.LlavaDPAModel.loss_inputs`, ``lazy``)."""
+        return self.mode == 'cmo' and self.clamp[0] >= 0 and not self.score_all_text
+
     def forward(self,
                 outputs: torch.Tensor,
                 targets: torch.Tensor,
                 text_outputs: Optional[torch.Tensor] = None,
                 text_index: Optional[torch.Tensor] = None,
-                score_fn: ScoreFn = target_scores) -> dict:
+                score_fn: ScoreFn = target_scores,
+                text_pass: Optional[Callable] = None) -> dict:
         """Compute the loss and its statistics.
 
         Args:
@@ -153,6 +162,12 @@ class VisualRelevanceLoss(nn.Module):
                 the image score is used, so the token gets ``delta_min``.
             score_fn: maps (N, F) outputs and (N,) targets to the targets'
                 logits and log-probabilities, as :func:`target_scores` does.
+            text_pass: instead of ``text_outputs`` and ``text_index``, the
+                no-image pass to run once the image scores are known: called
+                with the (B, T) targets whose text score is wanted, it
+                returns ``(text_outputs, text_index, available)``, the last
+                (B, T) True where the pass has evidence for a target, scored
+                or not (see :meth:`dpa.models.LlavaDPAModel.loss_inputs`).
 
         Returns:
             dict with ``loss`` and, for weighted modes, ``cmo_w_mean``,
@@ -167,7 +182,7 @@ class VisualRelevanceLoss(nn.Module):
                 _, logp = score_fn(outputs[supervised], targets[supervised])
             return {'loss': -logp.mean()}
         scores = self.token_scores(outputs, targets, text_outputs, text_index, score_fn,
-                                   self.score_all_text)
+                                   self.score_all_text, text_pass)
         with record_function('dpa.weights'):
             return self._weighted_loss(scores, targets, supervised)
 
@@ -205,7 +220,8 @@ class VisualRelevanceLoss(nn.Module):
                      text_outputs: torch.Tensor,
                      text_index: torch.Tensor,
                      score_fn: ScoreFn = target_scores,
-                     score_all_text: bool = False) -> dict:
+                     score_all_text: bool = False,
+                     text_pass: Optional[Callable] = None) -> dict:
         """What the weighted loss computes per target token (arguments as in
         :meth:`forward`; the mode must not be vanilla).
 
@@ -222,7 +238,7 @@ class VisualRelevanceLoss(nn.Module):
             the log-probabilities of the supervised targets, in
             ``targets != IGNORE_INDEX`` order, with gradient.
         """
-        if text_outputs is None or text_index is None:
+        if text_pass is None and (text_outputs is None or text_index is None):
             raise ValueError(f'loss.mode={self.mode!r} needs the no-image pass outputs')
         supervised = targets != IGNORE_INDEX
         # The reference scores every position (ignored ones with token id 0).
@@ -232,12 +248,22 @@ class VisualRelevanceLoss(nn.Module):
             target_logit, logp = score_fn(outputs[scored], score_targets)
         score_img = target_logit if self.mode == 'cal' else logp.exp()
 
-        index = text_index[scored]
-        has_text = index >= 0
-        # Without text evidence the image score stands in (delta 0, then clamped).
-        needed = has_text
+        above_floor = None
         if self.mode == 'cmo' and self.clamp[0] >= 0 and not score_all_text:
-            needed = has_text & (score_img.detach() > self.clamp[0])
+            above_floor = score_img.detach() > self.clamp[0]
+        if text_pass is not None:
+            wanted = torch.zeros_like(supervised)
+            wanted[scored] = True if above_floor is None else above_floor
+            text_outputs, text_index, available = text_pass(wanted)
+            available = available[scored]
+        else:
+            available = text_index[scored] >= 0
+        index = text_index[scored]
+        has_text = available
+        # Without text evidence the image score stands in (delta 0, then clamped).
+        needed = has_text & (index >= 0)
+        if above_floor is not None:
+            needed = needed & above_floor
         with torch.no_grad(), record_function('dpa.scores.text'):
             # Called even with no row: sharded heads gather on every rank alike.
             txt_logit, txt_logp = score_fn(text_outputs[index[needed]], score_targets[needed])

@@ -1,5 +1,6 @@
 """The LLaVA-style multimodal LLM trained by every DPA stage."""
 from collections import OrderedDict
+from functools import partial
 from typing import Optional, Sequence
 
 import torch
@@ -262,15 +263,27 @@ class LlavaDPAModel(BaseModel):
             return self._llm_logits(embeds, attention_mask, position_ids)
         if mode != 'loss':
             raise ValueError(f"LlavaDPAModel supports mode='loss' and 'tensor', got {mode!r}")
-        return self.loss_fn(**self.loss_inputs(input_ids, attention_mask, labels, pixel_values,
-                                               position_ids, self.loss_fn.needs_text_pass,
-                                               image_sizes))
+        needs_text_pass = self.loss_fn.needs_text_pass
+        return self.loss_fn(**self.loss_inputs(
+            input_ids, attention_mask, labels, pixel_values, position_ids, needs_text_pass,
+            image_sizes, lazy=needs_text_pass and self.text_pass == 'removed'
+            and self.loss_fn.skips_floor_targets))
 
     def loss_inputs(self, input_ids, attention_mask, labels, pixel_values=None,
-                    position_ids=None, text_pass: bool = True, image_sizes=None) -> dict:
+                    position_ids=None, text_pass: bool = True, image_sizes=None,
+                    lazy: bool = False) -> dict:
         """The keyword arguments of the loss for one batch (see
         :meth:`VisualRelevanceLoss.forward`): the outputs of the image pass
         and, with ``text_pass``, of the no-image pass.
+
+        ``lazy`` (the removed pass only): instead of the no-image pass's
+        outputs, a function the loss calls once it has the image scores,
+        with the targets whose no-image score it needs (``wanted``, (B, T-1)
+        bool); the pass then runs on the rows holding such a target only,
+        each cut after the last token that predicts one (the hidden states
+        of a causal LM at a position do not depend on later tokens). CMO
+        needs no text score where the image probability is at most
+        ``delta_min``; a batch with none above it runs no pass at all.
 
         The ``dpa.*`` regions are what ``tools/benchmark.py --profile`` reports."""
         with record_function('dpa.embed'):
@@ -278,10 +291,10 @@ class LlavaDPAModel(BaseModel):
         if position_ids is None:
             position_ids = right_padding_positions(attention_mask)
         text_outputs = text_index = None
-        if text_pass:
-            if attention_mask is None:
-                raise ValueError(f'loss.mode={self.loss_fn.mode!r} needs the no-image pass, '
-                                 'which packed batches do not support; pad the batch instead')
+        if text_pass and attention_mask is None:
+            raise ValueError(f'loss.mode={self.loss_fn.mode!r} needs the no-image pass, '
+                             'which packed batches do not support; pad the batch instead')
+        if text_pass and not lazy:
             # Before the training pass, so that its activations are not held
             # while this pass runs: peak memory stays the training pass's.
             with torch.no_grad(), record_function('dpa.text_pass'):
@@ -289,10 +302,39 @@ class LlavaDPAModel(BaseModel):
                     embeds.detach(), attention_mask, position_ids, image_mask)
         with record_function('dpa.image_pass.forward'):
             outputs = self.llm_outputs(embeds, attention_mask, position_ids)
-        return dict(outputs=outputs[:, :-1], targets=labels[:, 1:], text_outputs=text_outputs,
-                    text_index=text_index, score_fn=self.score_fn)
+        inputs = dict(outputs=outputs[:, :-1], targets=labels[:, 1:], text_outputs=text_outputs,
+                      text_index=text_index, score_fn=self.score_fn)
+        if text_pass and lazy:
+            inputs['text_pass'] = partial(self._lazy_text_pass, embeds.detach(), attention_mask,
+                                          position_ids, image_mask)
+        return inputs
 
-    def text_only_outputs(self, embeds, attention_mask, position_ids, image_mask):
+    def _lazy_text_pass(self, embeds, attention_mask, position_ids, image_mask, wanted):
+        """The no-image pass for the ``wanted`` targets (see :meth:`loss_inputs`).
+
+        Returns ``(text_outputs, text_index, available)``: those of
+        :meth:`text_only_outputs` (``text_index`` -1 outside the rows and
+        positions run) and the (B, T-1) targets that have text evidence at
+        all (``text_index >= 0`` of the full pass), whether scored or not.
+        The pass runs with its own random state: whether and how far it runs
+        does not move the random numbers (dropout) of the training pass.
+        """
+        cuda = [embeds.device.index or 0] if embeds.device.type == 'cuda' else []
+        with torch.no_grad(), record_function('dpa.text_pass'), \
+                torch.random.fork_rng(devices=cuda):
+            outputs, index = self.text_only_outputs(embeds, attention_mask, position_ids,
+                                                    image_mask, wanted)
+        return outputs, index, self.text_evidence(attention_mask, image_mask)
+
+    @staticmethod
+    def text_evidence(attention_mask, image_mask) -> torch.Tensor:
+        """(B, T-1): the shifted targets the no-image pass predicts (a kept
+        token, a kept token before it, in a row with an image)."""
+        keep = attention_mask.bool() & ~image_mask
+        previous = keep.long().cumsum(-1)[:, 1:] - 2
+        return image_mask.any(dim=-1, keepdim=True) & keep[:, 1:] & (previous >= 0)
+
+    def text_only_outputs(self, embeds, attention_mask, position_ids, image_mask, wanted=None):
         """:meth:`llm_outputs` of the same batch without its image tokens.
 
         Returns ``(text_outputs, text_index)``: (M, F) outputs and a (B, T-1)
@@ -300,6 +342,10 @@ class LlavaDPAModel(BaseModel):
         that predicts it from the text alone (-1 where there is none: rows
         without an image, whose two passes are the same, and targets with no
         text before them).
+
+        ``wanted`` ((B, T-1) bool): only the rows with a wanted target run,
+        each up to the last token that predicts one; ``text_index`` is -1
+        for the targets not computed.
         """
         batch, length = attention_mask.shape
         if self.text_pass == 'masked':
@@ -309,7 +355,15 @@ class LlavaDPAModel(BaseModel):
             return outputs.reshape(-1, outputs.shape[-1]), index.view(batch, length - 1)
 
         text_index = torch.full((batch, length - 1), -1, dtype=torch.long, device=embeds.device)
-        rows = image_mask.any(dim=-1).nonzero().squeeze(-1)
+        keep = attention_mask.bool() & ~image_mask
+        # Target j (shifted position j-1) is predicted by the kept token just
+        # before it in the compact sequence.
+        previous = keep.long().cumsum(-1)[:, 1:] - 2
+        run = image_mask.any(dim=-1)
+        if wanted is not None:
+            wanted = wanted & self.text_evidence(attention_mask, image_mask)
+            run = run & wanted.any(dim=-1)
+        rows = run.nonzero().squeeze(-1)
         if rows.numel() == 0:
             if self.same_passes_on_every_rank:
                 # Sharded layers gather their weights with collectives on each
@@ -321,9 +375,12 @@ class LlavaDPAModel(BaseModel):
                     self.llm_outputs(embeds[:1, :1], attention_mask[:1, :1],
                                      position_ids[:1, :1])
             return embeds.new_zeros((0, self.output_size)), text_index
-        keep = attention_mask.bool() & ~image_mask
         kept = keep[rows]
         lengths = kept.sum(-1)
+        if wanted is not None:
+            # Up to the last token that predicts a wanted target.
+            needed = torch.where(wanted, previous + 1, torch.zeros_like(previous)).amax(-1)
+            lengths = torch.minimum(lengths, needed[rows])
         text_len = int(lengths.max())
         # Stable sort moves each row's kept tokens to the front, in order.
         order = torch.argsort((~kept).to(torch.int8), dim=-1, stable=True)[:, :text_len]
@@ -333,12 +390,13 @@ class LlavaDPAModel(BaseModel):
         with record_function('dpa.text_pass.forward'):
             outputs = self.llm_outputs(text_embeds, text_mask, text_positions)
 
-        # Target j (shifted position j-1) is predicted by the kept token just
-        # before it in the compact sequence.
         slot = torch.full((batch, ), -1, dtype=torch.long, device=embeds.device)
         slot[rows] = torch.arange(rows.numel(), device=embeds.device)
-        previous = keep.long().cumsum(-1)[:, 1:] - 2
         valid = (slot.unsqueeze(-1) >= 0) & keep[:, 1:] & (previous >= 0)
+        if wanted is not None:
+            computed = torch.zeros_like(slot)
+            computed[rows] = lengths
+            valid &= previous < computed.unsqueeze(-1)
         text_index = torch.where(valid, slot.unsqueeze(-1) * text_len + previous, text_index)
         return outputs.reshape(-1, outputs.shape[-1]), text_index
 
