@@ -55,6 +55,18 @@ def test_pipeline_writes_every_stage_artifact(finished):
         assert stage in summary
     assert 'CMO weight mean' in summary
 
+    # Where each stage's time went, in its manifest and the summary.
+    for m in manifests[:3]:
+        seconds = m['seconds']
+        assert set(seconds) == {'setup', 'steps', 'checkpoints', 'artifact', 'total'}
+        assert seconds['steps'] > 0 and seconds['setup'] > 0 and seconds['artifact'] > 0
+        # The tiny recipes checkpoint: its writes are timed apart from the steps.
+        assert seconds['checkpoints'] > 0
+        assert seconds['total'] == pytest.approx(
+            sum(v for k, v in seconds.items() if k != 'total'), abs=0.005)
+    assert manifests[3]['seconds']['total'] > 0
+    assert summary.count('time ') == 4 and 'checkpoints ' in summary
+
 
 def test_rerun_skips_finished_stages(finished, data_root):
     work_dir, manifests = finished

@@ -17,6 +17,7 @@ the optional closing stages (``stages = [..., 'eval']``) and the runtime.
    writes the artifact and, last, the manifest the next stage reads.
 """
 import logging
+import time
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -24,7 +25,7 @@ from mmengine.config import Config
 from mmengine.dist import barrier, is_main_process
 from mmengine.logging import print_log
 
-from dpa.artifacts import read_manifest, stage_work_dir
+from dpa.artifacts import read_manifest, stage_work_dir, write_manifest
 from dpa.engine.checkpoint import latest_complete_checkpoint
 from dpa.engine.compile import apply_gpu_switches
 from dpa.engine.config_guard import prepare_stage_start, record_config_changes
@@ -40,6 +41,7 @@ from dpa.engine.preflight import (StagePlan, plan_stages, prepare_synthetic_data
                                   resolve_config)
 from dpa.engine.stage_config import (STAGES, dependencies, gradient_accumulation,
                                      launched_processes, stage_runner_config)
+from dpa.engine.stage_times import StageClock, time_runner
 from dpa.engine.stages import Stage, build_stage
 from dpa.engine.staleness import input_checksums, set_aside
 from dpa.engine.summary import training_summary_lines
@@ -108,8 +110,9 @@ class TrainingStage(Stage):
                                                         launched_processes(cfg),
                                                         options.allow_config_change, inputs)
         options.first_unfinished = False
-        train_stage(cfg, name, resumes, options.verbose, made_by)
+        seconds = train_stage(cfg, name, resumes, options.verbose, made_by)
         record_config_changes(cfg.work_dir, name, changes)
+        record_stage_seconds(cfg.work_dir, name, seconds)
         return dict(read_manifest(cfg.work_dir, name), skipped=False)
 
     def describe(self, cfg: Config, step: StagePlan) -> List[str]:
@@ -120,19 +123,31 @@ class TrainingStage(Stage):
 
 
 def train_stage(cfg: Config, stage: str, resume: bool, verbose: bool = False,
-                made_by: Optional[dict] = None) -> None:
+                made_by: Optional[dict] = None) -> dict:
     """Build and run one stage's Runner; the console shows a start line and a
     progress bar, mmengine's records go to its log file (``verbose``: to the
     console too; :mod:`dpa.engine.console`). ``made_by``: the stage's resolved
-    config, recorded in its manifest."""
+    config, recorded in its manifest. Returns where the time went
+    (:mod:`dpa.engine.stage_times`)."""
     accumulation = gradient_accumulation(cfg, stage)
     with stage_console(verbose, accumulation):
-        _run_stage(cfg, stage, resume, verbose, accumulation, made_by)
+        return _run_stage(cfg, stage, resume, verbose, accumulation, made_by)
+
+
+def record_stage_seconds(work_dir: str, stage: str, seconds: dict) -> None:
+    """Add where the stage's time went to its manifest (main process)."""
+    if not is_main_process():
+        return
+    manifest = read_manifest(work_dir, stage)
+    if manifest is not None:
+        write_manifest(work_dir, stage, dict(manifest, seconds=seconds))
 
 
 def _run_stage(cfg: Config, stage: str, resume: bool, verbose: bool, accumulation: int,
-               made_by: Optional[dict]) -> None:
+               made_by: Optional[dict]) -> dict:
     recipe = cfg[stage]
+    clock = StageClock()
+    start = time.perf_counter()
     runner = build_with_console(
         build_runner, stage_runner_config(cfg, stage, resume=resume, made_by=made_by), verbose)
     apply_gpu_switches(cfg, runner)
@@ -144,8 +159,12 @@ def _run_stage(cfg: Config, stage: str, resume: bool, verbose: bool, accumulatio
         interval = (cfg.get('default_hooks') or {}).get('logger', {}).get('interval', 10)
         runner.register_hook(ConsoleProgressHook(stage, interval))
     runner.register_hook(CurvesHook(stage))
+    time_runner(runner, clock)
+    clock.add('setup', time.perf_counter() - start)
     try:
+        start = time.perf_counter()
         runner.train()
+        return clock.stage_seconds(time.perf_counter() - start)
     except NonFiniteLossError as err:
         last_good = latest_complete_checkpoint(runner.work_dir)
         raise NonFiniteLossError(

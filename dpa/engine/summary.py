@@ -5,6 +5,7 @@ from typing import List
 
 from dpa.engine.curves import CURVES_FILE
 from dpa.engine.hooks import SKIPPED_FILE
+from dpa.engine.stage_times import seconds_line
 from dpa.engine.stages import build_stage
 
 
@@ -36,6 +37,8 @@ def training_summary_lines(m: dict) -> List[str]:
     if m.get('skipped_rows'):
         lines.append(f"           {m['skipped_rows']} bad rows skipped, listed in "
                      f"{osp.join(osp.dirname(m['artifact']), SKIPPED_FILE)}")
+    if not m.get('skipped'):
+        lines += seconds_line(m.get('seconds'))
     lines.append(f"           {m['artifact_kind']}: {m['artifact']}")
     curves = osp.join(osp.dirname(m['artifact']), CURVES_FILE)
     if osp.isfile(curves):

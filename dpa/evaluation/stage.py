@@ -16,6 +16,7 @@ by name.
 """
 import json
 import os.path as osp
+import time
 from typing import List, Optional
 
 from mmengine.dist import barrier, is_main_process
@@ -25,6 +26,7 @@ from dpa.artifacts import (checksums_digest, read_current_manifest, read_manifes
 from dpa.datasets.llava import read_rows
 from dpa.engine.console import stage_console
 from dpa.engine.interrupts import TrainingInterrupted, requested_signal
+from dpa.engine.stage_times import seconds_line
 from dpa.engine.stages import Stage
 from dpa.errors import ConfigError
 from dpa.evaluation.data import EvalDataError
@@ -137,6 +139,7 @@ def run_eval_stage(cfg) -> dict:
                 pad_to_square=_pad_to_square(cfg, final['artifact']), show_progress=False,
                 verify=False, interrupted=requested_signal))
 
+        start = time.perf_counter()
         try:
             write_artifact_dir(target, write)
         except (BadRowsError, EvalDataError) as err:
@@ -150,7 +153,8 @@ def run_eval_stage(cfg) -> dict:
             made_from=dict(model=final['artifact'], data=osp.abspath(spec['data'])),
             model_finished_at=final['finished_at'], eval_settings=settings, iterations=0,
             first_loss=None,
-            last_loss=None, metrics=summary_metrics(results)))
+            last_loss=None, metrics=summary_metrics(results),
+            seconds=dict(total=round(time.perf_counter() - start, 2))))
     barrier()
     return dict(read_manifest(work_dir, EVAL_STAGE), skipped=False)
 
@@ -176,8 +180,10 @@ def eval_summary_lines(manifest: dict) -> List[str]:
     """The eval stage's lines of the run summary, the accuracy last."""
     m = manifest['metrics']
     status = 'skipped (scores exist)' if manifest.get('skipped') else 'evaluated'
-    lines = [f"  {EVAL_STAGE:<8} {status}: {m['n']} rows of {manifest['made_from']['data']}",
-             f"           {ARTIFACT_KIND}: {osp.join(manifest['artifact'], METRICS_FILE)}"]
+    lines = [f"  {EVAL_STAGE:<8} {status}: {m['n']} rows of {manifest['made_from']['data']}"]
+    if not manifest.get('skipped'):
+        lines += seconds_line(manifest.get('seconds'))
+    lines += [f"           {ARTIFACT_KIND}: {osp.join(manifest['artifact'], METRICS_FILE)}"]
     if m.get('skipped_rows'):
         lines.append(f"           {m['skipped_rows']} bad rows skipped")
     if m.get('per_type'):
