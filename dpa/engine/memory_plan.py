@@ -84,15 +84,21 @@ class UnknownArchitecture(ValueError):
 
 def architecture(part: dict, text: bool = True) -> dict:
     """The sizes of a model part: its checkpoint's config when the directory
-    exists, its stand-in ``config``, or :data:`PUBLISHED` by directory name."""
+    (or the packaged ONNX file) exists, its stand-in ``config``, or
+    :data:`PUBLISHED` by directory name."""
     from dpa.models.builders import hf_config  # transformers: only when a config is read
     from dpa.models.gguf import gguf_path
+    from dpa.models.onnx_vision import backbone_state_dict, dinov2_config, is_onnx_file
     pretrained, config = part.get('pretrained'), part.get('config')
     gguf = gguf_path(pretrained, part.get('gguf_file'))
-    if config is not None or gguf is not None or (pretrained is not None
-                                                  and osp.isdir(pretrained)):
-        cfg = hf_config(None if config is not None else pretrained, config,
-                        part.get('trust_remote_code', False), part.get('gguf_file'))
+    onnx = config is None and is_onnx_file(pretrained) and osp.isfile(pretrained)
+    if config is not None or gguf is not None or onnx or (pretrained is not None
+                                                          and osp.isdir(pretrained)):
+        if onnx:  # a packaged ONNX backbone: its sizes from its tensors, nothing converted
+            cfg = dinov2_config(backbone_state_dict(pretrained))
+        else:
+            cfg = hf_config(None if config is not None else pretrained, config,
+                            part.get('trust_remote_code', False), part.get('gguf_file'))
         cfg = cfg.get_text_config() if text else (getattr(cfg, 'vision_config', None) or cfg)
         return {key: getattr(cfg, key, None) for key in (
             'hidden_size', 'num_hidden_layers', 'intermediate_size', 'num_attention_heads',
