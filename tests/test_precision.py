@@ -13,6 +13,7 @@ from dpa.errors import ConfigError
 from dpa.engine.pipeline import prepare_synthetic_data
 from dpa.engine.preflight import check_config
 from dpa.engine.stage_config import stage_runner_config
+from dpa.engine import precision
 from dpa.engine.precision import check_precision
 from tiny import REPO, tiny_config
 
@@ -75,6 +76,28 @@ def test_the_config_check_refuses_bf16_weights_before_loading(tmp_path):
     check_config(cfg, ['proxy'])
     for fix in (dict(trainable_dtype='float32'), dict(allow_bf16_weights=True)):
         check_precision(Config(dict(cfg.to_dict(), **fix)), STAGE3)
+
+
+@pytest.mark.parametrize('native', [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_is_warned_before_loading(tmp_path, monkeypatch,
+                                                                     native):
+    """The SmolLM2 demo computes in bf16 (fast on AVX512-BF16/AMX CPUs); on a
+    CPU without them the config check says so, and how to train in float32."""
+    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: native)
+    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: False)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    logged = []
+    monkeypatch.setattr(precision, 'print_log', lambda msg, **k: logged.append(msg))
+    cfg = tiny_config(tmp_path / 'work', tmp_path / 'data', mixed_precision='bfloat16')
+    check_config(cfg, ['proxy'])
+    if native:
+        assert logged == []
+    else:
+        assert len(logged) == 1 and 'without native bf16' in logged[0]
+        assert 'mixed_precision=None' in logged[0]
+    logged.clear()
+    check_config(tiny_config(tmp_path / 'work', tmp_path / 'data'), ['proxy'])
+    assert logged == []
 
 
 @pytest.mark.parametrize('keys, message', [

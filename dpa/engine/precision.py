@@ -21,7 +21,11 @@ Config keys (top level):
 :func:`check_precision` refuses a stage that would step half-precision weights
 without either key, before any model is loaded.
 """
+import logging
 from typing import Dict, Sequence
+
+import torch
+from mmengine.logging import print_log
 
 from dpa.errors import ConfigError
 
@@ -77,3 +81,26 @@ def check_precision(cfg, trainable: Dict[str, Sequence[str]]) -> None:
                     "mixed_precision='bfloat16'; _base_/runtime_gpu.py does), or use a "
                     'DeepSpeed strategy with mixed_precision; allow_bf16_weights=True accepts '
                     'the lost updates')
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or
+    AMX): autocast to bf16 then runs several times faster than float32
+    (docs/benchmarks.md), and without them slower."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # torch without the probes: say nothing
+        return True
+
+
+def warn_cpu_bf16(cfg) -> None:
+    """Warn, before any model loads, when ``mixed_precision='bfloat16'`` will
+    run on a CPU without native bf16 (a config written for a CPU that has it,
+    such as ``dpa_smollm2_135m.py``, then trains slower than in float32)."""
+    if cfg.get('mixed_precision') != 'bfloat16' or torch.cuda.is_available():
+        return
+    if not native_cpu_bf16():
+        print_log("mixed_precision='bfloat16' on a CPU without native bf16 (AVX512-BF16 or "
+                  'AMX): torch emulates it, slower than float32 here; '
+                  '`--cfg-options mixed_precision=None` trains in float32',
+                  logger='current', level=logging.WARNING)

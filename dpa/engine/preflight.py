@@ -37,7 +37,7 @@ from dpa.engine.config_guard import result_config
 from dpa.engine.distributed import check_strategy
 from dpa.engine.optim import optimizer_problems
 from dpa.engine.paths import fill_path_variables
-from dpa.engine.precision import check_precision
+from dpa.engine.precision import check_precision, warn_cpu_bf16
 from dpa.engine.stage_config import (DATA_SWITCHES, IMAGE_MODES, LORA_STAGES, STAGES,
                                      dependencies, launched_processes, part_identity,
                                      stage_lora, stage_pads_images, stage_trainable)
@@ -188,6 +188,7 @@ def check_config(cfg: Config, stages: Sequence[str]) -> None:
     check_compile(cfg)
     _check_reused_stages(cfg, stages)
     check_precision(cfg, {s: stage_trainable(cfg, s) for s in stages})
+    warn_cpu_bf16(cfg)
     check_checkpoint_paths(cfg)
     if not cfg.get('anyres'):
         check_image_size(cfg.get('vision_tower'), cfg.get('image_processor'))
