@@ -27,7 +27,15 @@ proxy = dict(lora=dict(r=16, lora_alpha=32), max_length=128, batch_size=32, glob
 align = dict(max_length=128, batch_size=16, global_batch_size=16, max_epochs=2,
              checkpoint_interval=100,
              optim_wrapper=dict(_adamw, optimizer=dict(_adamw['optimizer'], lr=3e-3)))
+# One checkpoint, at the end: each holds the LLM and its AdamW state (1.6 GB, 9 s
+# to write here), and the 40 steps take about a minute.
 finetune = dict(max_length=256, batch_size=8, global_batch_size=8, max_epochs=1,
-                checkpoint_interval=20,
+                checkpoint_interval=40,
                 optim_wrapper=dict(_adamw, optimizer=dict(_adamw['optimizer'], lr=5e-5)))
 default_hooks = dict(logger=dict(interval=4))
+# bf16 compute under torch.autocast over float32 weights (dpa/engine/precision.py):
+# CPUs with AVX512-BF16 or AMX multiply bf16 matrices several times faster than
+# float32 (this project's 2-core CPU: the four stages in half the time, the same
+# held-out accuracy; docs/benchmarks.md). On a CPU without them the run warns;
+# `--cfg-options mixed_precision=None` trains in float32.
+mixed_precision = 'bfloat16'
