@@ -10,6 +10,7 @@ from torch import nn
 import dpa  # noqa: F401  (registers the builders)
 from dpa.models import HFCausalLM, LlavaDPAModel, ProxyLLMWrapper
 from dpa.models.losses import IGNORE_INDEX
+from dpa.registry import MODELS
 
 IMAGE_ID = 3  # '<image>' in TinyTokenizer; checked below
 IMAGE_TOKENS = 16  # tiny CLIP: (32 / 8) ** 2 patches, CLS dropped
@@ -530,3 +531,25 @@ def test_lazy_text_pass_runs_nothing_when_every_target_is_at_the_floor():
     assert lazy['cmo_at_min'].item() == 1.0
     for key, value in full.items():
         torch.testing.assert_close(lazy[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_a_frozen_tower_computes_its_features_outside_the_stages_autocast(tmp_path):
+    """Under the stage's bf16 autocast (mixed_precision='bfloat16') a frozen
+    float32 tower gives the features it gives without it, bit for bit, and a
+    feature cache filled under autocast serves a float32 run those features."""
+    tower = MODELS.build(dict(VISION_CFG, feature_cache=str(tmp_path))).float()
+    tower.requires_grad_(False)
+    pixels = torch.randn(2, 3, 32, 32)
+    plain = tower.compute_features(pixels)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        under = tower.compute_features(pixels)
+        cached = tower(pixels)  # fills the cache under autocast
+        # What autocast would have made of them: other features.
+        assert not torch.equal(tower.model(pixels, output_hidden_states=True)
+                               .hidden_states[tower.feature_layer][:, 1:].float(), plain)
+    assert under.dtype == torch.float32 and torch.equal(under, plain)
+    read = MODELS.build(dict(VISION_CFG, feature_cache=str(tmp_path))).float()
+    read.model.load_state_dict(tower.model.state_dict())
+    read.requires_grad_(False)
+    assert torch.equal(cached, plain) and torch.equal(read(pixels), plain)
+    assert read._cache.hits == 2 and read._cache.misses == 0

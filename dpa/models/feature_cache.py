@@ -30,8 +30,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 CACHE_ENV = 'DPA_FEATURE_CACHE'
-# Bump when the layout or the meaning of a cached file changes.
-FORMAT_VERSION = 1
+# Bump when the layout or the meaning of a cached file changes. 2: a frozen
+# tower computes outside the stage's autocast (dpa.models.vision); a version-1
+# entry may hold features computed under bf16 autocast.
+FORMAT_VERSION = 2
 
 
 def feature_cache_root() -> str:

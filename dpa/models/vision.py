@@ -1,5 +1,6 @@
 """The vision tower: an HF vision model and the choice of which features feed
 the projector."""
+import contextlib
 from typing import Optional, Union
 
 import torch
@@ -87,9 +88,20 @@ class HFVisionTower(nn.Module):
 
     def compute_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The tower's features of ``pixel_values``, without the cache or
-        ``feature_scale``."""
+        ``feature_scale``.
+
+        A frozen tower computes in its own dtype (``torch_dtype``), outside
+        any autocast of the stage (``mixed_precision``): its features are then
+        the same under every precision setting, so the feature cache, keyed by
+        that dtype, serves them to every stage and run. (A float32 DINOv2
+        under the LLM's bf16 autocast gave other features, and a cache filled
+        so gave a float32 run bf16 features.) A bf16 tower (the GPU configs')
+        computes in bf16 either way."""
         dtype = next(self.model.parameters()).dtype
-        outputs = self.model(pixel_values.to(dtype), output_hidden_states=True)
+        frozen = not any(p.requires_grad for p in self.model.parameters())
+        with (torch.autocast(pixel_values.device.type, enabled=False) if frozen
+              else contextlib.nullcontext()):
+            outputs = self.model(pixel_values.to(dtype), output_hidden_states=True)
         features = outputs.hidden_states[self.feature_layer]
         if self.feature_select == 'patch' and self.has_cls:
             features = features[:, 1:]
