@@ -123,18 +123,27 @@ def test_every_stage_trains_the_real_llm_and_the_export_stops_by_itself(trained)
     model = LlavaForConditionalGeneration.from_pretrained(hf_dir)
     processor = AutoProcessor.from_pretrained(hf_dir)
     end = processor.tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    eos = model.generation_config.eos_token_id
+    assert end in (eos if isinstance(eos, list) else [eos])
     image = Image.new('RGB', (64, 64), 'white')
-    for content, images in (
-            ([dict(type='image'), dict(type='text', text='What colour is the shape?')], [image]),
-            ([dict(type='text', text='Write one sentence about the sea.')], None)):
+    for content, images, must_end in (
+            ([dict(type='image'), dict(type='text', text='What colour is the shape?')], [image],
+             True),
+            ([dict(type='text', text='Write one sentence about the sea.')], None, False)):
         prompt = processor.apply_chat_template([dict(role='user', content=content)],
                                                add_generation_prompt=True)
         inputs = processor(text=prompt, images=images, return_tensors='pt')
-        # No eos_token_id passed: the export's generation config must stop it.
+        # No eos_token_id passed: the export's generation config must stop it
+        # where the end of turn is given explicitly.
         out = model.generate(**inputs, max_new_tokens=60, do_sample=False)
+        told = model.generate(**inputs, max_new_tokens=60, do_sample=False, eos_token_id=end)
+        assert out.tolist() == told.tolist()
         new = out[0, inputs['input_ids'].shape[1]:].tolist()
-        assert new[-1] == end and len(new) < 60, processor.decode(new)
-        assert processor.decode(new[:-1]).strip(), 'an empty answer'
+        # Two optimizer steps a stage (bf16 compute) may leave the answer about
+        # the sea longer than 60 tokens; the short answer must end its turn.
+        if must_end:
+            assert new[-1] == end and len(new) < 60, processor.decode(new)
+        assert processor.decode([t for t in new if t != end]).strip(), 'an empty answer'
 
 
 def test_the_export_on_the_real_vision_tower_answers_as_the_native_model(trained):
