@@ -154,7 +154,7 @@ def run_eval_stage(cfg) -> dict:
             model_finished_at=final['finished_at'], eval_settings=settings, iterations=0,
             first_loss=None,
             last_loss=None, metrics=summary_metrics(results),
-            seconds=dict(total=round(time.perf_counter() - start, 2))))
+            seconds=dict(total=round(time.perf_counter() - start, 3))))
     barrier()
     return dict(read_manifest(work_dir, EVAL_STAGE), skipped=False)
 

@@ -327,12 +327,21 @@ class LlavaDPAModel(BaseModel):
         return outputs, index, self.text_evidence(attention_mask, image_mask)
 
     @staticmethod
-    def text_evidence(attention_mask, image_mask) -> torch.Tensor:
-        """(B, T-1): the shifted targets the no-image pass predicts (a kept
-        token, a kept token before it, in a row with an image)."""
+    def _compact_text(attention_mask, image_mask):
+        """``(keep, previous, evidence)``: the (B, T) tokens the no-image pass
+        keeps; for each (B, T-1) shifted target j, the index of the kept token
+        just before it in the compact sequence (negative: none), which predicts
+        it; and the targets it predicts (a kept token, a kept token before it,
+        in a row with an image)."""
         keep = attention_mask.bool() & ~image_mask
         previous = keep.long().cumsum(-1)[:, 1:] - 2
-        return image_mask.any(dim=-1, keepdim=True) & keep[:, 1:] & (previous >= 0)
+        evidence = image_mask.any(dim=-1, keepdim=True) & keep[:, 1:] & (previous >= 0)
+        return keep, previous, evidence
+
+    @staticmethod
+    def text_evidence(attention_mask, image_mask) -> torch.Tensor:
+        """(B, T-1): the shifted targets the no-image pass predicts."""
+        return LlavaDPAModel._compact_text(attention_mask, image_mask)[2]
 
     def text_only_outputs(self, embeds, attention_mask, position_ids, image_mask, wanted=None):
         """:meth:`llm_outputs` of the same batch without its image tokens.
@@ -355,13 +364,10 @@ class LlavaDPAModel(BaseModel):
             return outputs.reshape(-1, outputs.shape[-1]), index.view(batch, length - 1)
 
         text_index = torch.full((batch, length - 1), -1, dtype=torch.long, device=embeds.device)
-        keep = attention_mask.bool() & ~image_mask
-        # Target j (shifted position j-1) is predicted by the kept token just
-        # before it in the compact sequence.
-        previous = keep.long().cumsum(-1)[:, 1:] - 2
+        keep, previous, evidence = self._compact_text(attention_mask, image_mask)
         run = image_mask.any(dim=-1)
         if wanted is not None:
-            wanted = wanted & self.text_evidence(attention_mask, image_mask)
+            wanted = wanted & evidence
             run = run & wanted.any(dim=-1)
         rows = run.nonzero().squeeze(-1)
         if rows.numel() == 0:
@@ -392,7 +398,7 @@ class LlavaDPAModel(BaseModel):
 
         slot = torch.full((batch, ), -1, dtype=torch.long, device=embeds.device)
         slot[rows] = torch.arange(rows.numel(), device=embeds.device)
-        valid = (slot.unsqueeze(-1) >= 0) & keep[:, 1:] & (previous >= 0)
+        valid = (slot.unsqueeze(-1) >= 0) & evidence
         if wanted is not None:
             computed = torch.zeros_like(slot)
             computed[rows] = lengths

@@ -72,9 +72,12 @@ class HFVisionTower(nn.Module):
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
 
+    @property
+    def frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.model.parameters())
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        frozen = not any(p.requires_grad for p in self.model.parameters())
-        if not (self.use_feature_cache and frozen):
+        if not (self.use_feature_cache and self.frozen):
             features = self.compute_features(pixel_values)
         else:
             if self._cache is None:
@@ -98,8 +101,7 @@ class HFVisionTower(nn.Module):
         so gave a float32 run bf16 features.) A bf16 tower (the GPU configs')
         computes in bf16 either way."""
         dtype = next(self.model.parameters()).dtype
-        frozen = not any(p.requires_grad for p in self.model.parameters())
-        with (torch.autocast(pixel_values.device.type, enabled=False) if frozen
+        with (torch.autocast(pixel_values.device.type, enabled=False) if self.frozen
               else contextlib.nullcontext()):
             outputs = self.model(pixel_values.to(dtype), output_hidden_states=True)
         features = outputs.hidden_states[self.feature_layer]
