@@ -143,7 +143,25 @@ def test_table_pairs_seeds_and_applies_the_gates():
     failing = benchmark.summarise(runs + [_run('cal', 0, 0.3, no_image=0.3)])
     assert not failing['gates']['passed']
     assert 'does not count' in benchmark.format_table(failing)
+    assert '0.300 (cal)' in benchmark.format_table(failing)
     assert benchmark.CHANCE == pytest.approx((1 / 6 + 1 / 4 + 1 / 5) / 3)
+
+
+def test_the_no_image_gate_reads_each_variants_mean_over_seeds():
+    # One run's control 0.264 (19 of 72 questions) is within a standard
+    # deviation of chance; the variant's mean decides.
+    limit = benchmark.CHANCE + benchmark.GATE_NO_IMAGE_MARGIN
+    runs = [_run('vanilla', s, 0.8, no_image=0.18) for s in range(3)]
+    noisy = [_run('dpa', 0, 0.8, no_image=0.264), _run('dpa', 1, 0.8, no_image=0.18),
+             _run('dpa', 2, 0.8, no_image=0.21)]
+    table = benchmark.summarise(runs + noisy)
+    assert table['gates']['no_image_max'] == pytest.approx(0.264) and 0.264 > limit
+    assert table['gates']['no_image_means']['dpa'] == pytest.approx((0.264 + 0.18 + 0.21) / 3)
+    assert table['gates']['passed']
+    biased = [_run('dpa', s, 0.8, no_image=limit + 0.01) for s in range(3)]
+    table = benchmark.summarise(runs + biased)
+    assert not table['gates']['passed']
+    assert f'{limit:.3f}' in benchmark.format_table(table)
 
 
 def test_projector_relevance_by_token_class():
@@ -189,6 +207,27 @@ def test_relevance_table_and_merged_results(tmp_path):
     assert '| dpa | proxy | 0.300 / 0.100 |' in text
     with pytest.raises(ValueError, match='vanilla seed 0 is in two'):
         benchmark.merge_results([paths[0], paths[0]])
+
+
+def test_merge_refuses_results_of_other_settings(tmp_path):
+    def write(name, seed, **settings):
+        path = str(tmp_path / f'{name}.json')
+        with open(path, 'w') as f:
+            json.dump(dict(prior={}, runs=[_run('vanilla', seed, 0.5)], **settings), f)
+        return path
+
+    data = benchmark.data_params('smollm2')
+    same = dict(prior_llm='smollm2', cfg_options=['align.max_epochs=10'], data=data)
+    merged = benchmark.merge_results([write('a', 0, **same), write('b', 1, **same)])
+    assert {k: merged[k] for k in same} == same  # the table says what it was run with
+    longer = dict(same, cfg_options=['align.max_epochs=20'])
+    with pytest.raises(ValueError, match='cfg_options.*align.max_epochs=20'):
+        benchmark.merge_results([write('c', 0, **same), write('d', 1, **longer)])
+    other_data = dict(same, data=dict(data, num_eval=48))
+    with pytest.raises(ValueError, match='different settings.*data'):
+        benchmark.merge_results([write('e', 0, **same), write('f', 1, **other_data)])
+    with pytest.raises(ValueError, match='prior_llm'):
+        benchmark.merge_results([write('g', 0, **same), write('h', 1, prior_llm='toy')])
 
 
 def test_weight_budget_and_merge_summarises_again_from_the_records(tmp_path):

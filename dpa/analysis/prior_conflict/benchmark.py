@@ -21,6 +21,8 @@ from typing import Callable, Dict, List, Sequence
 
 from mmengine.config import Config
 
+from dpa.analysis.prior_conflict.data import DEFAULTS as DATA_DEFAULTS
+from dpa.analysis.prior_conflict.data import FORMAT_VERSION as DATA_FORMAT_VERSION
 from dpa.analysis.prior_conflict.data import make_benchmark_data
 from dpa.analysis.prior_conflict.language import ATTRIBUTES
 from dpa.analysis.prior_conflict.prior_llm import pretrain_prior
@@ -42,8 +44,12 @@ RELEVANCE_ROWS = 60
 TOKEN_CLASSES = tuple(ATTRIBUTES) + ('style', )
 BUDGET_KEYS = ('token_share', 'loss_share', 'below_floor', 'at_floor')
 # A comparison counts only when vanilla learnt something from the image and
-# the questions cannot be answered without it.
-GATE_VANILLA_MEAN, GATE_NO_IMAGE = 0.30, 0.24
+# the questions cannot be answered without it: every variant's no-image
+# control, averaged over its seeds, within GATE_NO_IMAGE_MARGIN of chance.
+# The mean, not each run: at the real prior's 72 questions one run's control
+# has a standard deviation of 0.048 at chance, so the largest of 9 at-chance
+# runs exceeds 0.24 (17 of 72) in about 88% of sweeps (binomial, docs/prior_conflict.md).
+GATE_VANILLA_MEAN, GATE_NO_IMAGE_MARGIN = 0.30, 0.05
 
 
 # Per prior: its variant configs, the folder of its cached data (under
@@ -278,7 +284,8 @@ def run_benchmark(variants: Sequence[str], seeds: Sequence[int], data_root: str,
             log(f"{job[0]} seed {job[1]}: mean {runs[-1]['mean']:.3f} "
                 f"({runs[-1]['seconds']} s)")
     result = dict(prior=gates, prior_llm=prior, runs=runs, chance=CHANCE,
-                  table=summarise(runs), cfg_options=list(extra))
+                  table=summarise(runs), cfg_options=list(extra),
+                  data=data_params(prior))
     write_results(result, out_dir)
     return result
 
@@ -340,9 +347,11 @@ def summarise(runs: List[dict]) -> dict:
     gates = {}
     if 'vanilla' in table:
         gates['vanilla_mean'] = statistics.mean(table['vanilla']['mean'])
+    gates['no_image_means'] = {v: statistics.mean(e['no_image']) for v, e in table.items()}
     gates['no_image_max'] = max(x for e in table.values() for x in e['no_image'])
     gates['passed'] = (gates.get('vanilla_mean', 0) >= GATE_VANILLA_MEAN
-                       and gates['no_image_max'] <= GATE_NO_IMAGE)
+                       and max(gates['no_image_means'].values())
+                       <= CHANCE + GATE_NO_IMAGE_MARGIN)
     return dict(variants=table, gates=gates, chance=CHANCE)
 
 
@@ -361,10 +370,15 @@ def format_table(table: dict) -> str:
                      f'{weights} |')
     g = table['gates']
     lines.append('')
+    worst = max(g['no_image_means'], key=g['no_image_means'].get)
+    measured = (f"vanilla mean {g.get('vanilla_mean', float('nan')):.3f}; largest mean "
+                f"no-image control {g['no_image_means'][worst]:.3f} ({worst}), largest "
+                f"single run {g['no_image_max']:.3f}")
     lines.append(f"chance {table['chance']:.3f}; gates (vanilla mean >= {GATE_VANILLA_MEAN}, "
-                 f'no-image control <= {GATE_NO_IMAGE}): '
-                 + ('passed' if g['passed'] else f'NOT passed ({g}): the comparison does not '
-                    'count'))
+                 "each variant's no-image control, mean over seeds, <= chance + "
+                 f"{GATE_NO_IMAGE_MARGIN} = {table['chance'] + GATE_NO_IMAGE_MARGIN:.3f}): "
+                 + ('passed' if g['passed'] else 'NOT passed, the comparison does not count')
+                 + f' ({measured})')
     relevance = [v for v in ALL_VARIANTS if 'align_relevance' in table['variants'].get(v, {})]
     if relevance:
         chance = ' / '.join(f'1/{len(values)}' for values in ATTRIBUTES.values())
@@ -399,15 +413,37 @@ def format_table(table: dict) -> str:
     return '\n'.join(lines)
 
 
+def data_params(prior: str) -> dict:
+    """The settings the benchmark's data of ``prior`` is made with."""
+    return dict(DATA_DEFAULTS, **PRIORS[prior]['data'], version=DATA_FORMAT_VERSION)
+
+
+# What must be equal in results merged into one table: the prior, the
+# sweep's --cfg-options and the data (None where a file predates the key).
+_MERGE_KEYS = ('prior_llm', 'cfg_options', 'data')
+
+
 def merge_results(paths: Sequence[str]) -> dict:
     """One table from several ``results.json`` (e.g. more seeds run later);
-    a (variant, seed) in two files is an error. A run whose relevance
-    records lie beside its ``results.json`` is summarised again from them
-    (the records are the source; the summary may be newer than the run)."""
-    runs, seen, prior = [], set(), None
+    a (variant, seed) in two files is an error, and so are files whose
+    prior, ``--cfg-options`` or data differ (their runs answer different
+    questions). A run whose relevance records lie beside its
+    ``results.json`` is summarised again from them (the records are the
+    source; the summary may be newer than the run)."""
+    runs, seen, prior, settings = [], set(), None, None
     for path in paths:
         with open(path) as f:
             result = json.load(f)
+        these = {key: result.get(key) for key in _MERGE_KEYS}
+        these['prior_llm'] = these['prior_llm'] or 'toy'
+        if settings is None:
+            settings, first = these, path
+        elif these != settings:
+            differ = {key: (settings[key], these[key]) for key in _MERGE_KEYS
+                      if settings[key] != these[key]}
+            raise ValueError(f'{path} and {first} were run with different settings, so their '
+                             f'runs do not belong in one table: {differ}. Merge results of '
+                             'the same --llm, --cfg-options and data only.')
         prior = prior or result.get('prior')
         out_dir = osp.dirname(osp.abspath(path))
         for run in result['runs']:
@@ -421,4 +457,4 @@ def merge_results(paths: Sequence[str]) -> dict:
                                   result.get('cfg_options', ()))
                 run = dict(run, **relevance_of_run(work_dir, cfg))
             runs.append(run)
-    return dict(prior=prior, runs=runs, chance=CHANCE, table=summarise(runs))
+    return dict(prior=prior, runs=runs, chance=CHANCE, table=summarise(runs), **settings)
