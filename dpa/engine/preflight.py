@@ -50,7 +50,8 @@ from dpa.models.anyres import check_anyres_config
 from dpa.models.builders import check_checkpoint_paths, num_image_tokens
 from dpa.models.vision import check_image_size
 from dpa.models.losses import VisualRelevanceLoss
-from dpa.models.mllm import check_reference_scope, check_sliding_window
+from dpa.models.mllm import (check_reference_scope, check_sliding_window,
+                             check_text_context_config)
 from dpa.models.projector import check_projector_file
 from dpa.models.proxy import check_lora
 
@@ -212,6 +213,7 @@ def _check_training_stage(cfg: Config, stage: str, stages: Sequence[str]) -> Non
         raise ConfigError(f'{stage}.{err}') from None
     _check_stage_lora(cfg, stage)
     check_reference_scope(cfg.model.get('text_pass'), loss, stage)
+    check_text_context_config(cfg, loss, stage)
     _check_data_switches(cfg, stage)
     if cfg.get('anyres') and stage != 'proxy':
         check_anyres_config(cfg.anyres, cfg.vision_tower, stage, stage_pads_images(cfg, stage))

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from dpa.models.anyres import AnyRes, add_image_newline
 from dpa.errors import ConfigError
-from dpa.models.builders import IMAGE_TOKEN, PROCESSORS, llm_config
+from dpa.models.builders import IMAGE_TOKEN, PROCESSORS, llm_config, num_image_tokens
 from dpa.models.chunked_loss import SplitCausalLM, check_chunk_size
 from dpa.models.losses import target_scores
 from dpa.models.token_classes import content_token_mask
@@ -23,6 +23,10 @@ REFERENCE_NEEDS_MASKED = (
     "loss.scope='reference' reproduces fnlp-vision/DPA only with model.text_pass='masked': "
     'the removed pass has no scores for the image and padding positions the reference '
     'smooths over')
+REFERENCE_HAS_NO_TEXT_CONTEXT_SWITCHES = (
+    "loss.scope='reference' reproduces fnlp-vision/DPA, whose no-image pass reads every "
+    'target wherever it stands and puts no prompt where the image was; leave '
+    'model.min_text_context=1 and model.text_pass_prompt=None with it')
 
 
 def enable_activation_checkpointing(llm: nn.Module) -> None:
@@ -65,6 +69,18 @@ class LlavaDPAModel(BaseModel):
             ids with an explicit attention mask (equal to the reference's pass,
             a fraction of its tokens); ``'masked'`` is the reference's
             full-length pass with the image positions masked out.
+        min_text_context: a target gets a no-image score only when at least
+            this many text tokens precede it in the no-image context (the
+            token that predicts it and the ones before); the others get
+            ``delta_min``, as a target with no text before it. 1: any text
+            will do (the default). Not in the reference (docs/architecture.md).
+        text_pass_prompt: text put where the image was in the no-image pass
+            only (its tokens in the first image positions of each row, with
+            their position ids; the other image positions are left out as
+            without it), so a caption is scored without the image but after
+            a caption prompt. Tokenized once here, without special tokens;
+            it must fit in one image's positions. None: no prompt (the
+            default). Not in the reference.
         gradient_checkpointing: trade compute for activation memory in the LLM.
         loss_chunk_size: the loss reads the LLM's last hidden states and applies
             its LM head to the scored positions only, this many rows at a time,
@@ -92,6 +108,8 @@ class LlavaDPAModel(BaseModel):
                  loss: dict = dict(type='VisualRelevanceLoss', mode='vanilla'),
                  trainable: Sequence[str] = ('projector', ),
                  text_pass: str = 'removed',
+                 min_text_context: int = 1,
+                 text_pass_prompt: Optional[str] = None,
                  gradient_checkpointing: bool = False,
                  loss_chunk_size: Optional[int] = 512,
                  trainable_dtype: Optional[str] = None,
@@ -106,12 +124,23 @@ class LlavaDPAModel(BaseModel):
         if text_pass not in TEXT_PASSES:
             raise ValueError(f'model.text_pass must be one of {TEXT_PASSES}, got {text_pass!r}')
         check_chunk_size(loss_chunk_size)
+        check_text_context(min_text_context, text_pass_prompt)
         self.loss_fn = MODELS.build(loss)
-        if getattr(self.loss_fn, 'scope', None) == 'reference' and text_pass != 'masked':
-            raise ValueError(REFERENCE_NEEDS_MASKED)
+        if getattr(self.loss_fn, 'scope', None) == 'reference':
+            if text_pass != 'masked':
+                raise ValueError(REFERENCE_NEEDS_MASKED)
+            if (min_text_context, text_pass_prompt) != (1, None):
+                raise ValueError(REFERENCE_HAS_NO_TEXT_CONTEXT_SWITCHES)
         self.text_pass = text_pass
+        self.min_text_context = min_text_context
         tokenizer = PROCESSORS.build(tokenizer)
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        # Token ids, made into a tensor on the batch's device at each pass.
+        self.text_pass_prompt_ids = None
+        if text_pass_prompt is not None and vision_tower is not None:
+            # Checked against the tower's config before the LLM loads.
+            self.text_pass_prompt_ids = prompt_token_ids(tokenizer, text_pass_prompt,
+                                                         num_image_tokens(vision_tower))
         self.llm = MODELS.build(llm)
         if self.loss_fn.needs_text_pass:
             self.loss_fn.content_tokens = content_token_mask(
@@ -326,22 +355,57 @@ class LlavaDPAModel(BaseModel):
                                                     image_mask, wanted)
         return outputs, index, self.text_evidence(attention_mask, image_mask)
 
-    @staticmethod
-    def _compact_text(attention_mask, image_mask):
+    def _compact_text(self, attention_mask, image_mask):
         """``(keep, previous, evidence)``: the (B, T) tokens the no-image pass
-        keeps; for each (B, T-1) shifted target j, the index of the kept token
-        just before it in the compact sequence (negative: none), which predicts
-        it; and the targets it predicts (a kept token, a kept token before it,
-        in a row with an image)."""
-        keep = attention_mask.bool() & ~image_mask
+        keeps (the text, and the prompt's positions with ``text_pass_prompt``);
+        for each (B, T-1) shifted target j, the index of the kept token just
+        before it in the compact sequence (negative: none), which predicts it;
+        and the targets it predicts: a text token, after at least
+        ``min_text_context`` kept tokens, in a row with an image."""
+        text = attention_mask.bool() & ~image_mask
+        keep = text
+        if self.text_pass_prompt_ids is not None:
+            keep = text | self._prompt_slots(image_mask)
         previous = keep.long().cumsum(-1)[:, 1:] - 2
-        evidence = image_mask.any(dim=-1, keepdim=True) & keep[:, 1:] & (previous >= 0)
+        evidence = (image_mask.any(dim=-1, keepdim=True) & text[:, 1:]
+                    & (previous >= self.min_text_context - 1))
         return keep, previous, evidence
 
-    @staticmethod
-    def text_evidence(attention_mask, image_mask) -> torch.Tensor:
+    def _prompt_slots(self, image_mask):
+        """(B, T) the first image positions of each row, one per prompt token."""
+        return image_mask & (image_mask.long().cumsum(-1) <= len(self.text_pass_prompt_ids))
+
+    def _with_prompt(self, embeds, image_mask):
+        """``embeds`` with the prompt's token embeddings in :meth:`_prompt_slots`."""
+        if self.text_pass_prompt_ids is None:
+            return embeds
+        size = len(self.text_pass_prompt_ids)
+        counts = image_mask.sum(dim=-1)
+        counts = counts[counts > 0]
+        if counts.numel() == 0:
+            return embeds
+        if int(counts.min()) < size:
+            raise ValueError(
+                f'model.text_pass_prompt is {size} tokens long, but a row of this batch holds '
+                f'only {int(counts.min())} image positions to put it in; shorten the prompt '
+                'or set model.text_pass_prompt=None')
+        ids = torch.tensor(self.text_pass_prompt_ids, device=embeds.device)
+        prompt = self.llm.get_input_embeddings()(ids).to(embeds.dtype)
+        rows = counts.numel()
+        # masked_scatter fills the slots row by row, each row's in order.
+        return embeds.masked_scatter(self._prompt_slots(image_mask).unsqueeze(-1),
+                                     prompt.repeat(rows, 1))
+
+    def text_evidence(self, attention_mask, image_mask) -> torch.Tensor:
         """(B, T-1): the shifted targets the no-image pass predicts."""
-        return LlavaDPAModel._compact_text(attention_mask, image_mask)[2]
+        return self._compact_text(attention_mask, image_mask)[2]
+
+    @property
+    def reads_like_reference(self) -> bool:
+        """Whether the masked pass reads every target at the position before it,
+        as the reference does (the first target after an image at the last image
+        position): with neither context switch set."""
+        return self.min_text_context == 1 and self.text_pass_prompt_ids is None
 
     def text_only_outputs(self, embeds, attention_mask, position_ids, image_mask, wanted=None):
         """:meth:`llm_outputs` of the same batch without its image tokens.
@@ -349,22 +413,33 @@ class LlavaDPAModel(BaseModel):
         Returns ``(text_outputs, text_index)``: (M, F) outputs and a (B, T-1)
         map from each shifted target position to the row of ``text_outputs``
         that predicts it from the text alone (-1 where there is none: rows
-        without an image, whose two passes are the same, and targets with no
-        text before them).
+        without an image, whose two passes are the same, and targets with
+        fewer than ``min_text_context`` text tokens before them). With
+        ``text_pass_prompt`` the prompt stands in the first image positions.
+        The masked pass reads every position as the reference does unless a
+        context switch is set (:attr:`reads_like_reference`); then it reads
+        the targets the removed pass reads, where the removed pass does.
 
         ``wanted`` ((B, T-1) bool): only the rows with a wanted target run,
         each up to the last token that predicts one; ``text_index`` is -1
         for the targets not computed.
         """
         batch, length = attention_mask.shape
+        keep, previous, evidence = self._compact_text(attention_mask, image_mask)
         if self.text_pass == 'masked':
-            text_mask = attention_mask * (~image_mask)
-            outputs = self.llm_outputs(embeds, text_mask, position_ids)[:, :-1]
-            index = torch.arange(batch * (length - 1), device=embeds.device)
-            return outputs.reshape(-1, outputs.shape[-1]), index.view(batch, length - 1)
+            outputs = self.llm_outputs(self._with_prompt(embeds, image_mask),
+                                       attention_mask * keep, position_ids)[:, :-1]
+            index = torch.arange(batch * (length - 1), device=embeds.device).view(batch, length - 1)
+            if not self.reads_like_reference:
+                # Each target read at the kept token before it, as in the removed
+                # pass: its text context, not the last image position (whose
+                # own input is the image feature).
+                positions = torch.arange(length, device=embeds.device)
+                last_kept = torch.where(keep, positions, -1).cummax(dim=-1).values[:, :-1]
+                index = torch.where(evidence, index - positions[:-1] + last_kept, -1)
+            return outputs.reshape(-1, outputs.shape[-1]), index
 
         text_index = torch.full((batch, length - 1), -1, dtype=torch.long, device=embeds.device)
-        keep, previous, evidence = self._compact_text(attention_mask, image_mask)
         run = image_mask.any(dim=-1)
         if wanted is not None:
             wanted = wanted & evidence
@@ -390,7 +465,8 @@ class LlavaDPAModel(BaseModel):
         text_len = int(lengths.max())
         # Stable sort moves each row's kept tokens to the front, in order.
         order = torch.argsort((~kept).to(torch.int8), dim=-1, stable=True)[:, :text_len]
-        text_embeds = embeds[rows].gather(1, order.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+        row_embeds = self._with_prompt(embeds[rows], image_mask[rows])
+        text_embeds = row_embeds.gather(1, order.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
         text_positions = position_ids[rows].gather(1, order)
         text_mask = (torch.arange(text_len, device=embeds.device) < lengths.unsqueeze(-1)).long()
         with record_function('dpa.text_pass.forward'):
@@ -435,3 +511,47 @@ def check_sliding_window(llm: dict, text_pass: str, max_length: int, stage: str)
                 f'{stage}.max_length={max_length} exceeds the LLM\'s sliding window of '
                 f"{window} tokens: the no-image pass would see other neighbours than the "
                 "image pass; lower it or set model.text_pass='masked'")
+
+
+def check_text_context(min_text_context, text_pass_prompt) -> None:
+    """The values of ``model.min_text_context`` and ``model.text_pass_prompt``
+    (raises ValueError)."""
+    if isinstance(min_text_context, bool) or not isinstance(min_text_context, int) or \
+            min_text_context < 1:
+        raise ValueError('model.min_text_context must be an integer >= 1 (1: any text before a '
+                         f'target will do), got {min_text_context!r}')
+    if text_pass_prompt is not None and (not isinstance(text_pass_prompt, str)
+                                         or not text_pass_prompt.strip()):
+        raise ValueError("model.text_pass_prompt must be None or a non-empty string such as "
+                         f"'Describe the image briefly.', got {text_pass_prompt!r}")
+
+
+def prompt_token_ids(tokenizer, prompt: str, image_tokens: int) -> tuple:
+    """The ids of ``prompt`` (no special tokens), which must fit in the
+    ``image_tokens`` positions of one image (raises ValueError)."""
+    ids = tuple(tokenizer(prompt, add_special_tokens=False)['input_ids'])
+    if not ids:
+        raise ValueError(f'model.text_pass_prompt={prompt!r} has no tokens')
+    if len(ids) > image_tokens:
+        raise ValueError(
+            f'model.text_pass_prompt={prompt!r} is {len(ids)} tokens long, more than the '
+            f'{image_tokens} positions of one image it stands in for; shorten it')
+    return ids
+
+
+def check_text_context_config(cfg, loss: dict, stage: str) -> None:
+    """``model.min_text_context`` and ``model.text_pass_prompt`` (config
+    check: with a prompt, the tokenizer is built to count its tokens; no
+    weights load)."""
+    model = cfg.model
+    min_text_context = model.get('min_text_context', 1)
+    prompt = model.get('text_pass_prompt')
+    try:
+        check_text_context(min_text_context, prompt)
+        if prompt is not None and stage != 'proxy' and cfg.get('vision_tower') is not None:
+            prompt_token_ids(PROCESSORS.build(cfg.tokenizer), prompt,
+                             num_image_tokens(cfg.vision_tower))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if loss.get('scope') == 'reference' and (min_text_context, prompt) != (1, None):
+        raise ConfigError(f'{stage}.{REFERENCE_HAS_NO_TEXT_CONTEXT_SWITCHES}')
