@@ -140,6 +140,10 @@ def test_table_pairs_seeds_and_applies_the_gates():
     assert table['gates']['passed']
     text = benchmark.format_table(table)
     assert '| dpa |' in text and '+0.150' in text and 'passed' in text
+    # mean 0.125, sd 0.0354 over two seeds: t = 0.125 / (0.0354 / sqrt 2) = 5.0
+    assert benchmark.paired_t([0.10, 0.15]) == pytest.approx(5.0)
+    assert '(mean +0.125, t = +5.00, 1 df)' in text
+    assert benchmark.paired_t([0.1]) is None and benchmark.paired_t([0.0, 0.0]) == 0.0
     failing = benchmark.summarise(runs + [_run('cal', 0, 0.3, no_image=0.3)])
     assert not failing['gates']['passed']
     assert 'does not count' in benchmark.format_table(failing)

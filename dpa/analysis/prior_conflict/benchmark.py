@@ -10,6 +10,7 @@ Two priors: ``toy`` (a tiny LLM pre-trained here on style A, then gated) and
 ``smollm2`` (SmolLM2-135M-Instruct's real prior, gated by
 :mod:`dpa.analysis.prior_conflict.real_prior`; asked in English)."""
 import json
+import math
 import os
 import os.path as osp
 import statistics
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from mmengine.config import Config
 
@@ -308,6 +309,18 @@ def _mean_std(values: List[float]) -> str:
     return f'{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}'
 
 
+def paired_t(differences: Sequence[float]) -> Optional[float]:
+    """The paired t statistic of per-seed differences (mean over its
+    standard error); None under two seeds, +-inf when they are all equal and
+    not zero."""
+    if len(differences) < 2:
+        return None
+    mean, sd = statistics.mean(differences), statistics.stdev(differences)
+    if sd == 0:
+        return 0.0 if mean == 0 else math.copysign(math.inf, mean)
+    return mean / (sd / math.sqrt(len(differences)))
+
+
 def summarise(runs: List[dict]) -> dict:
     """Per variant: accuracies over seeds, the paired difference to vanilla,
     the no-image control, CMO weights; and whether the gates passed."""
@@ -363,6 +376,10 @@ def format_table(table: dict) -> str:
     for variant in [v for v in ALL_VARIANTS if v in table['variants']]:
         e = table['variants'][variant]
         paired = ', '.join(f'{d:+.3f}' for d in e.get('paired_vs_vanilla', [])) or '-'
+        t = paired_t(e.get('paired_vs_vanilla', []))
+        if t is not None:
+            paired += (f" (mean {statistics.mean(e['paired_vs_vanilla']):+.3f}, "
+                       f"t = {t:+.2f}, {len(e['paired_vs_vanilla']) - 1} df)")
         weights = (f"{e['align_weight_content']:.3f} / {e['align_weight_style']:.3f}"
                    if 'align_weight_content' in e else '- (vanilla loss)')
         lines.append(f'| {variant} | ' + ' | '.join(_mean_std(e[n]) for n in names)
