@@ -388,7 +388,9 @@ def format_table(table: dict) -> str:
     g = table['gates']
     lines.append('')
     worst = max(g['no_image_means'], key=g['no_image_means'].get)
-    measured = (f"vanilla mean {g.get('vanilla_mean', float('nan')):.3f}; largest mean "
+    vanilla = (f"vanilla mean {g['vanilla_mean']:.3f}" if 'vanilla_mean' in g
+               else 'vanilla not run')
+    measured = (f"{vanilla}; largest mean "
                 f"no-image control {g['no_image_means'][worst]:.3f} ({worst}), largest "
                 f"single run {g['no_image_max']:.3f}")
     lines.append(f"chance {table['chance']:.3f}; gates (vanilla mean >= {GATE_VANILLA_MEAN}, "
