@@ -22,9 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from mmengine.config import Config
 
-from dpa.analysis.prior_conflict.data import DEFAULTS as DATA_DEFAULTS
-from dpa.analysis.prior_conflict.data import FORMAT_VERSION as DATA_FORMAT_VERSION
-from dpa.analysis.prior_conflict.data import make_benchmark_data
+from dpa.analysis.prior_conflict.data import data_settings, make_benchmark_data
 from dpa.analysis.prior_conflict.language import ATTRIBUTES
 from dpa.analysis.prior_conflict.prior_llm import pretrain_prior
 from dpa.analysis.prior_conflict.real_prior import check_real_prior
@@ -434,7 +432,7 @@ def format_table(table: dict) -> str:
 
 def data_params(prior: str) -> dict:
     """The settings the benchmark's data of ``prior`` is made with."""
-    return dict(DATA_DEFAULTS, **PRIORS[prior]['data'], version=DATA_FORMAT_VERSION)
+    return data_settings(**PRIORS[prior]['data'])
 
 
 # What must be equal in results merged into one table: the prior, the

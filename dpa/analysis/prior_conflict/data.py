@@ -75,11 +75,17 @@ def _eval_rows(rng, scene, name, i, wording):
     return rows
 
 
+def data_settings(**params) -> dict:
+    """Every setting the data of ``params`` is made with (the defaults
+    filled in, the generator's version): what ``params.json`` records."""
+    return dict(DEFAULTS, **params, version=FORMAT_VERSION)
+
+
 def make_benchmark_data(root: str, **params) -> dict:
     """Generate (once, deterministically) the data under ``root``; return the
     paths: ``image_folder``, ``captions``, ``instructions``, ``eval``,
     ``eval_no_image``."""
-    params = dict(DEFAULTS, **params, version=FORMAT_VERSION)
+    params = data_settings(**params)
     if params['wording'] not in WORDINGS:
         raise ValueError(f"wording={params['wording']!r}: choose one of {WORDINGS}")
     root = osp.abspath(root)
