@@ -24,7 +24,7 @@ from dpa.engine.checkpoint import latest_complete_checkpoint  # noqa: E402
 from dpa.datasets.llava import AllRowsBad  # noqa: E402
 from dpa.engine.config_file import add_cfg_options, load_config  # noqa: E402
 from dpa.engine.config_guard import apply_cfg_options  # noqa: E402
-from dpa.engine.distributed import close_process_group  # noqa: E402
+from dpa.engine.distributed import exit_distributed_run  # noqa: E402
 from dpa.engine.dry_run import dry_run  # noqa: E402
 from dpa.engine.checkpoint import UnsafeCheckpointError  # noqa: E402
 from dpa.engine.hooks import TooManyBadSamples, TooManyNonFiniteSteps  # noqa: E402
@@ -114,7 +114,7 @@ def main(argv=None):
                  f'{restart_command(argv, cfg.work_dir)}')
     if is_main_process():  # one summary per run, not one per process
         print(format_summary(manifests))
-    close_process_group()
+    exit_distributed_run()
 
 
 def restart_command(argv, work_dir: str) -> str:
