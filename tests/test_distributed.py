@@ -470,11 +470,10 @@ def test_unknown_strategy_or_precision_is_a_config_error(tmp_path, keys, message
 
 
 EXIT_PROBE = '''
-import logging, logging.handlers, sys, tempfile
+import logging, logging.handlers, sys
 import torch.distributed as dist
 from dpa.engine.distributed import exit_distributed_run
-dist.init_process_group('gloo', rank=0, world_size=1,
-                        init_method='file://' + tempfile.mktemp())
+dist.init_process_group('gloo', rank=0, world_size=1, init_method='file://' + sys.argv[2])
 log = logging.getLogger('probe')
 # held in memory until logging.shutdown()
 log.addHandler(logging.handlers.MemoryHandler(100, target=logging.FileHandler(sys.argv[1])))
@@ -487,12 +486,12 @@ raise SystemExit(3)  # not reached
 
 def test_a_distributed_run_ends_with_its_output_flushed(tmp_path):
     """tools/train.py ends a multi-process run with os._exit (past gloo's
-    teardown): status 0, the buffered stdout and the log file complete, the
-    group gone; nothing after it runs."""
+    teardown): status 0, the buffered stdout and the log file complete;
+    nothing after it runs."""
     log = tmp_path / 'run.log'
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONUNBUFFERED'}  # a buffered pipe
-    result = subprocess.run([sys.executable, '-c', EXIT_PROBE, str(log)], capture_output=True,
-                            text=True, cwd=REPO, env=env, timeout=120)
+    result = subprocess.run([sys.executable, '-c', EXIT_PROBE, str(log), str(tmp_path / 'store')],
+                            capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout == 'stdout line\n'
     assert log.read_text() == 'log line\n'

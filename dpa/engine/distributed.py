@@ -151,9 +151,10 @@ def exit_distributed_run() -> None:
     gloo aborted at exit now and then (SIGABRT, "terminate called without an
     active exception"; seen twice in CI, in the AnyRes and the LoRA FSDP2 runs
     of tests/test_distributed.py), after every artifact was written and rank 0
-    had printed its summary: torchrun then reports the run as failed. Nothing is left to write at that point, so the process flushes
-    its streams and log files and exits with status 0 directly. A run in one
-    process (no group) returns normally.
+    had printed its summary: torchrun then reports the run as failed. Nothing
+    is left to write at that point, so the process flushes its streams and
+    log files and exits with status 0 directly. A run in one process (no
+    group) returns normally.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
