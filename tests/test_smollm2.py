@@ -49,7 +49,7 @@ def trained(tmp_path_factory, gguf_cache):
     cfg = tiny_config(work_dir, tmp_path_factory.mktemp('data') / 'smollm2', path=CONFIG, **{
         'synthetic_data.num_captions': 4, 'synthetic_data.num_instructions': 4,
         'synthetic_data.num_eval': 3, 'proxy.batch_size': 2, 'proxy.global_batch_size': 2,
-        'align.max_epochs': 1,
+        'align.max_epochs': 1, 'finetune.max_epochs': 1,
         **{f'{stage}.{key}': value for stage in ('align', 'finetune')
            for key, value in sizes.items()}})
     manifests = {m['stage']: m for m in run_pipeline(cfg)}

@@ -172,3 +172,49 @@ def test_terse_caption_style_changes_only_the_captions_wording(tmp_path):
         assert tokenizer.unk_token_id not in tokenizer(caption)['input_ids']
     with pytest.raises(ValueError, match="caption_style='fancy'"):
         make_synthetic_data(tmp_path / 'bad', 2, 2, caption_style='fancy')
+
+
+def _jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_always_ask_changes_only_the_instruction_turns(tmp_path):
+    drawn = make_synthetic_data(tmp_path, 4, 40, image_size=16, num_eval=6)
+    asked = make_synthetic_data(tmp_path, 4, 40, image_size=16, num_eval=6,
+                                always_ask=['position', 'colour'])
+    # Another set in the same root: a folder of its own, named by the setting.
+    assert asked['instructions'] == str(
+        tmp_path / 'c4_i40_e6_16px_seed0_plain_ask-position_ask-colour_v2' / 'instructions.jsonl')
+    for key in ('captions', 'eval'):  # the pictures and the held-out split stay
+        with open(drawn[key]) as fd, open(asked[key]) as fa:
+            assert fd.read() == fa.read()
+    for name in os.listdir(drawn['image_folder']):
+        with open(os.path.join(drawn['image_folder'], name), 'rb') as fd, \
+                open(os.path.join(asked['image_folder'], name), 'rb') as fa:
+            assert fd.read() == fa.read(), name
+    drawn_rows, asked_rows = _jsonl(drawn['instructions']), _jsonl(asked['instructions'])
+    image_rows = 0
+    for d, a in zip(drawn_rows, asked_rows, strict=True):
+        assert (d['id'], d.get('image')) == (a['id'], a.get('image'))
+        questions = [t['value'].replace('<image>\n', '') for t in a['conversations'][::2]]
+        if 'image' not in a:
+            assert a == d  # text-only rows as they were
+            continue
+        image_rows += 1
+        assert a['conversations'][0]['value'].startswith('<image>\n')
+        assert sum(q.startswith('Where is the') for q in questions) >= 1
+        assert sum(q.startswith('What colour is the') and 'background' not in q
+                   for q in questions) >= 1
+        assert 1 <= len(questions) <= 3 and len(set(questions)) == len(questions)
+    assert image_rows >= 20
+    with pytest.raises(ValueError, match=r"always_ask=\['where'\].*'position'"):
+        make_synthetic_data(tmp_path / 'bad', 2, 2, always_ask=['where'])
+
+
+def test_a_config_asking_an_unknown_question_type_fails_before_any_model_loads():
+    from dpa.errors import ConfigError
+    from dpa.engine.preflight import check_synthetic_data
+    check_synthetic_data(dict(root='r', always_ask=['shape', 'position']))
+    with pytest.raises(ConfigError, match=r"synthetic_data.always_ask=\['where'\]"):
+        check_synthetic_data(dict(root='r', always_ask=['where']))

@@ -120,6 +120,34 @@ def _image_qa(rng, scene):
     return qa
 
 
+def _asked_qa(rng, scene, kind):
+    """The evaluation question of type ``kind`` about ``scene`` as a training
+    turn, or None where the scene cannot ask it (the shape of two shapes)."""
+    one_template, each_template, _ = EVAL_QUESTIONS[kind]
+    shapes = scene['shapes']
+    template = one_template if len(shapes) == 1 else each_template
+    if template is None:
+        return None
+    subject = _fields(scene) if len(shapes) == 1 else rng.choice(shapes)
+    return template[0].format(**subject), template[1].format(**subject)
+
+
+def _image_conversation(rng, ask_rng, scene, turns, always_ask):
+    """``turns`` question/answer pairs about ``scene``, drawn from every pair
+    it can answer; with ``always_ask``, those of its types that the scene can
+    answer replace drawn ones. They are picked with ``ask_rng``, so that
+    ``rng`` draws what it draws without them: the same pictures, and the same
+    held-out split."""
+    drawn = rng.sample(_image_qa(rng, scene), turns)
+    if not always_ask:
+        return _conversation(drawn)
+    asked = [qa for qa in (_asked_qa(ask_rng, scene, kind) for kind in always_ask) if qa]
+    kept = [qa for qa in drawn if qa not in asked][:max(0, turns - len(asked))]
+    pairs = asked + kept
+    ask_rng.shuffle(pairs)
+    return _conversation(pairs)
+
+
 def _text_qa(rng, i):
     a, b = rng.randint(0, 9), rng.randint(0, 9)
     x, y, z = rng.choice(_MIXES)
@@ -183,7 +211,7 @@ def _generate_eval(rng, out_dir, num_eval, image_size, train_scenes):
 
 
 def _generate(out_dir, num_captions, num_instructions, num_eval, image_size, seed,
-              caption_style='plain'):
+              caption_style='plain', always_ask=()):
     rng = random.Random(seed)
     caption = CAPTION_STYLES[caption_style]
     image_dir = os.path.join(out_dir, 'images')
@@ -201,6 +229,7 @@ def _generate(out_dir, num_captions, num_instructions, num_eval, image_size, see
         json.dump(captions, f, indent=1)
 
     text_only = set(rng.sample(range(num_instructions), round(0.3 * num_instructions)))
+    ask_rng = random.Random(f'always_ask {seed}')
     with open(os.path.join(out_dir, 'instructions.jsonl'), 'w') as f:
         for i in range(num_instructions):
             name = f'ins_{i:06d}'
@@ -212,7 +241,7 @@ def _generate(out_dir, num_captions, num_instructions, num_eval, image_size, see
                 scene = _sample_scene(rng)
                 train_scenes.add(_scene_key(scene))
                 draw_scene(scene, image_size).save(os.path.join(image_dir, name + '.png'))
-                conversation = _conversation(rng.sample(_image_qa(rng, scene), turns))
+                conversation = _image_conversation(rng, ask_rng, scene, turns, always_ask)
                 conversation[0]['value'] = IMAGE_TOKEN + '\n' + conversation[0]['value']
                 row = dict(id=name, image=name + '.png', conversations=conversation)
             f.write(json.dumps(row) + '\n')
@@ -226,12 +255,16 @@ MANIFEST = 'synthetic_data.json'
 _LEGACY_RECORD = '.complete'
 
 
-def _settings(num_captions, num_instructions, num_eval, image_size, seed, caption_style):
+def _settings(num_captions, num_instructions, num_eval, image_size, seed, caption_style,
+              always_ask=()):
     settings = dict(version=_FORMAT_VERSION, num_captions=num_captions,
                     num_instructions=num_instructions, num_eval=num_eval,
                     image_size=image_size, seed=seed)
-    if caption_style != 'plain':  # so that folders made before the option stay valid
+    # Recorded only when set, so that folders made before the options stay valid.
+    if caption_style != 'plain':
         settings['caption_style'] = caption_style
+    if always_ask:
+        settings['always_ask'] = list(always_ask)
     return settings
 
 
@@ -239,7 +272,9 @@ def _folder_name(settings) -> str:
     """The folder of a data set inside ``root``, named by its settings."""
     return (f"c{settings['num_captions']}_i{settings['num_instructions']}_"
             f"e{settings['num_eval']}_{settings['image_size']}px_seed{settings['seed']}_"
-            f"{settings.get('caption_style', 'plain')}_v{settings['version']}")
+            f"{settings.get('caption_style', 'plain')}"
+            f"{''.join('_ask-' + kind for kind in settings.get('always_ask', ()))}"
+            f"_v{settings['version']}")
 
 
 def _recorded_settings(folder):
@@ -277,11 +312,11 @@ def _folder_for(root, settings):
 
 
 def synthetic_data_paths(root, num_captions=64, num_instructions=48, image_size=64, seed=0,
-                         num_eval=48, caption_style='plain'):
+                         num_eval=48, caption_style='plain', always_ask=()):
     """The paths :func:`make_synthetic_data` returns, when the data set of
     these settings exists already; None otherwise. Nothing is written."""
     settings = _settings(num_captions, num_instructions, num_eval, image_size, seed,
-                         caption_style)
+                         caption_style, check_always_ask(always_ask))
     root = os.path.abspath(os.fspath(root))
     for folder in (root, os.path.join(root, _folder_name(settings))):
         if _recorded_settings(folder) == settings:
@@ -301,8 +336,20 @@ def _write_manifest(folder, settings):
         json.dump(dict(settings=settings, files=dict(sorted(files.items()))), f, indent=1)
 
 
+def check_always_ask(always_ask) -> tuple:
+    """``always_ask`` as a tuple of evaluation question types, each once."""
+    if isinstance(always_ask, str):
+        always_ask = (always_ask,)
+    always_ask = tuple(dict.fromkeys(always_ask or ()))
+    unknown = [kind for kind in always_ask if kind not in EVAL_QUESTIONS]
+    if unknown:
+        raise ValueError(f'synthetic_data.always_ask={list(always_ask)!r}: {unknown} are not '
+                         f'question types; choose from {list(EVAL_QUESTIONS)}')
+    return always_ask
+
+
 def make_synthetic_data(root, num_captions=64, num_instructions=48, image_size=64, seed=0,
-                        num_eval=48, caption_style='plain'):
+                        num_eval=48, caption_style='plain', always_ask=()):
     """Generate (once) the synthetic data set of these settings under ``root``;
     return its paths (``image_folder``, ``captions``, ``instructions``, ``eval``).
 
@@ -321,12 +368,19 @@ def make_synthetic_data(root, num_captions=64, num_instructions=48, image_size=6
             ("top: circle, red.") or ``'bracket'`` ("[ top ] circle / red .")
             in a conflicting style with the same content words, to give the
             captions a language prior of their own.
+        always_ask: evaluation question types (``'colour'``, ``'shape'``,
+            ``'position'``) that every instruction picture is asked, where
+            it can answer them (the shape of two shapes it cannot), among
+            its 1-3 turns; the others are drawn as before. Empty: every turn
+            is drawn from all the picture's questions (about one in nine
+            asks where a shape is).
     """
     if caption_style not in CAPTION_STYLES:
         raise ValueError(f'synthetic_data.caption_style={caption_style!r}: choose one of '
                          f'{sorted(CAPTION_STYLES)}')
+    always_ask = check_always_ask(always_ask)
     settings = _settings(num_captions, num_instructions, num_eval, image_size, seed,
-                         caption_style)
+                         caption_style, always_ask)
     root = os.path.abspath(os.fspath(root))
     folder = _folder_for(root, settings)
     if _recorded_settings(folder) == settings:
@@ -337,7 +391,8 @@ def make_synthetic_data(root, num_captions=64, num_instructions=48, image_size=6
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        _generate(tmp, num_captions, num_instructions, num_eval, image_size, seed, caption_style)
+        _generate(tmp, num_captions, num_instructions, num_eval, image_size, seed, caption_style,
+                  always_ask)
         _write_manifest(tmp, settings)
         os.replace(tmp, folder)  # fails on a folder that is not empty: never replaced
     except OSError:
@@ -347,6 +402,6 @@ def make_synthetic_data(root, num_captions=64, num_instructions=48, image_size=6
         if folder == root and not _is_free(root):
             # Another process filled root with something else meanwhile.
             return make_synthetic_data(root, num_captions, num_instructions, image_size, seed,
-                                       num_eval, caption_style)
+                                       num_eval, caption_style, always_ask)
         raise
     return _paths(folder)

@@ -31,7 +31,8 @@ from dpa.artifacts import read_manifest, stage_work_dir
 from dpa.datasets.llava import CAPTION_SUFFIXES, LABEL_MODES
 from dpa.datasets.mixture import (as_list, check_data_files, check_data_sources, data_sources,
                                   source_name)
-from dpa.datasets.synthetic import CAPTION_STYLES, make_synthetic_data, synthetic_data_paths
+from dpa.datasets.synthetic import (CAPTION_STYLES, check_always_ask, make_synthetic_data,
+                                    synthetic_data_paths)
 from dpa.engine.compile import check_compile
 from dpa.engine.config_guard import result_config
 from dpa.engine.distributed import check_strategy
@@ -146,7 +147,7 @@ def prepare_config(cfg: Config, stage: Optional[str] = None):
 
 def check_synthetic_data(spec) -> None:
     """``synthetic_data`` names settings :func:`make_synthetic_data` takes,
-    with a known caption style and positive counts."""
+    with a known caption style, positive counts and known question types."""
     if not spec:
         return
     taken = inspect.signature(make_synthetic_data).parameters
@@ -161,6 +162,10 @@ def check_synthetic_data(spec) -> None:
         value = spec.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f'synthetic_data.{key} must be a positive integer, got {value!r}')
+    try:
+        check_always_ask(spec.get('always_ask'))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def resolve_config(cfg: Config, stage: Optional[str] = None):
