@@ -15,9 +15,9 @@ stages = ['proxy', 'align', 'finetune', 'eval']
 # `always_ask=['position']`: every instruction picture is also asked where its
 # shape is (one in nine of the drawn questions did). On English questions the
 # aligned projector gives position at chance, before instruction tuning and
-# after it (19-31% by every other stage-3 recipe tried), though it makes the
+# after it (19-38% by every other stage-3 recipe tried), though it makes the
 # proxy name the place in a caption at 0.98; asked in every row for two epochs
-# it read position at 44-88% in three runs (docs/vision.md, "Asking where").
+# it read position at 44-88% in six runs (docs/vision.md, "Asking where").
 # The pictures and the held-out split are the same with or without it.
 synthetic_data = dict(root='data/dpa_smollm2', caption_style='bracket', num_captions=1600,
                       num_instructions=320, always_ask=['position'])
@@ -41,7 +41,9 @@ align = dict(max_length=128, batch_size=8, global_batch_size=8, max_epochs=3,
              checkpoint_interval=200,
              optim_wrapper=dict(_adamw, optimizer=dict(_adamw['optimizer'], lr=3e-3)))
 # One checkpoint, at the end: each holds the LLM and its AdamW state (1.6 GB, 9 s
-# to write here), and the 80 steps take about two minutes.
+# to write here), and the 80 steps take about two minutes. A third epoch
+# (`finetune.max_epochs=3 finetune.checkpoint_interval=120`) scored 4-6 points
+# more at two seeds, for about a minute more than the 10 the demo keeps to.
 finetune = dict(max_length=256, batch_size=8, global_batch_size=8, max_epochs=2,
                 checkpoint_interval=80,
                 optim_wrapper=dict(_adamw, optimizer=dict(_adamw['optimizer'], lr=5e-5)))
