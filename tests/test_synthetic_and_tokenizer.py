@@ -218,3 +218,5 @@ def test_a_config_asking_an_unknown_question_type_fails_before_any_model_loads()
     check_synthetic_data(dict(root='r', always_ask=['shape', 'position']))
     with pytest.raises(ConfigError, match=r"synthetic_data.always_ask=\['where'\]"):
         check_synthetic_data(dict(root='r', always_ask=['where']))
+    with pytest.raises(ConfigError, match=r"synthetic_data.always_ask=3: give a list"):
+        check_synthetic_data(dict(root='r', always_ask=3))

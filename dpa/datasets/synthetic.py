@@ -340,6 +340,9 @@ def check_always_ask(always_ask) -> tuple:
     """``always_ask`` as a tuple of evaluation question types, each once."""
     if isinstance(always_ask, str):
         always_ask = (always_ask,)
+    if not isinstance(always_ask, (list, tuple, type(None))):
+        raise ValueError(f'synthetic_data.always_ask={always_ask!r}: give a list of question '
+                         "types, e.g. ['position']")
     always_ask = tuple(dict.fromkeys(always_ask or ()))
     unknown = [kind for kind in always_ask if kind not in EVAL_QUESTIONS]
     if unknown:
