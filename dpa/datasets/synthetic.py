@@ -120,14 +120,20 @@ def _image_qa(rng, scene):
     return qa
 
 
+def _question_template(scene, kind):
+    """The (question, answer) template of the evaluation type ``kind`` for
+    ``scene``, or None where the scene cannot ask it (the shape of two shapes)."""
+    one_template, each_template, _ = EVAL_QUESTIONS[kind]
+    return one_template if len(scene['shapes']) == 1 else each_template
+
+
 def _asked_qa(rng, scene, kind):
     """The evaluation question of type ``kind`` about ``scene`` as a training
-    turn, or None where the scene cannot ask it (the shape of two shapes)."""
-    one_template, each_template, _ = EVAL_QUESTIONS[kind]
-    shapes = scene['shapes']
-    template = one_template if len(shapes) == 1 else each_template
+    turn, or None where the scene cannot ask it."""
+    template = _question_template(scene, kind)
     if template is None:
         return None
+    shapes = scene['shapes']
     subject = _fields(scene) if len(shapes) == 1 else rng.choice(shapes)
     return template[0].format(**subject), template[1].format(**subject)
 
@@ -178,12 +184,12 @@ def _scene_key(scene):
 def _eval_row(rng, scene, kind):
     """One multiple-choice question about ``scene``, or None if the scene
     cannot ask it (e.g. "What shape is it?" of two shapes)."""
-    one_template, each_template, field = EVAL_QUESTIONS[kind]
-    shapes = scene['shapes']
-    if len(shapes) == 2 and each_template is None:
+    template = _question_template(scene, kind)
+    if template is None:
         return None
-    question, answer = one_template if len(shapes) == 1 else each_template
-    subject = rng.choice(shapes)
+    question, answer = template
+    field = EVAL_QUESTIONS[kind][2]
+    subject = rng.choice(scene['shapes'])
     pool = {'colour': list(COLOURS), 'shape': list(SHAPES),
             'where': [phrase for phrase, _ in POSITIONS.values()]}[field]
     wrong = rng.sample([v for v in pool if v != subject[field]], EVAL_OPTIONS - 1)
